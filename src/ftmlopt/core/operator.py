@@ -1,0 +1,277 @@
+r"""``ftml_update``: MXNet 1.9's FTML operator over NumPy arrays, bit for bit.
+
+For every element, with the hyper-parameters rounded to float32 and then cast to the array's
+dtype exactly as MXNet's C++ kernel does (``static_cast<DType>``), and every operation rounded
+to that dtype in this order:
+
+.. math::
+
+    g' &= \mathrm{clip}(\mathrm{rescale\_grad}\, g + \mathrm{wd}\, w,\ \mathrm{clip\_grad})
+          \quad (\text{only when } \mathrm{clip\_grad} \ge 0) \\
+    v_t &= \beta_2 v_{t-1} + (1-\beta_2)\,(g' g') \\
+    d_t &= \frac{1-\beta_1^t}{\eta}\Big(\sqrt{v_t / (1-\beta_2^t)} + \epsilon\Big) \\
+    z_t &= \beta_1 z_{t-1} + (1-\beta_1)\, g' - (d_t - \beta_1 d_{t-1})\, w_{t-1} \\
+    w_t &= -z_t / d_t
+
+The powers ``beta**t`` are taken in the array dtype (``powf`` for float32), epsilon is added
+outside the square root, and ``d``, ``v``, ``z`` are updated in place. float16 arrays are
+computed in float32 and rounded once on the way out (a deliberate difference from MXNet,
+whose half-precision epsilon underflows to 0 and turns zero-gradient elements into NaN).
+
+The arithmetic lives in one place per backend: :func:`_numpy_kernel` here, and the Numba
+kernel in :mod:`ftmlopt.kernels.numba_cpu` when Numba is installed; both take the same
+pre-rounded :class:`Scalars`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, NamedTuple
+
+import numpy as np
+
+from ftmlopt.core.validation import (
+    check_beta,
+    check_clip,
+    check_epsilon,
+    check_lr,
+    check_nonnegative,
+    check_finite,
+    check_step,
+)
+
+__all__ = ["Scalars", "ftml_update", "prepare_scalars"]
+
+_SUPPORTED = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+class Scalars(NamedTuple):
+    """The per-call scalars, already rounded the way MXNet rounds them, in the compute dtype."""
+
+    wd: np.floating
+    rescale_grad: np.floating
+    clip_grad: np.floating
+    use_clip: bool
+    beta1: np.floating
+    one_minus_beta1: np.floating
+    beta2: np.floating
+    one_minus_beta2: np.floating
+    epsilon: np.floating
+    #: ``(1 - beta1**t) / lr``
+    d_scale: np.floating
+    #: ``1 - beta2**t``
+    bias2: np.floating
+
+
+def prepare_scalars(
+    dtype: np.dtype[Any] | type,
+    lr: float,
+    t: int,
+    beta1: float,
+    beta2: float,
+    epsilon: float,
+    wd: float,
+    rescale_grad: float,
+    clip_grad: float,
+) -> Scalars:
+    """Round the hyper-parameters as MXNet does and derive the per-step constants.
+
+    MXNet parses every float parameter to float32 (``epsilon`` is a double) and the kernel then
+    casts each one to the array dtype. ``beta**t`` and everything derived from it are computed
+    in that dtype too.
+    """
+    ct = np.dtype(dtype).type
+    f32 = np.float32
+    one = ct(1)
+    b1 = ct(f32(beta1))
+    b2 = ct(f32(beta2))
+    tt = ct(t)
+    lr_ = ct(f32(lr))
+    clip = ct(f32(clip_grad))
+    return Scalars(
+        wd=ct(f32(wd)),
+        rescale_grad=ct(f32(rescale_grad)),
+        clip_grad=clip,
+        use_clip=bool(clip >= 0),
+        beta1=b1,
+        one_minus_beta1=one - b1,
+        beta2=b2,
+        one_minus_beta2=one - b2,
+        epsilon=ct(epsilon),
+        d_scale=(one - np.power(b1, tt)) / lr_,
+        bias2=one - np.power(b2, tt),
+    )
+
+
+def _numpy_kernel(
+    w: np.ndarray, g: np.ndarray, d: np.ndarray, v: np.ndarray, z: np.ndarray, out: np.ndarray | None, s: Scalars
+) -> np.ndarray:
+    """One FTML step with ufuncs, in MXNet's evaluation order; two full-size temporaries."""
+    gp = np.multiply(g, s.rescale_grad)  # g' (temporary 1)
+    tmp = np.multiply(w, s.wd)  # temporary 2
+    np.add(gp, tmp, out=gp)
+    if s.use_clip:
+        # MXNet's clip: x > c -> c, x < -c -> -c, else x (NaN passes through, -0.0 keeps its sign).
+        np.copyto(gp, s.clip_grad, where=gp > s.clip_grad)
+        np.copyto(gp, -s.clip_grad, where=gp < -s.clip_grad)
+    # v = beta2 * v + (1 - beta2) * (g' * g')
+    np.multiply(v, s.beta2, out=v)
+    np.multiply(gp, gp, out=tmp)
+    np.multiply(tmp, s.one_minus_beta2, out=tmp)
+    np.add(v, tmp, out=v)
+    # tmp <- d_t = ((1 - beta1^t) / lr) * (sqrt(v / (1 - beta2^t)) + eps)
+    np.divide(v, s.bias2, out=tmp)
+    np.sqrt(tmp, out=tmp)
+    np.add(tmp, s.epsilon, out=tmp)
+    np.multiply(tmp, s.d_scale, out=tmp)
+    # z = beta1 * z + (1 - beta1) * g' - (d_t - beta1 * d) * w
+    np.multiply(z, s.beta1, out=z)
+    np.multiply(gp, s.one_minus_beta1, out=gp)
+    np.add(z, gp, out=z)
+    np.multiply(d, s.beta1, out=d)
+    np.subtract(tmp, d, out=d)
+    np.multiply(d, w, out=d)
+    np.subtract(z, d, out=z)
+    np.copyto(d, tmp)
+    # w = -z / d_t; the weight is no longer read, so writing into `out` (maybe `w`) is safe.
+    result = gp if out is None else out
+    np.negative(z, out=result)
+    np.divide(result, tmp, out=result)
+    return result
+
+
+Kernel = Callable[
+    [np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, "np.ndarray | None", Scalars], np.ndarray
+]
+
+
+def _select_kernel(arrays: tuple[np.ndarray, ...]) -> Kernel:
+    """The Numba kernel when it is installed and the arrays are contiguous, else NumPy's."""
+    if os.environ.get("FTMLOPT_DISABLE_NUMBA", "") not in ("", "0"):
+        return _numpy_kernel
+    if not all(a.flags.c_contiguous for a in arrays):
+        return _numpy_kernel
+    try:
+        from ftmlopt.kernels import numba_cpu
+    except ImportError:
+        return _numpy_kernel
+    return numba_cpu.operator_kernel if numba_cpu.AVAILABLE else _numpy_kernel
+
+
+def _check_array(value: Any, name: str) -> np.ndarray:
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(value).__name__}")
+    if value.dtype not in _SUPPORTED:
+        raise TypeError(f"{name} must have dtype float16, float32 or float64, got {value.dtype}")
+    return value
+
+
+def _check_writable(value: np.ndarray, name: str) -> None:
+    if not value.flags.writeable:
+        raise ValueError(f"{name} must be writable (it is updated in place)")
+
+
+def ftml_update(
+    weight: np.ndarray,
+    grad: np.ndarray,
+    d: np.ndarray,
+    v: np.ndarray,
+    z: np.ndarray,
+    lr: float,
+    t: int,
+    beta1: float = 0.6,
+    beta2: float = 0.999,
+    epsilon: float = 1e-8,
+    wd: float = 0.0,
+    rescale_grad: float = 1.0,
+    clip_grad: float = -1.0,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    r"""One FTML step, numerically identical to MXNet 1.9.1's ``ftml_update`` operator.
+
+    .. math::
+
+        g' &= \mathrm{clip}(\mathrm{rescale\_grad}\cdot g + \mathrm{wd}\cdot w)\\
+        v &\leftarrow \beta_2 v + (1-\beta_2) g'^2\\
+        d_t &= \tfrac{1-\beta_1^t}{\mathrm{lr}}\big(\sqrt{v/(1-\beta_2^t)} + \epsilon\big)\\
+        z &\leftarrow \beta_1 z + (1-\beta_1) g' - (d_t - \beta_1 d) w\\
+        d &\leftarrow d_t, \qquad w_{\text{new}} = -z / d_t
+
+    Args:
+        weight: the current weight (read only, unless ``out is weight``).
+        grad: the gradient, same shape and dtype (never modified).
+        d, v, z: the FTML state, same shape and dtype; updated in place.
+        lr: learning rate, finite and > 0.
+        t: the update count, an int >= 1 (1 on the first step).
+        beta1, beta2: decay rates in [0, 1).
+        epsilon: added outside the square root; finite and >= 0.
+        wd: L2 weight decay, folded into the gradient *before* clipping (MXNet 1.x order).
+        rescale_grad: gradient scale, finite and >= 0.
+        clip_grad: clip ``g'`` to ``[-clip_grad, clip_grad]`` when ``>= 0`` (so 0 zeroes
+            the gradient, exactly as MXNet's operator); a negative value turns clipping off.
+        out: where to write the new weight; ``out=weight`` updates in place. A new array is
+            returned when it is None.
+
+    Returns:
+        The new weight (``out`` when given).
+
+    Raises:
+        TypeError, ValueError: on bad input, before any array is modified.
+
+    Example:
+        >>> import numpy as np
+        >>> from ftmlopt import ftml_update
+        >>> w = np.array([1.0, -2.0], dtype=np.float32)
+        >>> g = np.array([0.5, 0.0], dtype=np.float32)
+        >>> d, v, z = (np.zeros_like(w) for _ in range(3))
+        >>> ftml_update(w, g, d, v, z, lr=0.1, t=1, out=w)  # step 1 moves each element by ~lr
+        array([ 0.9, -2. ], dtype=float32)
+    """
+    arrays = {
+        "weight": _check_array(weight, "weight"),
+        "grad": _check_array(grad, "grad"),
+        "d": _check_array(d, "d"),
+        "v": _check_array(v, "v"),
+        "z": _check_array(z, "z"),
+    }
+    if out is not None:
+        arrays["out"] = _check_array(out, "out")
+    for name, arr in arrays.items():
+        if arr.shape != weight.shape:
+            raise ValueError(f"{name} has shape {arr.shape}, which does not match weight's shape {weight.shape}")
+        if arr.dtype != weight.dtype:
+            raise TypeError(f"{name} has dtype {arr.dtype}, which does not match weight's dtype {weight.dtype}")
+    for name in ("d", "v", "z") + (("out",) if out is not None else ()):
+        _check_writable(arrays[name], name)
+    mutated = ("d", "v", "z")
+    for i, a in enumerate(mutated):
+        for b in (*mutated[i + 1 :], "weight", "grad"):
+            if np.may_share_memory(arrays[a], arrays[b]):
+                raise ValueError(f"state {a} shares memory with {b}; d, v and z must be separate arrays")
+        if out is not None and np.may_share_memory(out, arrays[a]):
+            raise ValueError(f"out shares memory with state {a}")
+    check_lr(lr, "lr")
+    t = check_step(t, "t")
+    check_beta(beta1, "beta1")
+    check_beta(beta2, "beta2")
+    check_epsilon(epsilon, "epsilon")
+    check_finite(wd, "wd")
+    check_nonnegative(rescale_grad, "rescale_grad")
+    check_clip(clip_grad, "clip_grad")
+
+    if weight.dtype == np.float16:
+        # Compute in float32, round once: MXNet's half arithmetic underflows epsilon to 0.
+        s = prepare_scalars(np.float32, lr, t, beta1, beta2, epsilon, wd, rescale_grad, clip_grad)
+        d32, v32, z32 = (a.astype(np.float32) for a in (d, v, z))
+        w32 = weight.astype(np.float32)
+        new = _numpy_kernel(w32, grad.astype(np.float32), d32, v32, z32, None, s)
+        for dst, src in ((d, d32), (v, v32), (z, z32)):
+            np.copyto(dst, src, casting="same_kind")
+        if out is None:
+            return new.astype(np.float16)
+        np.copyto(out, new, casting="same_kind")
+        return out
+
+    s = prepare_scalars(weight.dtype, lr, t, beta1, beta2, epsilon, wd, rescale_grad, clip_grad)
+    kernel = _select_kernel(tuple(arrays.values()))
+    return kernel(weight, grad, d, v, z, out, s)
