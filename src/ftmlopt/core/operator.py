@@ -26,7 +26,8 @@ pre-rounded :class:`Scalars`.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -34,9 +35,9 @@ from ftmlopt.core.validation import (
     check_beta,
     check_clip,
     check_epsilon,
+    check_finite,
     check_lr,
     check_nonnegative,
-    check_finite,
     check_step,
 )
 
@@ -224,7 +225,7 @@ def ftml_update(
         >>> w = np.array([1.0, -2.0], dtype=np.float32)
         >>> g = np.array([0.5, 0.0], dtype=np.float32)
         >>> d, v, z = (np.zeros_like(w) for _ in range(3))
-        >>> ftml_update(w, g, d, v, z, lr=0.1, t=1, out=w)  # step 1 moves each element by ~lr
+        >>> ftml_update(w, g, d, v, z, lr=0.1, t=1, out=w).round(4)  # step 1 moves by ~lr
         array([ 0.9, -2. ], dtype=float32)
     """
     arrays = {
