@@ -1,8 +1,9 @@
 r"""``ftml_update``: MXNet 1.9's FTML operator over NumPy arrays, bit for bit.
 
-For every element, with the hyper-parameters rounded to float32 and then cast to the array's
-dtype exactly as MXNet's C++ kernel does (``static_cast<DType>``), and every operation rounded
-to that dtype in this order:
+For every element, with the hyper-parameters turned into float32 (``epsilon``: float64) exactly
+as MXNet does (``str(value)`` read by dmlc-core's parser, which is not always correctly rounded;
+see :func:`_dmlc_parse`), then cast to the array's dtype as MXNet's C++ kernel does
+(``static_cast<DType>``), and every operation rounded to that dtype in this order:
 
 .. math::
 
@@ -25,6 +26,7 @@ pre-rounded :class:`Scalars`.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -64,6 +66,72 @@ class Scalars(NamedTuple):
     bias2: np.floating
 
 
+@functools.lru_cache(maxsize=1024)
+def _dmlc_parse(text: str, double: bool) -> np.floating:
+    """Parse ``text`` exactly as MXNet's parameter parser (dmlc-core ``ParseFloat``) does.
+
+    MXNet receives every keyword argument as ``str(value)`` and parses float fields with
+    ``dmlc::stof`` (double fields with ``dmlc::stod``). That parser is not correctly rounded:
+    it adds the integer part and the rounded fraction in the target type, and scales by powers
+    of ten built in the target type. For example ``1.9365173080312914`` becomes
+    ``1.9365172386169434`` instead of ``float32(x) = 1.936517357826233``. Replicating it keeps
+    ``ftml_update`` bit-identical to MXNet for any hyper-parameter, not only short decimals.
+    """
+    ct = np.float64 if double else np.float32
+    kmax = 308 if double else 38
+    p, n = 0, len(text)
+    while p < n and text[p] in " \t\r\n\f":
+        p += 1
+    positive = True
+    if p < n and text[p] in "+-":
+        positive = text[p] == "+"
+        p += 1
+    rest = text[p:].lower()
+    if rest.startswith("inf"):
+        return ct(np.inf if positive else -np.inf)
+    if rest.startswith("nan"):
+        return ct(np.nan)
+    predec = 0
+    while p < n and text[p].isdigit():
+        predec = (predec * 10 + int(text[p])) % 2**64  # uint64, as in C
+        p += 1
+    with np.errstate(over="ignore", under="ignore"):
+        value = ct(predec)
+        if p < n and text[p] == ".":
+            p += 1
+            val2, pow10, count = 0, 1, 0
+            while p < n and text[p].isdigit():
+                if count < 19:  # kStrtofMaxDigits; later digits are ignored
+                    val2, pow10 = val2 * 10 + int(text[p]), pow10 * 10
+                p += 1
+                count += 1
+            value = ct(value + ct(float(val2) / float(pow10)))
+        if p < n and text[p] in "eE":
+            p += 1
+            negative_exp = False
+            if p < n and text[p] in "+-":
+                negative_exp = text[p] == "-"
+                p += 1
+            expon = 0
+            while p < n and text[p].isdigit():
+                expon = expon * 10 + int(text[p])
+                p += 1
+            expon = min(expon, kmax)
+            scale = ct(1)
+            while expon >= 8:
+                scale, expon = ct(scale * ct(1e8)), expon - 8
+            while expon > 0:
+                scale, expon = ct(scale * ct(10)), expon - 1
+            value = ct(value / scale) if negative_exp else ct(value * scale)
+    return value if positive else ct(-value)
+
+
+def _mxnet_param(value: float, double: bool = False) -> np.floating:
+    """A hyper-parameter as MXNet's C++ side sees it: ``str(value)`` parsed by dmlc-core."""
+    text = str(value) if isinstance(value, int | float | np.number) else repr(float(value))
+    return _dmlc_parse(text, double)
+
+
 def prepare_scalars(
     dtype: np.dtype[Any] | type,
     lr: float,
@@ -77,12 +145,12 @@ def prepare_scalars(
 ) -> Scalars:
     """Round the hyper-parameters as MXNet does and derive the per-step constants.
 
-    MXNet parses every float parameter to float32 (``epsilon`` is a double) and the kernel then
-    casts each one to the array dtype. ``beta**t`` and everything derived from it are computed
-    in that dtype too.
+    MXNet parses every float parameter to float32 (``epsilon`` is a double) from its ``str()``
+    with dmlc-core's parser (see :func:`_dmlc_parse`), and the kernel then casts each one to the
+    array dtype. ``beta**t`` and everything derived from it are computed in that dtype too.
     """
     ct = np.dtype(dtype).type
-    f32 = np.float32
+    f32 = _mxnet_param
     one = ct(1)
     b1 = ct(f32(beta1))
     b2 = ct(f32(beta2))
@@ -98,7 +166,7 @@ def prepare_scalars(
         one_minus_beta1=one - b1,
         beta2=b2,
         one_minus_beta2=one - b2,
-        epsilon=ct(epsilon),
+        epsilon=ct(_mxnet_param(epsilon, double=True)),
         d_scale=(one - np.power(b1, tt)) / lr_,
         bias2=one - np.power(b2, tt),
     )
@@ -108,8 +176,9 @@ def _numpy_kernel(
     w: np.ndarray, g: np.ndarray, d: np.ndarray, v: np.ndarray, z: np.ndarray, out: np.ndarray | None, s: Scalars
 ) -> np.ndarray:
     """One FTML step with ufuncs, in MXNet's evaluation order; two full-size temporaries."""
-    gp = np.multiply(g, s.rescale_grad)  # g' (temporary 1)
-    tmp = np.multiply(w, s.wd)  # temporary 2
+    # explicit out= so that 0-d inputs still give arrays (a bare ufunc would return a scalar)
+    gp = np.multiply(g, s.rescale_grad, out=np.empty_like(g))  # g' (temporary 1)
+    tmp = np.multiply(w, s.wd, out=np.empty_like(w))  # temporary 2
     np.add(gp, tmp, out=gp)
     if s.use_clip:
         # MXNet's clip: x > c -> c, x < -c -> -c, else x (NaN passes through, -0.0 keeps its sign).

@@ -132,8 +132,11 @@ class Updater:
             self.optimizer = new_opt
         else:
             opt = self.optimizer
-            for dev, c in devices.items():
-                opt._all_index_update_counts.setdefault(dev, {}).update(c)
+            # The states are replaced wholesale, so are the counts: a key absent from the blob gets a
+            # fresh state on its next update and must restart at t = begin_num_update + 1.
+            opt._all_index_update_counts.clear()
+            opt._all_index_update_counts.update({dev: dict(c) for dev, c in devices.items()})
+            opt._all_index_update_counts.setdefault(0, {})
             opt._index_update_count = opt._all_index_update_counts.setdefault(opt._current_device, {})
             opt.num_update = num_update
         self.states = new_states
