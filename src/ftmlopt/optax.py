@@ -182,6 +182,12 @@ def _make(
     def run(grads: optax.Updates, state: State, params: optax.Params, want_params: bool) -> tuple[Any, State]:
         if params is None:
             raise ValueError(_NO_PARAMS)
+        expected_state = FTMLCompactState if compact else FTMLState
+        if not isinstance(state, expected_state):
+            raise TypeError(
+                f"state must be the {expected_state.__name__} made by this transformation's init "
+                f"(compact={compact}), got {type(state).__name__}"
+            )
         lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
         count = optax.safe_increment(state.count)
 

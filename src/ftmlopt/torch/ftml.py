@@ -257,6 +257,7 @@ class FTML(Optimizer):
         tensors are therefore taken from ``state_dict`` as they are (moved to the param's device,
         float32) after the base class has loaded everything else.
         """
+        _check_state_dict(self, state_dict)
         saved_groups = state_dict.get("param_groups", [])
         saved_state = state_dict.get("state", {})
         keep: list[tuple[Tensor, dict[str, Tensor]]] = []
@@ -371,8 +372,14 @@ class FTML(Optimizer):
             for group in self.param_groups:
                 if any(p.grad is not None and p.grad.is_sparse for p in group["params"]):
                     raise RuntimeError("FTML does not support sparse gradients")
+                for p in group["params"]:
+                    if p.grad is not None and not (p.is_floating_point() or p.is_complex()):
+                        raise TypeError(f"FTML needs floating-point or complex parameters, got one of dtype {p.dtype}")
         for group, is_active in zip(self.param_groups, active):
             if not is_active:
+                # Nothing moves, but missing state is created (zeros and step 0, the same as no state):
+                # torch.distributed.checkpoint's get_state_dict relies on it for a fresh optimizer.
+                self._init_group(group, [], [], [], [], [], [], [])
                 continue
             params: list[Tensor] = []
             grads: list[Tensor] = []
@@ -382,10 +389,6 @@ class FTML(Optimizer):
             state_steps: list[Tensor] = []
             masters: list[tuple[Tensor, Tensor]] = []
             has_complex = self._init_group(group, params, grads, ds, vs, zs, state_steps, masters)
-            if not torch.is_tensor(group["lr"]) and group["lr"] == 0:
-                # lr = 0 (a schedule's end; DCP's get_state_dict initialising a fresh optimizer):
-                # the state exists now, nothing moves (FTML would divide by lr).
-                continue
             beta1, beta2 = group["betas"]
             ftml(
                 params,
@@ -414,6 +417,52 @@ class FTML(Optimizer):
             for p, master in masters:
                 p.detach().copy_(master)
         return loss
+
+
+def _check_state_dict(opt: FTML, state_dict: Any) -> None:
+    """Raise ``ValueError`` (before anything is loaded) unless ``state_dict`` is an FTML state dict for
+    ``opt``'s parameters: same groups and sizes, valid hyper-parameters, and per parameter exactly the
+    state keys of the group's layout, with floating tensors of the parameter's shape and a finite
+    integral ``step >= 0``."""
+    if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
+        raise ValueError("state_dict must be a dict with 'state' and 'param_groups', as FTML.state_dict() returns")
+    saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+    if len(saved_groups) != len(opt.param_groups):
+        raise ValueError(f"state_dict has {len(saved_groups)} param groups, this optimizer has {len(opt.param_groups)}")
+    for i, (live, saved) in enumerate(zip(opt.param_groups, saved_groups)):
+        if len(saved.get("params", ())) != len(live["params"]):
+            raise ValueError(f"param group {i} of state_dict has {len(saved.get('params', ()))} params, "
+                             f"this optimizer's has {len(live['params'])}")  # fmt: skip
+        lr = saved.get("lr", live["lr"])
+        lr_value = float(lr) if isinstance(lr, Tensor) and lr.numel() == 1 else lr
+        if isinstance(lr_value, bool) or not isinstance(lr_value, (int, float)) or not 0 <= lr_value < math.inf:
+            raise ValueError(f"Invalid learning rate in param group {i} of state_dict: {lr!r}")
+        _check_hyperparameters({k: v for k, v in saved.items() if k not in ("params", "param_names", "lr")})
+        compact, mp = saved.get("compact", False), saved.get("multi_precision", False)
+        for pid, p in zip(saved["params"], live["params"]):
+            entry = saved_state.get(pid)
+            if entry is None:
+                continue  # a parameter that has not been stepped yet
+            expected = {"step", "v"} | (set() if compact else {"d", "z"})
+            allowed = expected | ({"master"} if mp and p.dtype in _LOW_PRECISION else set())
+            if not isinstance(entry, Mapping) or not expected <= set(entry) <= allowed:
+                got = sorted(entry) if isinstance(entry, Mapping) else type(entry).__name__
+                raise ValueError(f"state of param {pid} (group {i}) has keys {got}, expected {sorted(expected)}: "
+                                 "not an FTML state of this layout (another optimizer's, or compact/full mixed up?)")
+            step = entry["step"]
+            value = float(step) if isinstance(step, Tensor) and step.numel() == 1 else step
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                math.isfinite(value) and value >= 0 and value == int(value)
+            ):
+                raise ValueError(
+                    f"state 'step' of param {pid} (group {i}) must be an integral count >= 0, got {step!r}"
+                )
+            for key in set(entry) - {"step"}:
+                t = entry[key]
+                if not isinstance(t, Tensor) or not (t.is_floating_point() or t.is_complex()) or t.shape != p.shape:
+                    desc = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+                    raise ValueError(f"state {key!r} of param {pid} (group {i}) must be a floating tensor of shape "
+                                     f"{tuple(p.shape)}, got {desc}")
 
 
 def _lr_is_positive(group: dict[str, Any], index: int) -> bool:
