@@ -1,0 +1,124 @@
+"""ftmlopt.torch.FTML under torch.distributed: DDP, FSDP2, ZeRO, and DCP resharding (CPU, gloo, 2 ranks).
+
+Two spawned jobs (module-scoped, to pay the process start-up once): ``job_wrappers`` runs DDP,
+ZeroRedundancyOptimizer and FSDP2 for every config of ``CONFIGS`` plus the first leg of the
+checkpoint round trip; ``job_dcp_reshard_back`` runs the last leg. The expected values come from
+a single-process run in this process on the same global batches (see ``_dist_jobs``), and every
+comparison is bit for bit (``torch.equal``): FTML is element-wise and the gradients are the same
+bits in every layout, so nothing may differ.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import _dist_jobs as J
+import pytest
+import torch
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+
+def _assert_same(actual: list[torch.Tensor], expected: list[torch.Tensor], what: str) -> None:
+    assert len(actual) == len(expected), f"{what}: {len(actual)} tensors, expected {len(expected)}"
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert a.dtype == e.dtype and a.shape == e.shape, f"{what}[{i}]: {a.dtype} {a.shape} vs {e.dtype} {e.shape}"
+        assert torch.equal(a, e), f"{what}[{i}] differs: max abs diff {(a - e).abs().max().item():.3e}"
+
+
+def _result(results: dict[str, Any], key: str) -> Any:
+    """``results[key]``, failing with the worker's traceback when that check raised there."""
+    value = results[key]
+    if "error" in value:
+        pytest.fail(f"{key} raised in the worker:\n{value['error']}")
+    return value
+
+
+@pytest.fixture(scope="module")
+def outdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("dist")
+
+
+@pytest.fixture(scope="module")
+def wrappers(outdir: Path) -> list[dict[str, Any]]:
+    """Results of ``job_wrappers`` from rank 0 and rank 1."""
+    J.launch(J.job_wrappers, 2, outdir)
+    return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def references() -> dict[str, dict[str, list[torch.Tensor]]]:
+    return {name: J.reference_run(name, J.STEPS) for name in J.CONFIGS}
+
+
+@pytest.mark.parametrize("name", list(J.CONFIGS))
+def test_ddp_equals_single_process(wrappers: list[dict[str, Any]], references: dict[str, Any], name: str) -> None:
+    ref = references[name]
+    for rank in (0, 1):
+        got = _result(wrappers[rank], f"ddp/{name}")
+        _assert_same(got["params"], ref["params"], f"DDP rank {rank} params")
+        _assert_same(got["state"], ref["state"], f"DDP rank {rank} state")
+    # And the parameters moved: the check above is not comparing two untouched models.
+    assert not torch.equal(ref["params"][0], J.build_model()[0].weight.detach())
+
+
+@pytest.mark.parametrize("name", list(J.CONFIGS))
+def test_fsdp2_equals_unsharded(wrappers: list[dict[str, Any]], references: dict[str, Any], name: str) -> None:
+    ref = references[name]
+    for rank in (0, 1):
+        got = _result(wrappers[rank], f"fsdp/{name}")
+        _assert_same(got["params"], ref["params"], f"FSDP2 rank {rank} params")
+        _assert_same(got["state"], ref["state"], f"FSDP2 rank {rank} state")
+    # The parameters really were sharded (rank 1 holds empty shards of the 1-row last layer).
+    full = [p.numel() for p in J.build_model().parameters()]
+    local0, local1 = (_result(wrappers[r], f"fsdp/{name}")["local_numel"] for r in (0, 1))
+    assert [a + b for a, b in zip(local0, local1)] == full
+    assert local0[0] < full[0] and local1[0] > 0 and local1[-1] == 0
+
+
+@pytest.mark.parametrize("name", list(J.CONFIGS))
+def test_zero_redundancy_equals_single_process(
+    wrappers: list[dict[str, Any]], references: dict[str, Any], name: str
+) -> None:
+    ref = references[name]
+    zero = [_result(wrappers[r], f"zero/{name}") for r in (0, 1)]
+    for rank in (0, 1):
+        _assert_same(zero[rank]["params"], ref["params"], f"ZeRO rank {rank} params")
+
+    # The consolidated state dict is an ordinary FTML state dict: load it into a plain FTML
+    # (one process) and take one more step; that equals STEPS + 1 uninterrupted steps.
+    model = J.build_model()
+    with torch.no_grad():
+        for p, saved in zip(model.parameters(), zero[0]["params"]):
+            p.copy_(saved)
+    opt = J.make_opt(model.parameters(), name)
+    opt.load_state_dict(zero[0]["state_dict"])
+    _assert_same(J.snapshot(model, opt)["state"], ref["state"], "ZeRO consolidated state")
+    J.local_steps(model, opt, J.STEPS, J.STEPS + 1)
+    more = J.reference_run(name, J.STEPS + 1)
+    _assert_same(J.snapshot(model, opt)["params"], more["params"], "ZeRO state dict, resumed")
+    _assert_same(J.snapshot(model, opt)["state"], more["state"], "ZeRO state dict, resumed state")
+
+
+def test_dcp_two_ranks_to_one_and_back(wrappers: list[dict[str, Any]], outdir: Path) -> None:
+    """Save on 2 ranks (FSDP2) after k=1, load into 1 process, save at 3, load into 2 ranks, run to 5."""
+    total = J.reference_run(J.DCP_CONFIG, J.DCP_TOTAL)
+    at_k1 = J.reference_run(J.DCP_CONFIG, J.DCP_K1)
+    for rank in (0, 1):
+        _assert_same(_result(wrappers[rank], "dcp/uninterrupted")["params"], total["params"], "uninterrupted FSDP2 run")
+
+    one = J.dcp_single_process(outdir / "dcp_k1", outdir / "dcp_k2")
+    _assert_same(one["loaded"]["params"], at_k1["params"], "1-rank load, params")
+    _assert_same(one["loaded"]["state"], at_k1["state"], "1-rank load, state")
+    _assert_same(one["final"]["params"], total["params"], "1-rank continuation")
+    _assert_same(one["final"]["state"], total["state"], "1-rank continuation, state")
+
+    J.launch(J.job_dcp_reshard_back, 2, outdir)
+    at_k2 = J.reference_run(J.DCP_CONFIG, J.DCP_K2)
+    for rank in (0, 1):
+        back = _result(torch.load(outdir / f"rank{rank}_back.pt", weights_only=False), "dcp/back")
+        _assert_same(back["loaded_k2"]["params"], at_k2["params"], f"2-rank reload rank {rank}, params")
+        _assert_same(back["loaded_k2"]["state"], at_k2["state"], f"2-rank reload rank {rank}, state")
+        _assert_same(back["resumed"]["params"], total["params"], f"2-rank resumed rank {rank}")
+        _assert_same(back["resumed"]["state"], total["state"], f"2-rank resumed rank {rank}, state")
