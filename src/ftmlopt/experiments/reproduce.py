@@ -1,0 +1,155 @@
+"""``ftmlopt reproduce TASK``: re-run one of the paper's experiments at CPU scale.
+
+TASK is ``timeseries`` (§4.6), ``mnist`` (§4.1a), ``babi`` (§4.3) or ``charlm`` (stand-in for §4.4);
+each lives in :mod:`ftmlopt.experiments.tasks`. For every optimizer the learning rate is chosen from a
+grid by training loss (see :mod:`ftmlopt.experiments.harness`), the chosen rate is re-run on
+``--seeds`` seeds, and the Theorem 1 control (Adam with ``betas=(0, 0.999)`` at ``0.4 * lr_FTML``) is
+added. Writes ``OUT/TASK.json`` (every curve, grid runs included) and ``OUT/TASK.png`` (mean over
+seeds, min-max band shaded, log scale), and prints a table ranked by final training loss.
+
+Example (shell; a few seconds):
+    $ ftmlopt reproduce timeseries --quick --out runs/quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ftmlopt.experiments.tasks import TASKS
+
+#: extras the experiments need, checked before anything runs
+REQUIRED = ("torch", "matplotlib", "tqdm")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``TASK`` and the options of ``ftmlopt reproduce`` to ``parser``."""
+    parser.add_argument("task", choices=TASKS, metavar="TASK", help=f"one of: {', '.join(TASKS)}")
+    parser.add_argument("--quick", action="store_true", help="CI smoke run: tiny grid, one seed, few epochs")
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (0..N-1); default per task")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs (iterations for timeseries); default per task")
+    parser.add_argument(
+        "--grid", choices=("cpu", "paper"), default="cpu",
+        help="'cpu': the task's documented subset of the paper's grid (default); 'paper': all 15 rates",
+    )
+    parser.add_argument("--data", default=None, help="data folder (default: <shared data>/<task's folder>)")
+    parser.add_argument("--out", default="runs/reproduce", help="output folder for TASK.json and TASK.png")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def _missing() -> list[str]:
+    import importlib.util
+
+    return [m for m in REQUIRED if importlib.util.find_spec(m) is None]
+
+
+def reproduce(
+    task: str,
+    *,
+    quick: bool = False,
+    seeds: int | None = None,
+    epochs: int | None = None,
+    grid: str = "cpu",
+    data: str | None = None,
+    out: str | Path = "runs/reproduce",
+    progress: bool = True,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Run ``task`` and write ``out/task.json`` and ``out/task.png``; return the JSON object.
+
+    Example:
+        >>> from ftmlopt.experiments.reproduce import reproduce
+        >>> res = reproduce("timeseries", quick=True, epochs=5, out="/tmp/ftml-doc", progress=False)
+        >>> [row["optimizer"] for row in res["variants"]["changing"]["summary"]].count("FTML")
+        1
+    """
+    from ftmlopt.experiments import harness
+    from ftmlopt.experiments.tasks import get_spec
+
+    spec = get_spec(task)
+    n_epochs = epochs if epochs is not None else (spec.quick_epochs if quick else spec.epochs)
+    n_seeds = seeds if seeds is not None else (1 if quick else spec.seeds)
+    if n_epochs < 1 or n_seeds < 1:
+        raise ValueError(f"epochs and seeds must be >= 1, got epochs={n_epochs}, seeds={n_seeds}")
+    grids = None
+    if grid == "paper" and not quick:
+        grids = {n: (g if n == "Adadelta" else harness.PAPER_GRID) for n, g in spec.grids.items()}
+    elif grid not in ("cpu", "paper"):
+        raise ValueError(f"grid must be 'cpu' or 'paper', got {grid!r}")
+    t0 = time.perf_counter()
+    loaded = spec.load(Path(data) if data is not None else None, quick)
+    result: dict[str, Any] = {
+        "task": task,
+        "title": spec.title,
+        "paper_claim": spec.paper,
+        "command": command or f"ftmlopt reproduce {task}" + (" --quick" if quick else ""),
+        "config": {
+            "quick": quick, "epochs": n_epochs, "seeds": list(range(n_seeds)), "selection": spec.selection,
+            "grids": {n: list(g) for n, g in (grids or (spec.quick_grids if quick else spec.grids)).items()},
+            "prune_after": None if quick else spec.prune_after, "keep": spec.keep,
+            "optimizers": {n: harness.OPTIMIZER_NOTES[n] for n in (*spec.optimizers, harness.CONTROL)},
+            "notes": list(spec.notes),
+        },
+        "environment": harness.environment(),
+        "variants": {},
+    }
+    for variant in spec.variants:
+        curves = harness.search_and_train(
+            spec, loaded, variant, n_epochs, list(range(n_seeds)), quick, progress=progress, grids=grids
+        )
+        result["variants"][variant] = {"optimizers": curves, "summary": harness.summarize(curves, spec.selection)}
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    out = Path(out)
+    harness.write_json(result, out / f"{task}.json")
+    panels = {
+        v: {n: [r["losses"] for r in rec["runs"]] for n, rec in res["optimizers"].items()}
+        for v, res in result["variants"].items()
+    }
+    harness.plot_curves(panels, out / f"{task}.png", spec.title, spec.x_label, spec.y_label)
+    return result
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``ftmlopt reproduce``: check the extras, run, print the tables and the paths."""
+    missing = _missing()
+    if missing:
+        print(
+            f"ftmlopt reproduce needs {', '.join(missing)}: pip install 'ftmlopt[demo]' (or '.[demo]' in a checkout)",
+            file=sys.stderr,
+        )
+        return 2
+    import torch
+
+    from ftmlopt.experiments import harness
+
+    torch.set_num_threads(max(1, args.threads))
+    argv = ["ftmlopt", "reproduce", args.task]
+    for flag, val in (("--seeds", args.seeds), ("--epochs", args.epochs), ("--data", args.data)):
+        if val is not None:
+            argv += [flag, str(val)]
+    argv += ["--quick"] if args.quick else []
+    argv += ["--grid", args.grid] if args.grid != "cpu" else []
+    argv += ["--out", args.out]
+    try:
+        res = reproduce(
+            args.task, quick=args.quick, seeds=args.seeds, epochs=args.epochs, grid=args.grid, data=args.data,
+            out=args.out, progress=not args.no_progress, command=shlex.join(argv),
+        )
+    except FileNotFoundError as exc:
+        print(f"ftmlopt reproduce {args.task}: {exc}", file=sys.stderr)
+        return 2
+    selection = res["config"]["selection"]
+    print(f"{res['title']}  ({res['seconds']} s)")
+    print(f"paper: {res['paper_claim']}")
+    for variant, vres in res["variants"].items():
+        if len(res["variants"]) > 1:
+            print(f"\n[{variant}]")
+        print(harness.format_table(vres["summary"], selection))
+    out = Path(args.out)
+    print(f"\ncurves: {out / (args.task + '.json')}\nplot:   {out / (args.task + '.png')}")
+    return 0

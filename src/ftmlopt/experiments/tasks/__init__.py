@@ -1,0 +1,26 @@
+"""One module per task of ``ftmlopt reproduce``; each exposes ``SPEC``, a
+:class:`~ftmlopt.experiments.harness.TaskSpec`.
+
+``timeseries`` (§4.6), ``mnist`` (§4.1a), ``babi`` (§4.3), ``charlm`` (stands in for §4.4). The modules
+import torch lazily (inside the runs), so listing the tasks needs only NumPy.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+TASKS: tuple[str, ...] = ("timeseries", "mnist", "babi", "charlm")
+
+
+def get_spec(name: str) -> Any:
+    """Return the ``SPEC`` of task ``name`` (one of :data:`TASKS`).
+
+    Example:
+        >>> from ftmlopt.experiments.tasks import get_spec
+        >>> get_spec("timeseries").variants
+        ('changing', 'stationary')
+    """
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; expected one of {', '.join(TASKS)}")
+    return importlib.import_module(f"ftmlopt.experiments.tasks.{name}").SPEC
