@@ -38,6 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output folder for demo.png and demo.json")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument(
+        "--backend",
+        choices=("torch", "numpy"),
+        default="torch",
+        help="torch: the CNN with ftmlopt.torch.FTML and torch.optim baselines (default); numpy: an MLP "
+        "trained through the MXNet-style ftmlopt.optimizer API, FTML against SGD (needs no torch)",
+    )
 
 
 def missing_extras() -> list[str]:
@@ -100,6 +107,8 @@ def train(
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``ftmlopt demo``."""
+    if getattr(args, "backend", "torch") == "numpy":
+        return run_numpy(args)
     missing = missing_extras()
     if missing:
         print(
@@ -134,4 +143,22 @@ def run(args: argparse.Namespace) -> int:
         f"Digits CNN, batch 32, same initial weights (seed {args.seed})",
     )
     print(f"\n({elapsed:.1f} s) plot: {png}\ncurves: {out / 'demo.json'}")
+    return 0
+
+
+def run_numpy(args: argparse.Namespace) -> int:
+    """``ftmlopt demo --backend numpy``: the MXNet-style API on NumPy, FTML against plain SGD."""
+    needed = (("sklearn", "scikit-learn"), ("tqdm", "tqdm"))
+    missing = [pip for mod, pip in needed if importlib.util.find_spec(mod) is None]
+    if missing:
+        print(f"ftmlopt demo --backend numpy needs {', '.join(missing)}: pip install 'ftmlopt[demo]'", file=sys.stderr)
+        return 2
+    from ftmlopt.experiments import numpy_demo
+
+    t0 = time.perf_counter()
+    print(f"One-hidden-layer MLP on scikit-learn digits through ftmlopt.optimizer.get_updater, {args.epochs} epochs")
+    results = numpy_demo.run(epochs=args.epochs, seed=args.seed, progress=not args.no_progress)
+    print()
+    print(numpy_demo.format_table(results))
+    print(f"({time.perf_counter() - t0:.1f} s)")
     return 0
