@@ -53,7 +53,8 @@ def test_reproduce_rejects_bad_task() -> None:
 def test_numpy_demo_trains_through_the_mxnet_style_api(capsys: pytest.CaptureFixture[str]) -> None:
     """``ftmlopt demo --backend numpy``: FTML and SGD both learn; FTML reaches the lower training loss."""
     assert main(["demo", "--backend", "numpy", "--epochs", "5", "--no-progress"]) == 0
-    lines = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line[:4] in ("FTML", "SGD ")}
+    out = capsys.readouterr().out.splitlines()
+    lines = {line.split()[0]: line.split() for line in out if line[:4] in ("FTML", "SGD ")}
     ftml_loss, sgd_loss = float(lines["FTML"][1]), float(lines["SGD"][1])
     assert ftml_loss < sgd_loss < 2.3  # 2.3 = ln(10), an untrained classifier's loss
     assert float(lines["FTML"][2].rstrip("%")) > 80
