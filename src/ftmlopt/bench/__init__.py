@@ -1,0 +1,522 @@
+r"""``ftmlopt bench``: every FTML implementation against ``torch.optim.Adam``, in one interleaved run.
+
+An optimizer step is memory-bound, so every figure is a *ratio* taken round by round on the
+same machine at the same time (see ``docs/benchmarks.md``): in each round every implementation
+steps once, A B C A B C ..., and the table reports
+
+* the median and min-max time per step (ms) and the throughput (G elements/s, and GB/s from the
+  traffic model: FTML moves 9 arrays per element, compact FTML 5, Adam 7);
+* ``x fused Adam``: the median over rounds of (time / time of ``Adam(fused=True)``);
+* ``% floor``: the median over rounds of (floor time / time), where the floor is a trivial
+  kernel that moves exactly FTML's bytes (reads w, g, d, v, z, writes w, d, v, z);
+* ``peak extra``: memory allocated during one step beyond what is already held (torch's
+  allocation events and ``tracemalloc`` on CPU, ``torch.cuda.max_memory_allocated`` on CUDA).
+
+Workloads (``--sizes``, comma separated): ``16m`` (16 tensors of 2**20), ``resnet18`` (its 62
+parameter shapes, 11.7M elements), ``tiny`` (2,000 tensors of 1-64 elements) or ``NxM`` (N
+tensors of M elements). ``--mxnet`` also times MXNet 1.9.1's own ``ftml_update`` operator
+(per tensor, as its optimizer calls it) in an interpreter where ``import mxnet`` works; that
+process is driven round by round, so its times are interleaved with the others.
+
+Example:
+    >>> from ftmlopt.bench import main
+    >>> main(["--sizes", "2x64", "--rounds", "1", "--warmup", "0", "--json", "", "--quiet"])  # doctest: +SKIP
+    0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["WORKLOADS", "add_arguments", "main", "parse_sizes", "run"]
+
+#: ResNet-18 (torchvision) parameter shapes: convolutions, batch-norm weights/biases, the classifier.
+_RESNET18: list[tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]
+for _cin, _cout, _blocks in ((64, 64, 2), (64, 128, 2), (128, 256, 2), (256, 512, 2)):
+    for _b in range(_blocks):
+        _first = _b == 0
+        _in = _cin if _first else _cout
+        _RESNET18 += [(_cout, _in, 3, 3), (_cout,), (_cout,), (_cout, _cout, 3, 3), (_cout,), (_cout,)]
+        if _first and _cin != _cout:
+            _RESNET18 += [(_cout, _cin, 1, 1), (_cout,), (_cout,)]
+_RESNET18 += [(1000, 512), (1000,)]
+
+#: named workloads: lists of parameter shapes
+WORKLOADS: dict[str, list[tuple[int, ...]]] = {
+    "16m": [(1 << 20,)] * 16,
+    "resnet18": _RESNET18,
+    "tiny": [(1 + (i * 37) % 64,) for i in range(2000)],
+}
+
+#: arrays moved per element (reads + writes) by each family, for the GB/s column
+_ARRAYS = {"ftml": 9, "ftml-compact": 5, "adam": 7, "floor": 9, "mxnet": 9}
+
+_HYPER = dict(lr=1e-3, beta1=0.6, beta2=0.999, eps=1e-8)
+
+
+def parse_sizes(text: str) -> dict[str, list[tuple[int, ...]]]:
+    """``"16m,tiny,3x1000"`` -> ``{name: shapes}``; raises ValueError naming a bad item.
+
+    Example:
+        >>> {k: len(v) for k, v in parse_sizes("tiny,3x1000").items()}
+        {'tiny': 2000, '3x1000': 3}
+    """
+    out: dict[str, list[tuple[int, ...]]] = {}
+    for item in (s.strip() for s in text.split(",") if s.strip()):
+        if item in WORKLOADS:
+            out[item] = WORKLOADS[item]
+            continue
+        parts = item.lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"--sizes: unknown workload {item!r} (use {', '.join(WORKLOADS)} or NxM, e.g. 16x1048576)")
+        out[item] = [(int(parts[1]),)] * int(parts[0])
+    if not out:
+        raise ValueError(f"--sizes: no workload given in {text!r}")
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``bench`` options to ``parser`` (used by ``ftmlopt bench`` and ``python -m ftmlopt.bench``)."""
+    parser.add_argument("--device", default="cpu", help="torch device: cpu (default) or cuda[:N]")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
+    parser.add_argument("--sizes", default="16m,resnet18,tiny", help="workloads: 16m, resnet18, tiny or NxM")
+    parser.add_argument("--rounds", type=int, default=15, help="timed interleaved rounds (default 15)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (JIT, caches; default 2)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch and Numba (default: all)")
+    parser.add_argument("--only", default="", help="comma-separated implementation names to run (default: all)")
+    parser.add_argument("--json", default="ftmlopt-bench.json", help="write results here ('' for none)")
+    parser.add_argument(
+        "--mxnet", nargs="?", const=sys.executable, default=None, metavar="PYTHON",
+        help="also time MXNet's ftml_update in PYTHON (default: this interpreter) where `import mxnet` works",
+    )  # fmt: skip
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+# --------------------------------------------------------------------------- implementations
+@dataclass
+class _Impl:
+    name: str
+    family: str
+    make: Callable[[list[Any], list[Any]], Callable[[], None]]
+    step: Callable[[], None] | None = None
+    times: list[float] = field(default_factory=list)
+    peak_extra: int | None = None
+    error: str | None = None
+
+
+def _torch_impls(device: Any) -> list[_Impl]:
+    import torch
+
+    from ftmlopt.torch import FTML
+
+    def optimizer(cls: Any, **kw: Any) -> Callable[[list[Any], list[Any]], Callable[[], None]]:
+        def make(params: list[Any], grads: list[Any]) -> Callable[[], None]:
+            ps = [torch.nn.Parameter(p.clone()) for p in params]
+            for p, g in zip(ps, grads):
+                p.grad = g
+            opt = cls(ps, **kw)
+            return opt.step
+
+        return make
+
+    ftml = dict(lr=_HYPER["lr"], betas=(_HYPER["beta1"], _HYPER["beta2"]), eps=_HYPER["eps"])
+    adam = dict(lr=_HYPER["lr"], betas=(0.9, 0.999), eps=_HYPER["eps"])
+    impls = [
+        _Impl("ftml for-loop", "ftml", optimizer(FTML, foreach=False, fused=False, **ftml)),
+        _Impl("ftml foreach", "ftml", optimizer(FTML, foreach=True, **ftml)),
+        _Impl("ftml fused", "ftml", optimizer(FTML, fused=True, **ftml)),
+        _Impl("ftml fused compact", "ftml-compact", optimizer(FTML, fused=True, compact=True, **ftml)),
+        _Impl("adam for-loop", "adam", optimizer(torch.optim.Adam, foreach=False, **adam)),
+        _Impl("adam foreach", "adam", optimizer(torch.optim.Adam, foreach=True, **adam)),
+        _Impl("adam fused", "adam", optimizer(torch.optim.Adam, fused=True, **adam)),
+        _Impl("floor", "floor", _floor_maker(device)),
+    ]
+    if device.type == "cpu":
+        impls.insert(4, _Impl("ftml_update numba", "ftml", _operator_maker(numba=True)))
+        impls.insert(5, _Impl("ftml_update numpy", "ftml", _operator_maker(numba=False)))
+    return impls
+
+
+def _operator_maker(numba: bool) -> Callable[[list[Any], list[Any]], Callable[[], None]]:
+    """``ftmlopt.ftml_update`` per tensor on NumPy views, with or without the Numba kernel."""
+
+    def make(params: list[Any], grads: list[Any]) -> Callable[[], None]:
+        from ftmlopt import ftml_update
+
+        ws = [p.clone().numpy() for p in params]
+        gs = [g.numpy() for g in grads]
+        states = [tuple(np.zeros_like(w) for _ in range(3)) for w in ws]
+        t = [0]
+
+        def step() -> None:
+            t[0] += 1
+            old = os.environ.get("FTMLOPT_DISABLE_NUMBA")
+            os.environ["FTMLOPT_DISABLE_NUMBA"] = "0" if numba else "1"
+            try:
+                for w, g, (d, v, z) in zip(ws, gs, states):
+                    ftml_update(w, g, d, v, z, _HYPER["lr"], t[0], _HYPER["beta1"], _HYPER["beta2"],
+                                _HYPER["eps"], out=w)  # fmt: skip
+            finally:
+                if old is None:
+                    del os.environ["FTMLOPT_DISABLE_NUMBA"]
+                else:
+                    os.environ["FTMLOPT_DISABLE_NUMBA"] = old
+
+        return step
+
+    return make
+
+
+def _floor_maker(device: Any) -> Callable[[list[Any], list[Any]], Callable[[], None]]:
+    """The traffic floor: read w, g, d, v, z and write w, d, v, z, with the fused kernels' tool."""
+
+    def make(params: list[Any], grads: list[Any]) -> Callable[[], None]:
+        import torch
+
+        ws = [p.clone() for p in params]
+        states = [[torch.zeros_like(p) for p in params] for _ in range(3)]
+        if device.type == "cpu":
+            from ftmlopt.kernels import numba_cpu
+
+            rows = [ws, grads, *states]
+            table = np.array([[t.data_ptr() for t in row] for row in rows], dtype=np.int64)
+            sizes = np.array([t.numel() for t in ws], dtype=np.int64)
+            dtype = {torch.float32: np.float32, torch.float64: np.float64}.get(ws[0].dtype)
+            if dtype is None:
+                raise RuntimeError("the CPU floor kernel runs for float32/float64")
+
+            def step() -> None:
+                numba_cpu.floor_step(table, sizes, dtype)
+                assert rows  # the table holds raw addresses: keep the tensors alive with it
+
+            return step
+        from ftmlopt.kernels import triton_cuda
+
+        return lambda: triton_cuda.floor_step([ws, grads, *states])
+
+    return make
+
+
+# --------------------------------------------------------------------------- measurement
+def _sync(device: Any) -> None:
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def _peak_extra(step: Callable[[], None], device: Any) -> int:
+    """Bytes allocated during one step beyond what was held before it (peak)."""
+    import torch
+
+    if device.type == "cuda":
+        _sync(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        _sync(device)
+        return int(torch.cuda.max_memory_allocated(device) - base)
+    os.environ.setdefault("KINETO_LOG_LEVEL", "99")  # the profiler's start/stop chatter on stderr
+    from torch.profiler import ProfilerActivity, profile
+
+    if not _PROFILER_WARM:  # the first profile imports and builds things: keep that out of the figures
+        _PROFILER_WARM.append(True)
+        _peak_extra(lambda: None, device)
+    tracemalloc.start()
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                     with_stack=True) as prof:  # fmt: skip
+            step()
+        _, numpy_peak = tracemalloc.get_traced_memory()  # NumPy (and Python) allocations
+    finally:
+        tracemalloc.stop()
+    return int(_torch_cpu_peak(prof) + numpy_peak)
+
+
+def _torch_cpu_peak(prof: Any) -> int:
+    """Peak of live torch CPU allocations made during the profiled step, from its allocation timeline."""
+    from torch.profiler._memory_profiler import Action  # private: checked on torch 2.13
+
+    current = peak = 0
+    for _time, action, _key, size in sorted(prof._memory_profile().timeline, key=lambda item: item[0]):
+        if action == Action.CREATE:
+            current += size
+        elif action == Action.DESTROY:
+            current -= size
+        peak = max(peak, current)
+    return peak
+
+
+_PROFILER_WARM: list[bool] = []
+
+_MXNET_SERVER = r"""
+import sys, time
+import numpy as np
+import mxnet as mx
+shapes = [tuple(s) for s in eval(sys.argv[1])]
+dtype, lr, b1, b2, eps = sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6])
+rng = np.random.default_rng(0)
+ws = [mx.nd.array(rng.standard_normal(s), dtype=dtype) for s in shapes]
+gs = [mx.nd.array(rng.standard_normal(s), dtype=dtype) for s in shapes]
+st = [[mx.nd.zeros(s, dtype=dtype) for _ in range(3)] for s in shapes]
+t = 0
+print("ready", mx.__version__, flush=True)
+for line in sys.stdin:
+    if line.strip() != "step":
+        break
+    t += 1
+    start = time.perf_counter()
+    for w, g, (d, v, z) in zip(ws, gs, st):
+        mx.nd.ftml_update(w, g, d, v, z, lr=lr, beta1=b1, beta2=b2, epsilon=eps, t=t, out=w)
+    mx.nd.waitall()
+    print(time.perf_counter() - start, flush=True)
+"""
+
+
+class _MXNet:
+    """MXNet's operator in another interpreter, stepped on request (so rounds stay interleaved)."""
+
+    def __init__(self, python: str, shapes: list[tuple[int, ...]], dtype: str, threads: int) -> None:
+        command = [python, "-c", _MXNET_SERVER, repr([list(s) for s in shapes]), dtype,
+                   *(str(_HYPER[k]) for k in ("lr", "beta1", "beta2", "eps"))]  # fmt: skip
+        # Idle OpenMP threads must sleep, not spin: this process waits while the others are timed.
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads or os.cpu_count() or 1), "OMP_WAIT_POLICY": "PASSIVE"}
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        assert self.proc.stdout is not None and self.proc.stdin is not None
+        ready = self.proc.stdout.readline().split()
+        if not ready or ready[0] != "ready":
+            self.close()
+            raise RuntimeError(f"MXNet is not importable in {python}")
+        self.version = ready[1]
+
+    def step(self) -> float:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("step\n")
+        self.proc.stdin.flush()
+        return float(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def _bench_workload(
+    name: str, shapes: list[tuple[int, ...]], args: argparse.Namespace, progress: Any
+) -> dict[str, Any]:
+    import torch
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in shapes]
+    grads = [torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in shapes]
+    numel = sum(p.numel() for p in params)
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    impls = [i for i in _torch_impls(device) if not only or i.name in only]
+    for impl in impls:
+        try:
+            impl.step = impl.make(params, grads)
+            impl.step()  # first step: state creation, JIT compilation
+        except Exception as exc:  # an implementation that cannot run here is reported, not fatal
+            impl.step, impl.error = None, f"{type(exc).__name__}: {exc}"
+            continue
+        try:
+            impl.peak_extra = _peak_extra(impl.step, device)
+        except Exception as exc:  # e.g. a torch whose profiler lacks the memory timeline
+            impl.error = f"peak memory not measured: {type(exc).__name__}: {exc}"
+    mxnet = None
+    if args.mxnet:
+        try:
+            mxnet = _MXNet(args.mxnet, shapes, args.dtype, args.threads)
+        except Exception as exc:
+            impls.append(_Impl("mxnet ftml_update", "mxnet", lambda p, g: lambda: None, error=str(exc)))
+    mx_impl = _Impl(f"mxnet {mxnet.version} ftml_update", "mxnet", lambda p, g: lambda: None) if mxnet else None
+    live = [i for i in impls if i.step is not None]
+    for r in range(args.warmup + args.rounds):
+        for impl in live:
+            _sync(device)
+            start = time.perf_counter()
+            impl.step()  # type: ignore[misc]
+            _sync(device)
+            if r >= args.warmup:
+                impl.times.append(time.perf_counter() - start)
+        if mx_impl is not None and mxnet is not None:
+            elapsed = mxnet.step()
+            if r >= args.warmup:
+                mx_impl.times.append(elapsed)
+        progress.update(1)
+    if mxnet is not None and mx_impl is not None:
+        mxnet.close()
+        impls.append(mx_impl)
+    return _summarize(name, shapes, numel, dtype.itemsize, impls)
+
+
+def _summarize(
+    name: str, shapes: list[tuple[int, ...]], numel: int, itemsize: int, impls: list[_Impl]
+) -> dict[str, Any]:
+    by_name = {i.name: i for i in impls}
+    ref = by_name.get("adam fused")
+    floor = by_name.get("floor")
+    rows = []
+    for impl in impls:
+        row: dict[str, Any] = {"name": impl.name, "family": impl.family, "error": impl.error}
+        if impl.times:
+            med = statistics.median(impl.times)
+            row.update(
+                median_ms=med * 1e3, min_ms=min(impl.times) * 1e3, max_ms=max(impl.times) * 1e3,
+                gelem_per_s=numel / med / 1e9, gb_per_s=numel * itemsize * _ARRAYS[impl.family] / med / 1e9,
+                rounds=len(impl.times), times_ms=[t * 1e3 for t in impl.times],
+            )  # fmt: skip
+            if ref is not None and len(ref.times) == len(impl.times):
+                row["ratio_to_fused_adam"] = statistics.median(a / b for a, b in zip(impl.times, ref.times))
+            if floor is not None and len(floor.times) == len(impl.times):
+                row["percent_of_floor"] = 100 * statistics.median(f / a for a, f in zip(impl.times, floor.times))
+        row["peak_extra_bytes"] = impl.peak_extra
+        rows.append(row)
+    return {"workload": name, "tensors": len(shapes), "elements": numel, "results": rows}
+
+
+def _table(result: dict[str, Any]) -> str:
+    head = f"{result['workload']}: {result['tensors']} tensors, {result['elements']:,} elements"
+    cols = ["implementation", "median ms", "min-max ms", "G elem/s", "GB/s", "x fused Adam", "% floor", "peak extra"]
+    lines = [head, " | ".join(cols), " | ".join("---" for _ in cols)]
+    for row in result["results"]:
+        if "median_ms" not in row:
+            lines.append(f"{row['name']} | not run: {row['error']}")
+            continue
+
+        def opt(key: str, fmt: str, row: dict[str, Any] = row) -> str:
+            return format(row[key], fmt) if row.get(key) is not None else "-"
+
+        peak = row["peak_extra_bytes"]
+        lines.append(" | ".join([
+            row["name"], f"{row['median_ms']:.2f}", f"{row['min_ms']:.2f}-{row['max_ms']:.2f}",
+            f"{row['gelem_per_s']:.3f}", f"{row['gb_per_s']:.1f}", opt("ratio_to_fused_adam", ".2f"),
+            opt("percent_of_floor", ".0f"), "-" if peak is None else _bytes(peak),
+        ]))  # fmt: skip
+    return "\n".join(lines)
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)  # pragma: no cover
+
+
+class _NoProgress:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark described by ``args`` (see :func:`add_arguments`); print tables, write JSON."""
+    import torch
+
+    if args.rounds < 1 or args.warmup < 0:
+        raise ValueError(f"--rounds must be >= 1 and --warmup >= 0, got {args.rounds} and {args.warmup}")
+    workloads = parse_sizes(args.sizes)
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0 (0: all), got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        try:
+            import numba
+
+            numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+        except ImportError:
+            pass
+    total = len(workloads) * (args.rounds + args.warmup)
+    progress: Any = _NoProgress()
+    if not args.quiet:
+        try:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=total, desc="bench rounds", unit="round", file=sys.stderr)
+        except ImportError:
+            pass
+    results = []
+    try:
+        for name, shapes in workloads.items():
+            results.append(_bench_workload(name, shapes, args, progress))
+    finally:
+        progress.close()
+    report = {
+        "command": "ftmlopt bench " + " ".join(_argv_of(args)),
+        "device": args.device,
+        "device_name": _device_name(args.device),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "dtype": args.dtype,
+        "rounds": args.rounds,
+        "warmup": args.warmup,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "workloads": results,
+    }
+    for res in results:
+        print(_table(res), end="\n\n")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(report, fh, indent=2, default=_json_default)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return str(torch.cuda.get_device_name(device))
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return str(x)
+
+
+def _argv_of(args: argparse.Namespace) -> list[str]:
+    out = [f"--device {args.device}", f"--dtype {args.dtype}", f"--sizes {args.sizes}",
+           f"--rounds {args.rounds}", f"--warmup {args.warmup}"]  # fmt: skip
+    if args.threads:
+        out.append(f"--threads {args.threads}")
+    if args.only:
+        out.append(f"--only '{args.only}'")
+    if args.mxnet:
+        out.append(f"--mxnet {args.mxnet}")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m ftmlopt.bench [options]``: the same as ``ftmlopt bench``."""
+    parser = argparse.ArgumentParser(prog="python -m ftmlopt.bench", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
