@@ -88,8 +88,8 @@ def make_optimizer(name: str, params: Iterable[Any], lr: float) -> Any:
     if name == "FTML":
         from ftmlopt.torch import FTML
 
-        # The readable single-tensor path: on a CPU the default (Numba-fused) kernel starts a thread pool
-        # that, on a machine with few cores, slows this step and every torch op after it by 10x or more.
+        # The readable single-tensor path (the ground truth of the fast paths): the stored results in
+        # docs/results.md were produced with it, and it keeps every curve reproducible bit for bit.
         return FTML(params, lr=lr, betas=FTML_BETAS, eps=FTML_EPS, foreach=False, fused=False)
     if name == "Adam":
         return torch.optim.Adam(params, lr=lr)
