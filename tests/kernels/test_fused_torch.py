@@ -147,3 +147,19 @@ def test_fused_supported() -> None:
     assert fused_supported([torch.zeros(2), torch.zeros((), dtype=torch.float64)])
     assert not fused_supported([torch.zeros(2, dtype=torch.int32)])
     assert not fused_supported([torch.zeros(2, device="meta")])
+
+
+def test_fused_refuses_state_of_another_size_before_writing_anything() -> None:
+    """The kernel writes through raw addresses, so a state of the wrong size must be refused up front."""
+    w = torch.ones(8)
+    g = torch.ones(8)
+    d, v, z = torch.zeros(8), torch.zeros(8), torch.zeros(5)
+    step = torch.zeros((), dtype=torch.float32)
+    before = [t.clone() for t in (w, g, d, v, z, step)]
+    with pytest.raises(ValueError, match="does not belong"):
+        _fused_ftml(
+            [w], [g], [d], [v], [z], [step], grad_scale=None, found_inf=None, lr=0.1, beta1=0.6, beta2=0.999,
+            eps=1e-8, weight_decay=0.0, clip_gradient=None, decoupled_weight_decay=False, compact=False,
+            maximize=False, has_complex=False, capturable=False, differentiable=False,
+        )  # fmt: skip
+    assert all(torch.equal(a, b) for a, b in zip((w, g, d, v, z, step), before))

@@ -219,6 +219,21 @@ def _cpu_group(
 
     if not numba_cpu.AVAILABLE:
         raise RuntimeError("FTML(fused=True) on CPU needs numba: pip install 'ftmlopt[numba]'")
+    # The kernel writes through raw addresses: refuse anything whose memory is not what it seems.
+    plain = {torch.Tensor, torch.nn.Parameter}
+    for lst in (*lists, steps):
+        if not set(map(type, lst)) <= plain:
+            bad = next(type(t).__name__ for t in lst if type(t) not in plain)
+            raise TypeError(f"fused FTML needs plain tensors, got a {bad} (tensor subclasses are not supported)")
+    numels = np.array([list(map(torch.Tensor.numel, lst)) for lst in lists], dtype=np.int64)
+    if (numels != numels[0]).any():
+        i = int(np.nonzero((numels != numels[0]).any(axis=0))[0][0])
+        raise ValueError(
+            f"fused FTML: parameter {i} has {int(numels[0, i])} elements but its gradient/state tensors have "
+            f"{numels[1:, i].tolist()}; the state does not belong to this parameter"
+        )
+    if any(t.numel() != 1 for t in steps):
+        raise ValueError("fused FTML: every 'step' state must be a one-element tensor")
     if found_inf is not None and float(found_inf) != 0.0:
         return  # an inf/NaN gradient: skip the step entirely (steps are not incremented)
     write_grad = grad_scale is not None
@@ -252,7 +267,7 @@ def _cpu_group(
     dummy = [0] * len(steps)  # d and z of the compact form: never read
     rows = [work[0], work[1], dummy, work[2], dummy, steps] if compact else [*work, steps]
     table = np.array([row if row is dummy else list(map(torch.Tensor.data_ptr, row)) for row in rows], dtype=np.int64)
-    sizes = np.array(list(map(torch.Tensor.numel, work[0])), dtype=np.int64)
+    sizes = numels[0]
     numba_cpu.multi_tensor_step(
         table, sizes, _NUMPY[compute], _NUMPY[step_dtype], hyper, compact=compact,
         coupled_wd=weight_decay != 0 and not decoupled_weight_decay,
