@@ -171,11 +171,45 @@ class MultiFactorScheduler(LRScheduler):
         return self.base_lr
 
 
-class PolyScheduler(LRScheduler):
+class _DecayToFinal(LRScheduler):
+    """Shared part of Poly and Cosine: ``final_lr + (base_lr - final_lr) * shape(n)`` up to ``max_update``.
+
+    After ``max_update`` the last computed value is kept (MXNet's behaviour), and an optimizer's
+    ``learning_rate`` override of ``base_lr`` is lost at the first call, because the schedule
+    starts from ``base_lr_orig`` (MXNet's quirk, kept).
+    """
+
+    def __init__(
+        self,
+        max_update: int,
+        base_lr: float,
+        final_lr: float,
+        warmup_steps: int,
+        warmup_begin_lr: float,
+        warmup_mode: str,
+    ) -> None:
+        super().__init__(base_lr, warmup_steps, warmup_begin_lr, warmup_mode)
+        _check_int(max_update, "max_update", 1)
+        check_finite(final_lr, "final_lr")
+        self.base_lr_orig = self.base_lr
+        self.max_update = max_update
+        self.final_lr = final_lr
+        self.max_steps = self.max_update - self.warmup_steps
+
+    def _shape(self, num_update: int) -> float:
+        raise NotImplementedError
+
+    def __call__(self, num_update: int) -> float:
+        if num_update < self.warmup_steps:
+            return self.get_warmup_lr(num_update)
+        if num_update <= self.max_update:
+            self.base_lr = self.final_lr + (self.base_lr_orig - self.final_lr) * self._shape(num_update)
+        return self.base_lr
+
+
+class PolyScheduler(_DecayToFinal):
     r"""Polynomial decay to ``final_lr`` at ``max_update``:
     ``final_lr + (base_lr - final_lr) * (1 - (n - warmup_steps) / (max_update - warmup_steps)) ** pwr``.
-
-    After ``max_update`` the last computed value is kept (MXNet's behaviour).
     """
 
     def __init__(
@@ -188,26 +222,15 @@ class PolyScheduler(LRScheduler):
         warmup_begin_lr: float = 0,
         warmup_mode: str = "linear",
     ) -> None:
-        super().__init__(base_lr, warmup_steps, warmup_begin_lr, warmup_mode)
-        _check_int(max_update, "max_update", 1)
         check_finite(pwr, "pwr")
-        check_finite(final_lr, "final_lr")
+        super().__init__(max_update, base_lr, final_lr, warmup_steps, warmup_begin_lr, warmup_mode)
         self.power = pwr
-        self.base_lr_orig = self.base_lr
-        self.max_update = max_update
-        self.final_lr = final_lr
-        self.max_steps = self.max_update - self.warmup_steps
 
-    def __call__(self, num_update: int) -> float:
-        if num_update < self.warmup_steps:
-            return self.get_warmup_lr(num_update)
-        if num_update <= self.max_update:
-            frac = 1 - float(num_update - self.warmup_steps) / float(self.max_steps)
-            self.base_lr = self.final_lr + (self.base_lr_orig - self.final_lr) * pow(frac, self.power)
-        return self.base_lr
+    def _shape(self, num_update: int) -> float:
+        return pow(1 - float(num_update - self.warmup_steps) / float(self.max_steps), self.power)
 
 
-class CosineScheduler(LRScheduler):
+class CosineScheduler(_DecayToFinal):
     r"""Cosine decay to ``final_lr`` at ``max_update``:
     ``final_lr + (base_lr - final_lr) * (1 + cos(pi * (n - warmup_steps) / (max_update - warmup_steps))) / 2``.
     """
@@ -221,22 +244,8 @@ class CosineScheduler(LRScheduler):
         warmup_begin_lr: float = 0,
         warmup_mode: str = "linear",
     ) -> None:
-        super().__init__(base_lr, warmup_steps, warmup_begin_lr, warmup_mode)
-        _check_int(max_update, "max_update", 1)
-        check_finite(final_lr, "final_lr")
-        self.base_lr_orig = self.base_lr
-        self.max_update = max_update
-        self.final_lr = final_lr
-        self.max_steps = self.max_update - self.warmup_steps
+        super().__init__(max_update, base_lr, final_lr, warmup_steps, warmup_begin_lr, warmup_mode)
 
-    def __call__(self, num_update: int) -> float:
-        if num_update < self.warmup_steps:
-            return self.get_warmup_lr(num_update)
-        if num_update <= self.max_update:
-            self.base_lr = (
-                self.final_lr
-                + (self.base_lr_orig - self.final_lr)
-                * (1 + cos(pi * (num_update - self.warmup_steps) / self.max_steps))
-                / 2
-            )
-        return self.base_lr
+    def _shape(self, num_update: int) -> float:
+        # (1 + cos) / 2: halving is exact, so this equals MXNet's ((base - final) * (1 + cos)) / 2
+        return (1 + cos(pi * (num_update - self.warmup_steps) / self.max_steps)) / 2
