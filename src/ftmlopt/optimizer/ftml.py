@@ -70,6 +70,7 @@ class FTML(Optimizer):
         return (np.zeros_like(weight), np.zeros_like(weight), np.zeros_like(weight))
 
     def check_update_args(self, index: Index, weight: np.ndarray, grad: np.ndarray, state: Any) -> None:
+        """Raise unless ``grad`` and the ``(d, v, z)`` state match the weight's shape and dtype."""
         super().check_update_args(index, weight, grad, state)
         if grad.dtype != weight.dtype:
             raise TypeError(f"grad has dtype {grad.dtype}, which does not match weight's dtype {weight.dtype}")
