@@ -27,15 +27,28 @@ def test_the_page_has_the_examples() -> None:
     assert set(_examples()) == {"ddp_ftml.py", "fsdp2_dcp.py"}
 
 
-@pytest.mark.parametrize("name", ["ddp_ftml.py", "fsdp2_dcp.py"])
-def test_torchrun_example_runs(name: str, tmp_path: Path) -> None:
-    script = tmp_path / name
-    script.write_text(_examples()[name])
+def _launch(script: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
          str(tmp_path / "ckpt")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
+
+
+# A rank that finished its work (its asserts passed and rank 0 printed the result) can still be
+# aborted by libstdc++ while the interpreter shuts down ("terminate called without an active
+# exception"): a known teardown race of gloo's worker threads, seen here about once in ten loaded
+# runs and never reproduced in isolation. Only that exact case is launched a second time.
+_EXIT_ABORT = "terminate called without an active exception"
+
+
+@pytest.mark.parametrize("name", ["ddp_ftml.py", "fsdp2_dcp.py"])
+def test_torchrun_example_runs(name: str, tmp_path: Path) -> None:
+    script = tmp_path / name
+    script.write_text(_examples()[name])
+    proc = _launch(script, tmp_path)
+    if proc.returncode != 0 and " ok" in proc.stdout and _EXIT_ABORT in proc.stderr:
+        proc = _launch(script, tmp_path)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert " ok" in proc.stdout
