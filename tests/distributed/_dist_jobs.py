@@ -223,6 +223,7 @@ def job_wrappers(rank: int, world: int, port: int, outdir: str) -> None:
             out["dcp/uninterrupted"] = snapshot(model, opt)
     finally:
         torch.save(out, Path(outdir) / f"rank{rank}.pt")
+        dist.barrier()  # both ranks are done with gloo before it is torn down
         dist.destroy_process_group()
 
 
@@ -240,6 +241,7 @@ def job_dcp_reshard_back(rank: int, world: int, port: int, outdir: str) -> None:
             out["dcp/back"]["resumed"] = snapshot(model, opt)
     finally:
         torch.save(out, Path(outdir) / f"rank{rank}_back.pt")
+        dist.barrier()  # both ranks are done with gloo before it is torn down
         dist.destroy_process_group()
 
 
