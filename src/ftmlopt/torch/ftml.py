@@ -370,10 +370,12 @@ class FTML(Optimizer):
         active = [_lr_is_positive(group, i) for i, group in enumerate(self.param_groups)]
         if not torch.compiler.is_compiling():
             for group in self.param_groups:
-                if any(p.grad is not None and p.grad.is_sparse for p in group["params"]):
-                    raise RuntimeError("FTML does not support sparse gradients")
                 for p in group["params"]:
-                    if p.grad is not None and not (p.is_floating_point() or p.is_complex()):
+                    if p.grad is None:
+                        continue
+                    if p.grad.is_sparse:
+                        raise RuntimeError("FTML does not support sparse gradients")
+                    if not (p.is_floating_point() or p.is_complex()):
                         raise TypeError(f"FTML needs floating-point or complex parameters, got one of dtype {p.dtype}")
         for group, is_active in zip(self.param_groups, active):
             if not is_active:
