@@ -72,7 +72,6 @@ class Updater:
         opt = self.optimizer
         pending: dict[Index, Any] = {}
         for idx, g, w in zip(indices, grads, weights):
-            Optimizer.check_update_args(opt, idx, w, g, None)
             if idx not in self.states and idx not in pending:
                 pending[idx] = opt.create_state_multi_precision(idx, w)
             state = pending[idx] if idx in pending else self.states[idx]
