@@ -11,7 +11,7 @@ What is compared (each array compared after every call or step; d, v, z and the 
    states, many sizes, float32 and float64, random hyper-parameters (clipping on/off/0, wd, rescale,
    t in 1..1000).
 2. The same operators over multi-step runs from zero state (20 steps, t starting anywhere in 1..1000).
-3. ``mx.optimizer.FTML`` + ``get_updater`` vs ``ftmlopt.optimizer.FTML`` + ``get_updater``: random
+3. ``mx.optimizer.FTML`` + ``get_updater`` vs ``ftmlopt.mxnet.optimizer.FTML`` + ``get_updater``: random
    constructor arguments (clip_gradient None/0/positive/negative, wd with the ``_weight`` name rule,
    lr_mult, rescale_grad, begin_num_update), a random built-in scheduler with or without warmup,
    several keyed parameters, float32/float64, and float16 with ``multi_precision=True``.
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     mx_nan, f_nan = measure_fp16(rng, 100, stats)
     # Ablation: what plain float32 rounding of the hyper-parameters (instead of MXNet's dmlc parser,
     # which is not correctly rounded) would give. Same kind of draws as the first rows.
-    from ftmlopt.core import operator as op_mod
+    from ftmlopt.mxnet import operator as op_mod
 
     parse = op_mod._mxnet_param
     op_mod._mxnet_param = lambda x, double=False: np.float64(x) if double else np.float32(x)

@@ -15,13 +15,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 DOCTEST_MODULES = [
-    "ftmlopt.core.operator",
-    "ftmlopt.optimizer",
-    "ftmlopt.optimizer.base",
-    "ftmlopt.optimizer.ftml",
-    "ftmlopt.optimizer.sgd",
-    "ftmlopt.optimizer.updater",
-    "ftmlopt.lr_scheduler",
+    "ftmlopt.mxnet.operator",
+    "ftmlopt.mxnet.optimizer",
+    "ftmlopt.mxnet.optimizer.base",
+    "ftmlopt.mxnet.optimizer.ftml",
+    "ftmlopt.mxnet.optimizer.sgd",
+    "ftmlopt.mxnet.optimizer.updater",
+    "ftmlopt.mxnet.lr_scheduler",
 ]
 
 

@@ -1,4 +1,4 @@
-"""Property-based fuzzing of the NumPy entry points: ``ftmlopt.ftml_update``, ``ftmlopt.optimizer.FTML``,
+"""Property-based fuzzing of the NumPy entry points: ``ftmlopt.ftml_update``, ``ftmlopt.mxnet.optimizer.FTML``,
 ``Updater`` calls and ``Updater.set_states``.
 
 The contract under test: bad input raises ``TypeError`` or ``ValueError`` whose message names the
@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ftmlopt
-from ftmlopt.optimizer import FTML, SGD, StateFormatError, get_updater
+from ftmlopt.mxnet.optimizer import FTML, SGD, StateFormatError, get_updater
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

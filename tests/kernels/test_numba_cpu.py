@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from ftmlopt import ftml_update
-from ftmlopt.core import operator as op
-from ftmlopt.core.operator import _numpy_kernel, prepare_scalars
 from ftmlopt.kernels import numba_cpu
+from ftmlopt.mxnet import operator as op
+from ftmlopt.mxnet.operator import _numpy_kernel, prepare_scalars
 
 
 def test_numba_is_available_in_the_test_install() -> None:

@@ -54,7 +54,7 @@ def save_npz(path: Path, arrays: dict[str, Any]) -> None:
 def _numpy_configs() -> dict[str, tuple[Callable[[], Any], dict[str, Any], bool]]:
     """name -> (optimizer factory, {key: dtype}, dump_optimizer)."""
     from ftmlopt import lr_scheduler
-    from ftmlopt.optimizer import FTML
+    from ftmlopt.mxnet.optimizer import FTML
 
     return {
         "plain": (lambda: FTML(learning_rate=0.05), {"w": np.float32, "b": np.float64}, False),
@@ -91,7 +91,7 @@ def _numpy_dump(updater: Any, weights: dict[str, np.ndarray]) -> dict[str, Any]:
 
 
 def numpy_save(root: Path) -> None:
-    from ftmlopt.optimizer import get_updater
+    from ftmlopt.mxnet.optimizer import get_updater
 
     for cfg, (factory, dtypes, dump) in _numpy_configs().items():
         updater = get_updater(factory())
@@ -105,7 +105,7 @@ def numpy_save(root: Path) -> None:
 
 
 def numpy_resume(root: Path) -> None:
-    from ftmlopt.optimizer import get_updater
+    from ftmlopt.mxnet.optimizer import get_updater
 
     for cfg, (factory, dtypes, _) in _numpy_configs().items():
         for k in KS:

@@ -145,8 +145,8 @@ def test_float64_paths_agree_to_1e_12() -> None:
 
 
 def test_operator_numpy_and_numba_kernels_stay_bit_identical(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ftmlopt.core import operator as op
     from ftmlopt.kernels import numba_cpu
+    from ftmlopt.mxnet import operator as op
 
     assert numba_cpu.AVAILABLE
     rng = np.random.default_rng(7)

@@ -24,7 +24,7 @@ The compact form (the paper's Theorem 1) keeps only :math:`v`:
           \frac{g'}{\sqrt{v_t/(1-\beta_2^t)} + \epsilon}
 
 Both are equal in exact arithmetic while nothing else edits the weights. The operations are in
-the order of MXNet's kernel (:func:`ftmlopt.core.operator._numpy_kernel`), so in one dtype the
+the order of MXNet's kernel (:func:`ftmlopt.mxnet.operator._numpy_kernel`), so in one dtype the
 results agree with :func:`ftmlopt.ftml_update` to the last bit or within an ulp or two (pow and
 division may be implemented differently by each library).
 

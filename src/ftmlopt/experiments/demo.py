@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("torch", "numpy"),
         default="torch",
         help="torch: the CNN with ftmlopt.torch.FTML and torch.optim baselines (default); numpy: an MLP "
-        "trained through the MXNet-style ftmlopt.optimizer API, FTML against SGD (needs no torch)",
+        "trained through the MXNet-style ftmlopt.mxnet.optimizer API, FTML against SGD (needs no torch)",
     )
 
 

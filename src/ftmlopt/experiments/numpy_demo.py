@@ -1,5 +1,5 @@
 """The NumPy demo: a one-hidden-layer MLP on scikit-learn's digits, trained through the
-MXNet-style API (:func:`ftmlopt.optimizer.get_updater`) with FTML and with plain SGD.
+MXNet-style API (:func:`ftmlopt.mxnet.optimizer.get_updater`) with FTML and with plain SGD.
 
 Run it with ``ftmlopt demo --backend numpy``. Forward and backward passes are written out in
 NumPy so that nothing but NumPy, scikit-learn (for the bundled data set) and tqdm is needed.
@@ -88,7 +88,7 @@ def train_mlp(
     seed: int = 0,
     progress: bool = True,
 ) -> DemoResult:
-    """Train the MLP with ``opt`` through an :class:`~ftmlopt.optimizer.Updater`; same init for every optimizer."""
+    """Train the MLP with ``opt`` through :class:`~ftmlopt.mxnet.optimizer.Updater`; same init for every optimizer."""
     from tqdm.auto import trange
 
     x_train, y_train, x_test, y_test = data

@@ -3,7 +3,7 @@ r"""CPU FTML kernels compiled by Numba: one parallel pass, no temporaries, no fa
 Two kernels live here, each the single CPU definition of its arithmetic:
 
 * :func:`operator_kernel` -- MXNet 1.9.1's ``ftml_update`` operator. It performs the same
-  float operations in the same order as :func:`ftmlopt.core.operator._numpy_kernel`, so its
+  float operations in the same order as :func:`ftmlopt.mxnet.operator._numpy_kernel`, so its
   results are bit-identical to the NumPy path (and to MXNet). Numba is called without
   ``fastmath``, so LLVM may neither reassociate nor contract ``a*b + c`` into an FMA.
   :func:`ftmlopt.ftml_update` dispatches to it for C-contiguous float32/float64 arrays unless
@@ -30,7 +30,7 @@ a kernel raises :class:`ImportError`.
 
 Example:
     >>> import numpy as np
-    >>> from ftmlopt.core.operator import prepare_scalars
+    >>> from ftmlopt.mxnet.operator import prepare_scalars
     >>> from ftmlopt.kernels import numba_cpu
     >>> w = np.array([1.0, -2.0], dtype=np.float32)
     >>> g = np.array([0.5, 0.0], dtype=np.float32)
@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from ftmlopt.core.operator import Scalars
+    from ftmlopt.mxnet.operator import Scalars
 
 __all__ = [
     "AVAILABLE", "HYPER_FIELDS", "LARGE_TENSOR", "PARALLEL_MIN", "floor_step", "multi_tensor_step", "operator_kernel",
@@ -269,7 +269,7 @@ def operator_kernel(
         w, g, d, v, z: C-contiguous arrays of one shape and one dtype (float32 or float64);
             ``d``, ``v``, ``z`` are updated in place.
         out: where to write the new weight (may be ``w``); a new array when None.
-        s: the pre-rounded scalars from :func:`ftmlopt.core.operator.prepare_scalars`, in
+        s: the pre-rounded scalars from :func:`ftmlopt.mxnet.operator.prepare_scalars`, in
             the arrays' dtype.
 
     Returns:
@@ -277,7 +277,7 @@ def operator_kernel(
 
     Example:
         >>> import numpy as np
-        >>> from ftmlopt.core.operator import prepare_scalars
+        >>> from ftmlopt.mxnet.operator import prepare_scalars
         >>> w = np.ones(3); g = np.full(3, 0.5); d, v, z = (np.zeros(3) for _ in range(3))
         >>> s = prepare_scalars(np.float64, 0.1, 1, 0.6, 0.999, 1e-8, 0.0, 1.0, -1.0)
         >>> bool(np.allclose(operator_kernel(w, g, d, v, z, None, s), 0.9)) if AVAILABLE else True

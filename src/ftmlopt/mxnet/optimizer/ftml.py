@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from ftmlopt.core.operator import ftml_update
 from ftmlopt.core.validation import check_beta, check_epsilon, check_finite
-from ftmlopt.optimizer.base import Index, Optimizer, checked_rate, register
+from ftmlopt.mxnet.operator import ftml_update
+from ftmlopt.mxnet.optimizer.base import Index, Optimizer, checked_rate, register
 
 __all__ = ["FTML"]
 
@@ -36,7 +36,7 @@ class FTML(Optimizer):
         beta1: decay of the "leader" average, in [0, 1) (default 0.6).
         beta2: decay of the squared-gradient average, in [0, 1) (default 0.999).
         epsilon: added outside the square root, finite and >= 0 (default 1e-8).
-        **kwargs: forwarded to :class:`~ftmlopt.optimizer.Optimizer` (``learning_rate`` defaults
+        **kwargs: forwarded to :class:`~ftmlopt.mxnet.optimizer.Optimizer` (``learning_rate`` defaults
             to 0.01 there, as in MXNet 1.9; the paper uses 0.0025).
 
     The state of each weight is ``(d, v, z)``, three zero arrays like the weight.
@@ -47,7 +47,7 @@ class FTML(Optimizer):
 
     Example:
         >>> import numpy as np
-        >>> from ftmlopt.optimizer import FTML
+        >>> from ftmlopt.mxnet.optimizer import FTML
         >>> opt = FTML(learning_rate=0.1)
         >>> w = np.array([1.0, 2.0], dtype=np.float32)
         >>> state = opt.create_state(0, w)

@@ -1,4 +1,4 @@
-"""``ftmlopt.optimizer.FTML`` against MXNet: every 1.9.1 vector through the optimizer API (and the
+"""``ftmlopt.mxnet.optimizer.FTML`` against MXNet: every 1.9.1 vector through the optimizer API (and the
 Updater), and MXNet's own ``test_ftml`` grid (spec §5.1) with its ``PyFTML`` reference, plus
 multi-step runs of the whole grid.
 """
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ftmlopt import lr_scheduler
-from ftmlopt.optimizer import FTML, Optimizer, create, get_updater
+from ftmlopt.mxnet.optimizer import FTML, Optimizer, create, get_updater
 
 OPT_CASES = [
     "A_defaults_float32",

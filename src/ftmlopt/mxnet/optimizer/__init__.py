@@ -12,10 +12,10 @@ Example:
     True
 """
 
-from ftmlopt.optimizer.base import Optimizer, create, register
-from ftmlopt.optimizer.ftml import FTML
-from ftmlopt.optimizer.serialization import StateFormatError
-from ftmlopt.optimizer.sgd import SGD
-from ftmlopt.optimizer.updater import Updater, get_updater
+from ftmlopt.mxnet.optimizer.base import Optimizer, create, register
+from ftmlopt.mxnet.optimizer.ftml import FTML
+from ftmlopt.mxnet.optimizer.serialization import StateFormatError
+from ftmlopt.mxnet.optimizer.sgd import SGD
+from ftmlopt.mxnet.optimizer.updater import Updater, get_updater
 
 __all__ = ["FTML", "SGD", "Optimizer", "StateFormatError", "Updater", "create", "get_updater", "register"]

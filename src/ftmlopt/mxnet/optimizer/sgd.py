@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ftmlopt.core.validation import check_beta, check_finite
-from ftmlopt.optimizer.base import Index, Optimizer, checked_rate, register
+from ftmlopt.mxnet.optimizer.base import Index, Optimizer, checked_rate, register
 
 __all__ = ["SGD"]
 
@@ -26,7 +26,7 @@ class SGD(Optimizer):
 
     Example:
         >>> import numpy as np
-        >>> from ftmlopt.optimizer import SGD
+        >>> from ftmlopt.mxnet.optimizer import SGD
         >>> opt = SGD(learning_rate=0.5)
         >>> w = np.array([1.0])
         >>> opt.update(0, w, np.array([2.0]), opt.create_state(0, w))

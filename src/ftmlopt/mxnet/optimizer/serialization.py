@@ -37,7 +37,7 @@ class StateFormatError(ValueError):
 # --------------------------------------------------------------------------- tagged values
 def encode_value(value: Any, where: str) -> Any:
     """Encode plain data (and built-in schedulers) as JSON-safe tagged values."""
-    from ftmlopt import lr_scheduler as sched_mod
+    from ftmlopt.mxnet import lr_scheduler as sched_mod
 
     if value is None or isinstance(value, bool | str):
         return value
@@ -58,7 +58,7 @@ def encode_value(value: Any, where: str) -> Any:
         if getattr(sched_mod, cls.__name__, None) is not cls:
             raise TypeError(
                 f"cannot store {where}: scheduler class {cls.__module__}.{cls.__qualname__} is not one of "
-                "ftmlopt.lr_scheduler's built-in schedulers"
+                "ftmlopt.mxnet.lr_scheduler's built-in schedulers"
             )
         return {"scheduler": cls.__name__, "attrs": encode_value(dict(vars(value)), where)}
     raise TypeError(
@@ -69,7 +69,7 @@ def encode_value(value: Any, where: str) -> Any:
 
 def decode_value(value: Any) -> Any:
     """Inverse of :func:`encode_value`; raises :class:`StateFormatError` on unknown tags."""
-    from ftmlopt import lr_scheduler as sched_mod
+    from ftmlopt.mxnet import lr_scheduler as sched_mod
 
     if value is None or isinstance(value, bool | str | int | float):
         return value

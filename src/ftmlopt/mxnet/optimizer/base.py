@@ -44,7 +44,7 @@ class Optimizer:
         wd: L2 weight decay coefficient.
         clip_gradient: element-wise gradient clipping bound; ``None`` or a falsy value means off.
         learning_rate: the learning rate; defaults to 0.01 when neither it nor a scheduler is given.
-        lr_scheduler: an :class:`ftmlopt.lr_scheduler.LRScheduler` or any callable
+        lr_scheduler: an :class:`ftmlopt.mxnet.lr_scheduler.LRScheduler` or any callable
             ``f(num_update) -> lr``. When both it and ``learning_rate`` are given, the scheduler's
             ``base_lr`` is overwritten (and a message printed, as MXNet does).
         sym: anything with ``attr_dict()`` and ``list_arguments()`` (an MXNet Symbol, or a stand-in);
@@ -55,7 +55,7 @@ class Optimizer:
             parameters); not copied, and dropped on pickling.
 
     Example:
-        >>> from ftmlopt.optimizer import Optimizer
+        >>> from ftmlopt.mxnet.optimizer import Optimizer
         >>> opt = Optimizer.create_optimizer("ftml", learning_rate=0.1)
         >>> type(opt).__name__, opt.learning_rate
         ('FTML', 0.1)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from ftmlopt import lr_scheduler
-from ftmlopt.optimizer import FTML, SGD, Optimizer, create, register
-from ftmlopt.optimizer import base as base_mod
+from ftmlopt.mxnet.optimizer import FTML, SGD, Optimizer, create, register
+from ftmlopt.mxnet.optimizer import base as base_mod
 
 FP16_WARNING = (
     "Accumulating with float16 in optimizer can lead to poor accuracy or slow convergence. "
@@ -53,7 +53,7 @@ def test_register_override_warning_text(clean_registry):
     with pytest.warns(UserWarning) as rec:
         assert register(FTML) is FTML
     assert str(rec[0].message) == (
-        f"WARNING: New optimizer {__name__}.FTML is overriding existing optimizer ftmlopt.optimizer.ftml.FTML"
+        f"WARNING: New optimizer {__name__}.FTML is overriding existing optimizer ftmlopt.mxnet.optimizer.ftml.FTML"
     )
     assert Optimizer.opt_registry["ftml"] is FTML
 

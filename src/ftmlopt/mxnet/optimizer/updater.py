@@ -5,7 +5,7 @@ state lazily with ``create_state_multi_precision`` and calls ``update_multi_prec
 ``index`` may be one key or a list of keys with matching lists of gradients and weights.
 
 Saving and loading never use pickle: :meth:`Updater.get_states` writes the versioned archive
-of :mod:`ftmlopt.optimizer.serialization`, which always carries the update counts so that a
+of :mod:`ftmlopt.mxnet.optimizer.serialization`, which always carries the update counts so that a
 resumed run continues with the same ``t`` (MXNet 1.9 restarts ``t`` unless the optimizer is
 dumped too, which breaks FTML's bias correction).
 """
@@ -17,18 +17,18 @@ from typing import Any
 
 import numpy as np
 
-from ftmlopt.optimizer import serialization as ser
-from ftmlopt.optimizer.base import Index, Optimizer
+from ftmlopt.mxnet.optimizer import serialization as ser
+from ftmlopt.mxnet.optimizer.base import Index, Optimizer
 
 __all__ = ["Updater", "get_updater"]
 
 
 class Updater:
-    """Apply an :class:`~ftmlopt.optimizer.Optimizer` to keyed weights, holding their states.
+    """Apply an :class:`~ftmlopt.mxnet.optimizer.Optimizer` to keyed weights, holding their states.
 
     Example:
         >>> import numpy as np
-        >>> from ftmlopt.optimizer import FTML, get_updater
+        >>> from ftmlopt.mxnet.optimizer import FTML, get_updater
         >>> updater = get_updater(FTML(learning_rate=0.1))
         >>> w = np.ones(3, dtype=np.float32)
         >>> updater(0, np.full(3, 0.5, dtype=np.float32), w)   # grad, then weight
@@ -42,7 +42,7 @@ class Updater:
 
     def __init__(self, optimizer: Optimizer) -> None:
         if not isinstance(optimizer, Optimizer):
-            raise TypeError(f"optimizer must be an ftmlopt.optimizer.Optimizer, got {type(optimizer).__name__}")
+            raise TypeError(f"optimizer must be an ftmlopt.mxnet.optimizer.Optimizer, got {type(optimizer).__name__}")
         self.optimizer = optimizer
         self.states: dict[Index, Any] = {}
         self.states_synced: dict[Index, bool] = {}
@@ -152,7 +152,7 @@ def _encode_optimizer(opt: Optimizer) -> dict[str, Any]:
     if Optimizer.opt_registry.get(name) is not type(opt):
         raise TypeError(
             f"cannot dump optimizer of class {type(opt).__qualname__}: it is not registered "
-            "(decorate it with ftmlopt.optimizer.register)"
+            "(decorate it with ftmlopt.mxnet.optimizer.register)"
         )
     attrs = {k: v for k, v in vars(opt).items() if k not in ("param_dict", "_index_update_count")}
     return {"name": name, "attrs": ser.encode_value(attrs, f"optimizer {type(opt).__name__}")}

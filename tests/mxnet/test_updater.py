@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ftmlopt import lr_scheduler
-from ftmlopt.optimizer import FTML, SGD, StateFormatError, Updater, create, get_updater
+from ftmlopt.mxnet.optimizer import FTML, SGD, StateFormatError, Updater, create, get_updater
 
 
 def _grads(seed: int, n: int, shape=(4, 3), dtype=np.float32):

@@ -1,4 +1,4 @@
-"""``ftmlopt.lr_scheduler`` numerically as ``mxnet.lr_scheduler`` (spec §4, verified numbers)."""
+"""``ftmlopt.mxnet.lr_scheduler`` numerically as ``mxnet.lr_scheduler`` (spec §4, verified numbers)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,14 @@ import math
 import numpy as np
 import pytest
 
-from ftmlopt.lr_scheduler import CosineScheduler, FactorScheduler, LRScheduler, MultiFactorScheduler, PolyScheduler
-from ftmlopt.optimizer import FTML
+from ftmlopt.mxnet.lr_scheduler import (
+    CosineScheduler,
+    FactorScheduler,
+    LRScheduler,
+    MultiFactorScheduler,
+    PolyScheduler,
+)
+from ftmlopt.mxnet.optimizer import FTML
 
 
 def test_factor_scheduler_decays_strictly_after_each_step():

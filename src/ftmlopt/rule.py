@@ -1,0 +1,418 @@
+r"""The FTML rule, written once: both forms, every option, per-step constants, validation, dtypes.
+
+Every implementation in ftmlopt either calls the functions here (the MXNet-exact NumPy operator,
+the PyTorch for-loop, optax, Keras) or is a fused kernel that takes its constants from
+:func:`constants` and is tested element for element against :func:`compact_step` /
+:func:`mxnet_step` (``tests/conformance``).
+
+Per element, at step :math:`t = 1, 2, \dots` with learning rate :math:`\eta_t`:
+
+.. math::
+
+    g' &= \mathrm{clip}\big(s\,\sigma\, g + \lambda_c w_{t-1},\ c\big)
+          \qquad (\sigma = -1 \text{ when maximizing}, \ s = \text{gradient scale},\
+          \lambda_c = \text{coupled L2}, \ \text{clip only when } c \text{ is set}) \\
+    v_t &= \beta_2 v_{t-1} + (1-\beta_2)\, g'^2 \\
+    \hat\sigma_t &= \sqrt{v_t / (1-\beta_2^t)} + \epsilon
+
+**Compact form** (the default of the framework front ends; the paper's Theorem 1). State: ``v``.
+
+.. math::
+
+    w_t = \delta\, w_{t-1} - \frac{\eta_t (1-\beta_1)}{1-\beta_1^t}\, \frac{g'}{\hat\sigma_t}
+
+**MXNet form** (``ftml_update``; three states ``d, v, z`` with ``w = -z/d``):
+
+.. math::
+
+    d_t &= \frac{1-\beta_1^t}{\eta_t}\, \hat\sigma_t \\
+    z_t &= \beta_1 \delta z_{t-1} + (1-\beta_1)\, g' - (d_t - \beta_1 d_{t-1})\, \delta w_{t-1} \\
+    w_t &= -z_t / d_t
+
+Here :math:`\delta = 1 - \eta_t \lambda_d` is the decoupled weight decay (AdamW's convention; 1
+when it is off). While nothing but the optimizer writes the weights, both forms give the same
+weights for any learning-rate schedule (Theorem 1). They differ when something else edits the
+weights (the MXNet form pulls the edit back through ``z``), when ``lr`` jumps by orders of
+magnitude (``d`` scales with ``1/lr`` and cancels), and in memory (one buffer against three).
+
+**lr = 0 is "no step".** The weights do not move. The compact form still folds the gradient into
+``v`` and counts the step, exactly as Adam does at lr 0; the MXNet form cannot represent a step at
+lr 0 (``d_t`` would be infinite), so :func:`mxnet_step` returns every input unchanged and callers
+do not count the step (:func:`counts_step`).
+
+**dtypes.** float16/bfloat16 parameters are computed in float32 and rounded once on the way out
+(:func:`compute_dtype`); their state is float32 unless the user asks otherwise
+(:func:`state_dtype`); hyper-parameters are never rounded to a half type: :func:`constants` works
+in float64 for Python numbers, and front ends cast its results to the compute dtype.
+
+The step functions use only ``+ - * /`` and the ``sqrt``/``clip``/``where`` functions they are
+handed, so the same code runs on NumPy, JAX, PyTorch and Keras tensors, traced or not.
+
+Example:
+    >>> import numpy as np
+    >>> from ftmlopt import rule
+    >>> w, g, v = np.array([1.0, -2.0]), np.array([0.5, 0.0]), np.zeros(2)
+    >>> c = rule.constants(lr=0.1, t=1, beta1=0.6, beta2=0.999, eps=1e-8)
+    >>> new_w, new_v = rule.compact_step(w, g, v, c, sqrt=np.sqrt, clip=np.clip)
+    >>> np.round(new_w, 6)
+    array([ 0.9, -2. ])
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import math
+import numbers
+import sys
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+__all__ = [
+    "HALF_DTYPES",
+    "Constants",
+    "c_pow",
+    "c_powf",
+    "check_beta",
+    "check_betas",
+    "check_bool",
+    "check_clip",
+    "check_eps",
+    "check_finite",
+    "check_grad_scale",
+    "check_lr",
+    "check_step",
+    "check_weight_decay",
+    "compact_step",
+    "compute_dtype",
+    "constants",
+    "counts_step",
+    "dtype_name",
+    "gradient",
+    "mxnet_step",
+    "second_moment",
+    "state_dtype",
+]
+
+Array = Any
+UnaryFn = Callable[[Array], Array]
+ClipFn = Callable[[Array, Array, Array], Array]
+
+
+# ============================================================================ validation
+# One function per hyper-parameter. Each raises TypeError for a value of the wrong kind and
+# ValueError for a value out of range, *before* anything is mutated, with a message of the form
+# ``Invalid <what>: <value>`` (torch.optim's wording; ``what`` lets a front end use its own name).
+
+
+def _real(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{what} must be a real number, got {value!r} of type {type(value).__name__}")
+    return float(value)
+
+
+def check_finite(value: Any, what: str) -> float:
+    """``value`` as a float; it must be a finite real number."""
+    x = _real(value, what)
+    if not math.isfinite(x):
+        raise ValueError(f"Invalid {what}: {value}")
+    return x
+
+
+def check_lr(value: Any, what: str = "learning rate", *, positive: bool = False) -> float:
+    """A learning rate: finite and >= 0 (0 is "no step"); > 0 when ``positive`` (MXNet's operator)."""
+    x = _real(value, what)
+    if not math.isfinite(x) or x < 0.0 or (positive and x == 0.0):
+        raise ValueError(f"Invalid {what}: {value}")
+    return x
+
+
+def check_beta(value: Any, what: str) -> float:
+    """A decay rate in ``[0, 1)``; 1 would divide by ``1 - beta**t = 0``."""
+    x = _real(value, what)
+    if not 0.0 <= x < 1.0:
+        raise ValueError(f"Invalid {what}: {value}")
+    return x
+
+
+def check_betas(value: Any, what: str = "beta parameter at index") -> tuple[float, float]:
+    """A pair ``(beta1, beta2)``, each in ``[0, 1)`` (torch's ``betas``)."""
+    if isinstance(value, str | bytes) or not isinstance(value, tuple | list) or len(value) != 2:
+        raise TypeError(f"betas must be a pair (beta1, beta2) of floats, got {value!r}")
+    return check_beta(value[0], f"{what} 0"), check_beta(value[1], f"{what} 1")
+
+
+def check_eps(value: Any, what: str = "epsilon value") -> float:
+    """Epsilon, added outside the square root: finite and >= 0."""
+    x = _real(value, what)
+    if not math.isfinite(x) or x < 0.0:
+        raise ValueError(f"Invalid {what}: {value}")
+    return x
+
+
+def check_weight_decay(value: Any, what: str = "weight_decay value") -> float:
+    """Weight decay (coupled or decoupled): finite and >= 0."""
+    x = _real(value, what)
+    if not math.isfinite(x) or x < 0.0:
+        raise ValueError(f"Invalid {what}: {value}")
+    return x
+
+
+def check_grad_scale(value: Any, what: str = "rescale_grad value") -> float:
+    """The factor the gradient is multiplied by (MXNet's ``rescale_grad``): finite and >= 0."""
+    x = _real(value, what)
+    if not math.isfinite(x) or x < 0.0:
+        raise ValueError(f"Invalid {what}: {value}")
+    return x
+
+
+def check_clip(value: Any, what: str = "clip_gradient value") -> float | None:
+    """An element-wise clipping bound: ``None`` (off) or a finite value > 0. Returns it as a float.
+
+    The MXNet system keeps MXNet's own conventions on top of this (its ``Optimizer`` treats any
+    falsy value as off, its operator clips whenever ``clip_grad >= 0``); see
+    :mod:`ftmlopt.mxnet.optimizer.base` and :mod:`ftmlopt.mxnet.operator`.
+    """
+    if value is None:
+        return None
+    x = _real(value, what)
+    if not math.isfinite(x) or x <= 0.0:
+        raise ValueError(f"Invalid {what}: {value} (use None to turn clipping off)")
+    return x
+
+
+def check_step(value: Any, what: str = "t") -> int:
+    """An update count: an int >= 1 (the bias corrections divide by ``1 - beta**t``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{what} must be an int, got {value!r} of type {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"Invalid {what}: {value} (the update count must be >= 1)")
+    return int(value)
+
+
+def check_bool(value: Any, what: str) -> bool:
+    """A flag: exactly ``True`` or ``False`` (or a NumPy bool)."""
+    if not isinstance(value, bool) and type(value).__name__ != "bool_":
+        raise TypeError(f"{what} must be a bool, got {value!r} of type {type(value).__name__}")
+    return bool(value)
+
+
+# ============================================================================ dtype policy
+#: Parameter dtypes that are computed in float32 and get float32 state by default.
+HALF_DTYPES = frozenset({"float16", "bfloat16"})
+
+
+def dtype_name(dtype: Any) -> str:
+    """A framework-neutral dtype name: ``torch.bfloat16``, ``jnp.bfloat16``, ``'float16'`` -> ``'bfloat16'``..."""
+    name = getattr(dtype, "name", None)
+    if not isinstance(name, str):
+        name = str(dtype)
+    return name.rsplit(".", 1)[-1].replace("'>", "").replace("<class '", "")
+
+
+def compute_dtype(param_dtype: Any) -> str:
+    """The dtype a step is computed in: float32 for float16/bfloat16, the param's own dtype otherwise."""
+    name = dtype_name(param_dtype)
+    return "float32" if name in HALF_DTYPES else name
+
+
+def state_dtype(param_dtype: Any, requested: Any = None) -> str:
+    """The dtype of ``v`` (and ``d``, ``z``): ``requested`` when given, else :func:`compute_dtype`."""
+    return dtype_name(requested) if requested is not None else compute_dtype(param_dtype)
+
+
+# ============================================================================ C library powers
+# MXNet's kernel takes beta**t with the C library's powf (float32) and pow (float64). NumPy's
+# np.power is not that function (its SIMD paths differ in the last bit for ~1 in 10 pairs), and
+# float32(math.pow(b, t)) is not powf either (glibc's powf is not correctly rounded). So the
+# powers come from the C library itself. Python's math.pow *is* the C library's pow.
+
+
+@functools.cache
+def _libm() -> Any:
+    name = ctypes.util.find_library("m") if sys.platform != "win32" else "ucrtbase"
+    try:
+        lib = ctypes.CDLL(name)  # None (Linux fallback) loads the running process, which links libm
+        fn = lib.powf
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_float, ctypes.c_float)
+    fn.restype = ctypes.c_float
+    return fn
+
+
+def c_powf(base: float, exponent: float) -> float:
+    """The C library's ``powf(base, exponent)`` (float32 arguments and result, returned as a Python float).
+
+    Falls back to float32-rounded ``math.pow`` where no C library exposes ``powf`` (none known).
+    """
+    fn = _libm()
+    if fn is None:  # pragma: no cover - every supported platform has powf
+        return float(ctypes.c_float(math.pow(ctypes.c_float(base).value, ctypes.c_float(exponent).value)).value)
+    return float(fn(base, exponent))
+
+
+def c_pow(base: float, exponent: float) -> float:
+    """The C library's ``pow`` in double precision (Python's ``math.pow`` calls it directly)."""
+    return math.pow(base, exponent)
+
+
+# ============================================================================ per-step constants
+class Constants(NamedTuple):
+    """The scalars of one step. Python floats (float64) for Python inputs; arrays for traced inputs.
+
+    ``wd`` (coupled), ``decay`` (decoupled factor ``1 - lr*wd``), ``clip`` and ``grad_scale`` are
+    None when that option is off, so that those passes are skipped altogether.
+    """
+
+    lr: Array
+    beta1: Array
+    one_minus_beta1: Array
+    beta2: Array
+    one_minus_beta2: Array
+    eps: Array
+    #: ``-1`` when maximizing, ``1`` otherwise
+    sign: float
+    wd: Array | None
+    decay: Array | None
+    clip: Array | None
+    grad_scale: Array | None
+    #: ``1 - beta1**t``
+    bias1: Array
+    #: ``1 - beta2**t``
+    bias2: Array
+    #: ``(1 - beta1**t) / lr`` (MXNet form; infinite at lr 0, which that form never uses)
+    d_scale: Array
+    #: ``lr (1 - beta1) / (1 - beta1**t)`` (compact form)
+    step_size: Array
+
+
+def _is_python_number(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and type(x).__module__ == "builtins"
+
+
+def constants(
+    lr: Array,
+    t: Array,
+    beta1: Array,
+    beta2: Array,
+    eps: Array,
+    *,
+    weight_decay: float = 0.0,
+    decoupled: bool = False,
+    clip: Array | None = None,
+    maximize: bool = False,
+    grad_scale: Array | None = None,
+    power: Callable[[Any, Any], Any] | None = None,
+) -> Constants:
+    """Derive a step's constants from its hyper-parameters and the 1-based step number ``t``.
+
+    Python numbers are combined in float64, with ``beta**t`` from the C library's ``pow``
+    (:func:`c_pow`). Arrays or tensors (a traced step count, a tensor learning rate) use their own
+    operators, so the result stays on the device and under the tracer; pass ``power`` to choose
+    the power function (the MXNet operator passes :func:`c_powf` for float32).
+    """
+    if power is None:
+        power = c_pow if _is_python_number(beta1) and _is_python_number(t) else _pow_operator
+    bias1 = 1.0 - power(beta1, t)
+    bias2 = 1.0 - power(beta2, t)
+    has_wd = not _is_python_number(weight_decay) or weight_decay != 0.0
+    return Constants(
+        lr=lr,
+        beta1=beta1,
+        one_minus_beta1=1.0 - beta1,
+        beta2=beta2,
+        one_minus_beta2=1.0 - beta2,
+        eps=eps,
+        sign=-1.0 if maximize else 1.0,
+        wd=weight_decay if has_wd and not decoupled else None,
+        decay=1.0 - lr * weight_decay if has_wd and decoupled else None,
+        clip=clip,
+        grad_scale=grad_scale,
+        bias1=bias1,
+        bias2=bias2,
+        d_scale=_safe_divide(bias1, lr),
+        step_size=lr * (1.0 - beta1) / bias1,
+    )
+
+
+def _pow_operator(base: Any, exponent: Any) -> Any:
+    return base**exponent
+
+
+def _safe_divide(num: Any, den: Any) -> Any:
+    if _is_python_number(den) and den == 0:
+        return math.inf
+    return num / den
+
+
+def counts_step(lr: float, compact: bool) -> bool:
+    """Whether a step at this (Python) learning rate advances the step count (see "lr = 0" above)."""
+    return compact or lr != 0.0
+
+
+# ============================================================================ the step
+def gradient(g: Array, w: Array, c: Constants, *, clip: ClipFn) -> Array:
+    """``g' = clip(sign * grad_scale * g + wd * w, -c, c)`` (MXNet 1.9's order: L2 before the clip)."""
+    if c.grad_scale is not None:
+        g = g * c.grad_scale
+    if c.sign < 0:
+        g = -g
+    if c.wd is not None:
+        g = g + w * c.wd
+    if c.clip is not None:
+        g = clip(g, -c.clip, c.clip)
+    return g
+
+
+def second_moment(v: Array, gp: Array, c: Constants) -> Array:
+    """``v_t = beta2 v + (1 - beta2) g'^2``."""
+    return v * c.beta2 + (gp * gp) * c.one_minus_beta2
+
+
+def compact_step(w: Array, g: Array, v: Array, c: Constants, *, sqrt: UnaryFn, clip: ClipFn) -> tuple[Array, Array]:
+    """The compact (Theorem 1) step; returns ``(w_t, v_t)``. lr 0 leaves ``w`` as it is."""
+    if c.decay is not None:
+        w = w * c.decay
+    gp = gradient(g, w, c, clip=clip)
+    v = second_moment(v, gp, c)
+    denom = sqrt(v / c.bias2) + c.eps
+    return w - (gp * c.step_size) / denom, v
+
+
+def mxnet_step(
+    w: Array,
+    g: Array,
+    d: Array,
+    v: Array,
+    z: Array,
+    c: Constants,
+    *,
+    sqrt: UnaryFn,
+    clip: ClipFn,
+    where: Callable[[Array, Array, Array], Array] | None = None,
+) -> tuple[Array, Array, Array, Array]:
+    """The MXNet (three-state) step; returns ``(w_t, d_t, v_t, z_t)`` in MXNet's evaluation order.
+
+    At lr 0 every input comes back unchanged. For a Python ``lr`` that is a plain test; for a
+    traced or tensor ``lr`` pass ``where(cond, a, b)`` (``jnp.where``, ``torch.where``) and the
+    step is masked without a host sync.
+    """
+    if _is_python_number(c.lr):
+        if c.lr == 0:
+            return w, d, v, z
+        where = None
+    w0, d0, v0, z0 = w, d, v, z
+    if c.decay is not None:
+        w = w * c.decay
+        z = z * c.decay
+    gp = gradient(g, w, c, clip=clip)
+    v = second_moment(v, gp, c)
+    d_t = (sqrt(v / c.bias2) + c.eps) * c.d_scale
+    z = z * c.beta1 + gp * c.one_minus_beta1 - (d_t - d * c.beta1) * w
+    w = -z / d_t
+    if where is None:
+        return w, d_t, v, z
+    frozen = c.lr == 0
+    return where(frozen, w0, w), where(frozen, d0, d_t), where(frozen, v0, v), where(frozen, z0, z)
