@@ -11,14 +11,13 @@ Nothing in this file imports the code under test. The references are:
 Tests reach them through the session fixture ``ref`` (a namespace), so that hypothesis tests can
 use them too.
 
-The vectors file is looked up in ``$FTMLOPT_SPEC_DIR`` first, then ``<repo>/../shared/spec``
-(where CI has it). A missing file is an error, not a skip.
+The MXNet 1.9.1 vectors live in ``tests/data/mxnet_ftml_vectors.json`` (MXNet's outputs, generated
+with MXNet 1.9.1; see ``docs/mxnet-parity.md``). A missing file is an error, not a skip.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,9 +29,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _spec_dir() -> Path:
-    env = os.environ.get("FTMLOPT_SPEC_DIR")
-    return Path(env) if env else REPO.parent / "shared" / "spec"
+DATA = Path(__file__).resolve().parent / "data"
 
 
 # --------------------------------------------------------------------------- references
@@ -172,9 +169,9 @@ def ref() -> SimpleNamespace:
 @pytest.fixture(scope="session")
 def vectors() -> dict[str, Any]:
     """``ftml_vectors.json`` as ``{case name: case}``."""
-    path = _spec_dir() / "ftml_vectors.json"
+    path = DATA / "mxnet_ftml_vectors.json"
     if not path.is_file():
-        pytest.fail(f"test vectors not found at {path}; set FTMLOPT_SPEC_DIR to the folder holding ftml_vectors.json")
+        pytest.fail(f"MXNet test vectors not found at {path}")
     data = json.loads(path.read_text())
     return {c["name"]: c for c in data["cases"]}
 
