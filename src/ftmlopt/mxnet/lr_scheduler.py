@@ -22,7 +22,7 @@ import numbers
 from math import cos, pi
 from typing import Any
 
-from ftmlopt.core.validation import check_finite
+from ftmlopt.rule import check_finite
 
 __all__ = ["CosineScheduler", "FactorScheduler", "LRScheduler", "MultiFactorScheduler", "PolyScheduler"]
 

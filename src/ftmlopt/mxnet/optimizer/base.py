@@ -15,7 +15,8 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
-from ftmlopt.core.validation import check_clip, check_finite, check_lr, check_nonnegative
+from ftmlopt.mxnet.operator import check_clip_bound
+from ftmlopt.rule import check_finite, check_grad_scale, check_lr
 
 __all__ = ["Optimizer", "create", "register"]
 
@@ -77,12 +78,12 @@ class Optimizer:
         param_dict: dict[Index, Any] | None = None,
     ) -> None:
         # Validate everything before storing anything (and before touching the scheduler).
-        check_nonnegative(rescale_grad, "rescale_grad")
+        check_grad_scale(rescale_grad, "rescale_grad")
         check_finite(wd, "wd")
         if clip_gradient is not None:
-            check_clip(clip_gradient, "clip_gradient")
+            check_clip_bound(clip_gradient, "clip_gradient")  # MXNet's rule: falsy or negative is off
         if learning_rate is not None:
-            check_lr(learning_rate, "learning_rate")
+            check_lr(learning_rate, "learning_rate", positive=True)
         if lr_scheduler is not None and not callable(lr_scheduler):
             raise TypeError(f"lr_scheduler must be callable as lr_scheduler(num_update), got {lr_scheduler!r}")
         if lr_scheduler is not None and learning_rate is not None and not hasattr(lr_scheduler, "base_lr"):
@@ -250,7 +251,7 @@ class Optimizer:
         """Set the rate; raises ``UserWarning`` (as an exception, like MXNet) when a scheduler is set."""
         if self.lr_scheduler is not None:
             raise UserWarning(_SET_LR_WITH_SCHEDULER)
-        check_lr(lr, "lr")
+        check_lr(lr, "lr", positive=True)
         self.lr = lr
 
     def set_lr_scale(self, args_lrscale: Any) -> None:  # pragma: no cover - trivial

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from ftmlopt.core.validation import check_beta, check_epsilon, check_finite
 from ftmlopt.mxnet.operator import ftml_update
 from ftmlopt.mxnet.optimizer.base import Index, Optimizer, checked_rate, register
+from ftmlopt.rule import check_beta, check_eps, check_finite
 
 __all__ = ["FTML"]
 
@@ -59,7 +59,7 @@ class FTML(Optimizer):
     def __init__(self, beta1: float = 0.6, beta2: float = 0.999, epsilon: float = 1e-8, **kwargs: Any) -> None:
         check_beta(beta1, "beta1")
         check_beta(beta2, "beta2")
-        check_epsilon(epsilon, "epsilon")
+        check_eps(epsilon, "epsilon")
         super().__init__(**kwargs)
         self.beta1 = beta1
         self.beta2 = beta2
