@@ -122,8 +122,8 @@ def _dmlc_parse(text: str, double: bool) -> np.floating:
     return value if positive else ct(-value)
 
 
-def _mxnet_param(value: float, double: bool = False) -> np.floating:
-    """A hyper-parameter as MXNet's C++ side sees it: ``str(value)`` parsed by dmlc-core."""
+def _mxnet_param(value: Any, double: bool = False) -> np.floating:
+    """A hyper-parameter (any real number) as MXNet's C++ side sees it: ``str(value)`` parsed by dmlc-core."""
     text = str(value) if isinstance(value, int | float | np.number) else repr(float(value))
     return _dmlc_parse(text, double)
 

@@ -91,8 +91,7 @@ class Optimizer:
                 f"learning_rate={learning_rate!r} cannot override lr_scheduler={lr_scheduler!r}, which has no "
                 "base_lr attribute; pass only one of them"
             )
-        if isinstance(begin_num_update, bool) or not isinstance(begin_num_update, numbers.Integral):
-            raise TypeError(f"begin_num_update must be an int, got {begin_num_update!r}")
+        begin_num_update = _as_int(begin_num_update, "begin_num_update")
         if begin_num_update < 0:
             raise ValueError(f"begin_num_update must be >= 0, got {begin_num_update!r}")
         if param_idx2name is None:
@@ -325,7 +324,8 @@ class Optimizer:
     def _mult(self, index: Index, mults: dict[Index, float], attr: str) -> float:
         # First matching rule wins: param_dict, then the index, then the index's name.
         if index in self.param_dict:
-            return getattr(self.param_dict[index], attr)
+            mult: float = getattr(self.param_dict[index], attr)  # used as given, as MXNet does
+            return mult
         if index in mults:
             return mults[index]
         if index in self.idx2name:
@@ -341,6 +341,13 @@ class Optimizer:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__ = state
         self.param_dict = {}
+
+
+def _as_int(value: Any, name: str) -> int:
+    """``value`` as an int; it must be an integer (a bool is not). Typed ``Any``: it is user input."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    return int(value)
 
 
 def _check_weight(arr: Any, name: str) -> None:

@@ -25,8 +25,6 @@ from ftmlopt.rule import check_beta, check_eps, check_finite
 
 __all__ = ["FTML"]
 
-_MISSING = object()
-
 
 @register
 class FTML(Optimizer):
@@ -87,14 +85,14 @@ class FTML(Optimizer):
     def update(self, index: Index, weight: np.ndarray, grad: np.ndarray, state: Any) -> None:
         """One FTML step on ``weight`` (in place); ``state`` is ``(d, v, z)``."""
         self.check_update_args(index, weight, grad, state)
-        before = (self._index_update_count.get(index, _MISSING), self.num_update)
+        before = (self._index_update_count.get(index), self.num_update)
         self._update_count(index)
         try:
             lr = checked_rate(self._get_lr(index), f"learning rate for index {index!r}")
             wd = check_finite(self._get_wd(index), f"wd for index {index!r}")
         except (TypeError, ValueError):
             count, self.num_update = before
-            if count is _MISSING:
+            if count is None:
                 del self._index_update_count[index]
             else:
                 self._index_update_count[index] = count
