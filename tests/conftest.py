@@ -4,9 +4,10 @@ Nothing in this file imports the code under test. The references are:
 
 * :func:`reference_step_f64` -- the readable FTML rule in float64 (Python-float hyper-parameters,
   exact decimals unless the caller rounds them first).
-* :func:`mxnet_emulation_step` -- MXNet 1.9.1's kernel as spec §1.2 describes it: hyper-parameters
-  parsed to float32, cast to the array dtype, and every operation rounded to that dtype in the
-  kernel's order. For float32/float64 it is the bit-exact expectation.
+* :func:`mxnet_emulation_step` -- MXNet 1.9.1's kernel: hyper-parameters parsed to float32 as
+  MXNet parses them, cast to the array dtype, ``beta**t`` from the C library's ``powf``/``pow``
+  (loaded here with ctypes), and every operation rounded to that dtype in the kernel's order.
+  For float32/float64 it is the bit-exact expectation.
 
 Tests reach them through the session fixture ``ref`` (a namespace), so that hypothesis tests can
 use them too.
@@ -17,8 +18,11 @@ with MXNet 1.9.1; see ``docs/mxnet-parity.md``). A missing file is an error, not
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import re
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -90,6 +94,32 @@ def mxnet_parse(x: float, double: bool = False):
     return ft(-value) if sign == "-" else value
 
 
+# The C library's powf/pow, loaded here with ctypes (not through ftmlopt): MXNet's kernel takes
+# beta**t with them. NumPy's np.power is a different implementation (SIMD paths on some machines)
+# and differs from them in the last bit for some (beta, t) pairs, so it cannot stand in for them.
+def _load_libm() -> ctypes.CDLL:
+    if sys.platform == "win32":
+        return ctypes.CDLL("ucrtbase")
+    name = ctypes.util.find_library("m")
+    return ctypes.CDLL(name) if name else ctypes.CDLL(None)
+
+
+_LIBM = _load_libm()
+_POWF = _LIBM.powf
+_POWF.argtypes, _POWF.restype = (ctypes.c_float, ctypes.c_float), ctypes.c_float
+_POW = _LIBM.pow
+_POW.argtypes, _POW.restype = (ctypes.c_double, ctypes.c_double), ctypes.c_double
+
+
+def c_power(base, exponent, dt):
+    """``base**exponent`` by the C library in dtype ``dt``: ``powf`` for float32, ``pow`` for float64."""
+    if dt is np.float32:
+        return np.float32(_POWF(float(base), float(exponent)))
+    if dt is np.float64:
+        return np.float64(_POW(float(base), float(exponent)))
+    raise TypeError(f"no C library power for {dt}")
+
+
 def f32(x: float) -> float:
     """A float field as MXNet receives it (:func:`mxnet_parse`), as a Python float."""
     return float(mxnet_parse(x))
@@ -97,7 +127,7 @@ def f32(x: float) -> float:
 
 def mxnet_emulation_step(w, g, d, v, z, *, lr, t, beta1=0.6, beta2=0.999, epsilon=1e-8, wd=0.0,
                          rescale_grad=1.0, clip_grad=-1.0):
-    """MXNet 1.9.1's ``ftml_update`` kernel, emulated per spec §1.2. Returns new ``(w, d, v, z)``.
+    """MXNet 1.9.1's ``ftml_update`` kernel, emulated (docs/mxnet-semantics.md). Returns new ``(w, d, v, z)``.
 
     All arrays must share a dtype ``DT`` (float32 or float64). Float fields are parsed to float32
     and epsilon to float64 as MXNet parses them (:func:`mxnet_parse`); every scalar is then cast to
@@ -114,8 +144,8 @@ def mxnet_emulation_step(w, g, d, v, z, *, lr, t, beta1=0.6, beta2=0.999, epsilo
         gp = np.where(gp > c_clip, c_clip, np.where(gp < -c_clip, -c_clip, gp)).astype(dt)
     sq = gp * gp
     v_new = (c_b2 * v) + ((one - c_b2) * sq)          # 3.
-    bias2 = one - np.power(c_b2, c_t)
-    dscale = (one - np.power(c_b1, c_t)) / c_lr
+    bias2 = dt(one - c_power(c_b2, c_t, dt))
+    dscale = dt(dt(one - c_power(c_b1, c_t, dt)) / c_lr)
     d_t = dscale * (np.sqrt(v_new / bias2) + c_eps)    # 4. eps outside the sqrt
     z_new = ((c_b1 * z) + ((one - c_b1) * gp)) - ((d_t - (c_b1 * d)) * w)   # 5.
     w_new = -z_new / d_t                               # 7.
@@ -150,6 +180,7 @@ REF = SimpleNamespace(
     step_f64=reference_step_f64,
     theorem1=theorem1_step_f64,
     emulate=mxnet_emulation_step,
+    c_power=c_power,
     fp16=fp16_expectation,
     f32=f32,
     parse=mxnet_parse,

@@ -311,30 +311,46 @@ def constants(
     Python numbers are combined in float64, with ``beta**t`` from the C library's ``pow``
     (:func:`c_pow`). Arrays or tensors (a traced step count, a tensor learning rate) use their own
     operators, so the result stays on the device and under the tracer; pass ``power`` to choose
-    the power function (the MXNet operator passes :func:`c_powf` for float32).
+    the power function (the MXNet operator passes :func:`c_powf` for float32). NumPy scalars
+    (``np.float32(0.9)``) are combined with a ``1`` of the same type, so every constant is rounded
+    in that dtype under NumPy 1.x and 2.x alike (``power`` must then return that type too).
     """
     if power is None:
         power = c_pow if _is_python_number(beta1) and _is_python_number(t) else _pow_operator
-    bias1 = 1.0 - power(beta1, t)
-    bias2 = 1.0 - power(beta2, t)
+    # NumPy scalars (np.float32(0.9)...) are combined with a 1 of their own type, so that every
+    # result is rounded in that dtype under NumPy 1.x too (where 1.0 - np.float32(x) is float64).
+    scalar_type: Any = type(beta1)
+    one: Any = scalar_type(1) if issubclass(scalar_type, _np_generic()) else 1.0
+    bias1 = one - power(beta1, t)
+    bias2 = one - power(beta2, t)
     has_wd = not _is_python_number(weight_decay) or weight_decay != 0.0
     return Constants(
         lr=lr,
         beta1=beta1,
-        one_minus_beta1=1.0 - beta1,
+        one_minus_beta1=one - beta1,
         beta2=beta2,
-        one_minus_beta2=1.0 - beta2,
+        one_minus_beta2=one - beta2,
         eps=eps,
         sign=-1.0 if maximize else 1.0,
         wd=weight_decay if has_wd and not decoupled else None,
-        decay=1.0 - lr * weight_decay if has_wd and decoupled else None,
+        decay=one - lr * weight_decay if has_wd and decoupled else None,
         clip=clip,
         grad_scale=grad_scale,
         bias1=bias1,
         bias2=bias2,
         d_scale=_safe_divide(bias1, lr),
-        step_size=lr * (1.0 - beta1) / bias1,
+        step_size=lr * (one - beta1) / bias1,
     )
+
+
+def _np_generic() -> type:
+    """``numpy.generic`` when NumPy is imported, else a type nothing is an instance of."""
+    np = sys.modules.get("numpy")
+    return np.generic if np is not None else _NoType
+
+
+class _NoType:
+    pass
 
 
 def _pow_operator(base: Any, exponent: Any) -> Any:

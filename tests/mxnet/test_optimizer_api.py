@@ -318,6 +318,17 @@ def test_clip_gradient_truthiness(clip, kernel_clip, ref):
     assert state[1][0] == expected_v0
 
 
+@pytest.mark.parametrize(("clip", "expected"), [(None, -0.5), (0, -0.5), (0.0, -0.5), (-0.5, -0.5), (0.5, 0.75)])
+def test_sgd_clip_gradient_truthiness(clip, expected):
+    """MXNet's SGD passes clip_gradient to its kernel only when truthy (and the kernel clips only
+    when it is >= 0): 0 must not zero the gradient. w = 1 - 0.5 * g with g = 3, or g clipped to 0.5."""
+    opt = create("sgd", learning_rate=0.5, clip_gradient=clip)
+    w = np.array([1.0, 1.0])
+    g = np.array([3.0, -3.0])
+    opt.update(0, w, g, opt.create_state(0, w))
+    assert w.tolist() == [expected, 2.0 - expected]
+
+
 # --------------------------------------------------------------------------- lr == 0 freezes
 def test_zero_learning_rate_freezes_but_counts():
     sched_values = {1: 0.1, 2: 0.0, 3: 0.1}

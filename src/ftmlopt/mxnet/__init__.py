@@ -5,5 +5,6 @@
   ``Updater``, ``create``/``register``.
 * :mod:`ftmlopt.mxnet.lr_scheduler` (also ``ftmlopt.lr_scheduler``): MXNet's learning-rate schedulers.
 
-What "bit for bit" covers, and where ftmlopt deliberately differs, is in ``docs/mxnet-parity.md``.
+The MXNet behaviour reproduced is described in ``docs/mxnet-semantics.md``; what "bit for bit" covers
+is measured in ``docs/mxnet-parity.md``; the deliberate differences are listed in the README.
 """

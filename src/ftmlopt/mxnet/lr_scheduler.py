@@ -22,16 +22,22 @@ import numbers
 from math import cos, pi
 from typing import Any
 
-from ftmlopt.core.validation import check_finite
+from ftmlopt.rule import check_finite
 
 __all__ = ["CosineScheduler", "FactorScheduler", "LRScheduler", "MultiFactorScheduler", "PolyScheduler"]
 
 _log = logging.getLogger(__name__)
 
 
-def _check_int(value: Any, name: str, minimum: int) -> int:
+def _as_int(value: Any, name: str) -> int:
+    """``value`` as an int; it must be an integer (a bool is not). Typed ``Any``: callers pass user input."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {value!r}")
+    return int(value)
+
+
+def _check_int(value: Any, name: str, minimum: int) -> int:
+    value = _as_int(value, name)
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
     return int(value)
@@ -52,10 +58,9 @@ class LRScheduler:
     ) -> None:
         check_finite(base_lr, "base_lr")
         check_finite(warmup_begin_lr, "warmup_begin_lr")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, numbers.Integral):
-            raise TypeError(f"warmup_steps must be an int, got {warmup_steps!r}")
+        steps = _as_int(warmup_steps, "warmup_steps")
         self.base_lr = base_lr
-        self.warmup_steps = int(warmup_steps)
+        self.warmup_steps = steps
         self.warmup_final_lr = base_lr
         self.warmup_begin_lr = warmup_begin_lr
         if self.warmup_begin_lr > self.warmup_final_lr:
@@ -141,7 +146,8 @@ class MultiFactorScheduler(LRScheduler):
         warmup_mode: str = "linear",
     ) -> None:
         super().__init__(base_lr, warmup_steps, warmup_begin_lr, warmup_mode)
-        if not isinstance(step, list) or len(step) < 1:
+        given: Any = step  # user input: checked at run time whatever the annotation says
+        if not isinstance(given, list) or len(given) < 1:
             raise TypeError(f"step must be a non-empty list, got {step!r}")
         for i, s in enumerate(step):
             check_finite(s, f"step[{i}]")
@@ -227,7 +233,8 @@ class PolyScheduler(_DecayToFinal):
         self.power = pwr
 
     def _shape(self, num_update: int) -> float:
-        return pow(1 - float(num_update - self.warmup_steps) / float(self.max_steps), self.power)
+        # builtin pow, as MXNet: float ** float is typed Any (it may be complex for a negative base)
+        return float(pow(1 - float(num_update - self.warmup_steps) / float(self.max_steps), self.power))
 
 
 class CosineScheduler(_DecayToFinal):

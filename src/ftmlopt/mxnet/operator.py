@@ -14,8 +14,10 @@ see :func:`_dmlc_parse`), then cast to the array's dtype as MXNet's C++ kernel d
     z_t &= \beta_1 z_{t-1} + (1-\beta_1)\, g' - (d_t - \beta_1 d_{t-1})\, w_{t-1} \\
     w_t &= -z_t / d_t
 
-The powers ``beta**t`` are taken in the array dtype (``powf`` for float32), epsilon is added
-outside the square root, and ``d``, ``v``, ``z`` are updated in place. float16 arrays are
+The powers ``beta**t`` are the C library's ``powf`` (float32) or ``pow`` (float64), as in MXNet's
+kernel (:func:`ftmlopt.rule.c_powf`, :func:`ftmlopt.rule.c_pow`; NumPy's ``np.power`` differs from
+them in the last bit for some pairs), everything derived from them is rounded in the array dtype,
+epsilon is added outside the square root, and ``d``, ``v``, ``z`` are updated in place. float16 arrays are
 computed in float32 and rounded once on the way out (a deliberate difference from MXNet,
 whose half-precision epsilon underflows to 0 and turns zero-gradient elements into NaN).
 
@@ -27,23 +29,17 @@ pre-rounded :class:`Scalars`.
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from ftmlopt.core.validation import (
-    check_beta,
-    check_clip,
-    check_epsilon,
-    check_finite,
-    check_lr,
-    check_nonnegative,
-    check_step,
-)
+from ftmlopt import rule
 
-__all__ = ["Scalars", "ftml_update", "prepare_scalars"]
+__all__ = ["Scalars", "check_clip_bound", "ftml_update", "prepare_scalars"]
 
 _SUPPORTED = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
@@ -126,10 +122,33 @@ def _dmlc_parse(text: str, double: bool) -> np.floating:
     return value if positive else ct(-value)
 
 
-def _mxnet_param(value: float, double: bool = False) -> np.floating:
-    """A hyper-parameter as MXNet's C++ side sees it: ``str(value)`` parsed by dmlc-core."""
+def _mxnet_param(value: Any, double: bool = False) -> np.floating:
+    """A hyper-parameter (any real number) as MXNet's C++ side sees it: ``str(value)`` parsed by dmlc-core."""
     text = str(value) if isinstance(value, int | float | np.number) else repr(float(value))
     return _dmlc_parse(text, double)
+
+
+def check_clip_bound(value: Any, what: str) -> float:
+    """MXNet's clipping bound: any real but NaN (a negative bound turns clipping off).
+
+    Unlike :func:`ftmlopt.rule.check_clip` (``None`` or > 0), MXNet's operator clips whenever
+    ``clip_grad >= 0`` (so 0 zeroes the gradient) and its ``Optimizer`` treats a falsy
+    ``clip_gradient`` as off; both accept any value but NaN.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{what} must be a real number, got {value!r} of type {type(value).__name__}")
+    if math.isnan(float(value)):
+        raise ValueError(f"Invalid {what}: {value}")
+    return float(value)
+
+
+def _power_in(ct: type) -> Callable[[Any, Any], Any]:
+    """The C library's power for scalars of type ``ct``, returning a ``ct``: ``powf`` or ``pow``."""
+    if ct is np.float32:
+        return lambda base, exponent: np.float32(rule.c_powf(float(base), float(exponent)))
+    if ct is np.float64:
+        return lambda base, exponent: np.float64(rule.c_pow(float(base), float(exponent)))
+    raise TypeError(f"no C library power for {ct.__name__}; compute float16 in float32")
 
 
 def prepare_scalars(
@@ -143,32 +162,53 @@ def prepare_scalars(
     rescale_grad: float,
     clip_grad: float,
 ) -> Scalars:
-    """Round the hyper-parameters as MXNet does and derive the per-step constants.
+    r"""Round the hyper-parameters as MXNet does and derive the per-step constants.
 
     MXNet parses every float parameter to float32 (``epsilon`` is a double) from its ``str()``
-    with dmlc-core's parser (see :func:`_dmlc_parse`), and the kernel then casts each one to the
-    array dtype. ``beta**t`` and everything derived from it are computed in that dtype too.
+    with dmlc-core's parser (see :func:`_dmlc_parse`), and the kernel then casts each one, and
+    ``t``, to the array dtype ``DT`` (float32 or float64). The constants come from
+    :func:`ftmlopt.rule.constants` on scalars of type ``DT``, with :math:`\beta^t` from the C
+    library (``powf``/``pow``), so that :math:`1-\beta^t` and :math:`(1-\beta_1^t)/\eta` are
+    rounded in ``DT`` exactly as in MXNet's kernel, under NumPy 1.x and 2.x alike.
+
+    Example:
+        >>> import numpy as np
+        >>> s = prepare_scalars(np.float32, lr=0.5, t=9, beta1=0.999, beta2=0.999, epsilon=1e-8,
+        ...                     wd=0.0, rescale_grad=1.0, clip_grad=-1.0)
+        >>> s.bias2.dtype, bool(s.bias2 == np.float32(0.0089639425))  # 1 - powf(0.999f, 9.0f)
+        (dtype('float32'), True)
+        >>> bool(s.d_scale == s.bias2 / np.float32(0.5)), s.use_clip
+        (True, False)
     """
     ct = np.dtype(dtype).type
+    if ct not in (np.float32, np.float64):
+        raise TypeError(f"prepare_scalars computes in float32 or float64, got {np.dtype(dtype)}")
     f32 = _mxnet_param
-    one = ct(1)
-    b1 = ct(f32(beta1))
-    b2 = ct(f32(beta2))
-    tt = ct(t)
-    lr_ = ct(f32(lr))
     clip = ct(f32(clip_grad))
+    wd_ = ct(f32(wd))
+    c = rule.constants(
+        lr=ct(f32(lr)),
+        t=ct(t),
+        beta1=ct(f32(beta1)),
+        beta2=ct(f32(beta2)),
+        eps=ct(_mxnet_param(epsilon, double=True)),
+        weight_decay=wd_,
+        clip=clip,
+        grad_scale=ct(f32(rescale_grad)),
+        power=_power_in(ct),
+    )
     return Scalars(
-        wd=ct(f32(wd)),
-        rescale_grad=ct(f32(rescale_grad)),
+        wd=wd_,  # always applied (w * 0 keeps MXNet's NaN for an infinite weight)
+        rescale_grad=ct(c.grad_scale),
         clip_grad=clip,
         use_clip=bool(clip >= 0),
-        beta1=b1,
-        one_minus_beta1=one - b1,
-        beta2=b2,
-        one_minus_beta2=one - b2,
-        epsilon=ct(_mxnet_param(epsilon, double=True)),
-        d_scale=(one - np.power(b1, tt)) / lr_,
-        bias2=one - np.power(b2, tt),
+        beta1=ct(c.beta1),
+        one_minus_beta1=ct(c.one_minus_beta1),
+        beta2=ct(c.beta2),
+        one_minus_beta2=ct(c.one_minus_beta2),
+        epsilon=ct(c.eps),
+        d_scale=ct(c.d_scale),
+        bias2=ct(c.bias2),
     )
 
 
@@ -320,14 +360,14 @@ def ftml_update(
                 raise ValueError(f"state {a} shares memory with {b}; d, v and z must be separate arrays")
         if out is not None and np.may_share_memory(out, arrays[a]):
             raise ValueError(f"out shares memory with state {a}")
-    check_lr(lr, "lr")
-    t = check_step(t, "t")
-    check_beta(beta1, "beta1")
-    check_beta(beta2, "beta2")
-    check_epsilon(epsilon, "epsilon")
-    check_finite(wd, "wd")
-    check_nonnegative(rescale_grad, "rescale_grad")
-    check_clip(clip_grad, "clip_grad")
+    rule.check_lr(lr, "lr", positive=True)  # the MXNet form divides by lr
+    t = rule.check_step(t, "t")
+    rule.check_beta(beta1, "beta1")
+    rule.check_beta(beta2, "beta2")
+    rule.check_eps(epsilon, "epsilon")
+    rule.check_finite(wd, "wd")  # MXNet accepts a negative wd
+    rule.check_grad_scale(rescale_grad, "rescale_grad")
+    check_clip_bound(clip_grad, "clip_grad")
 
     if weight.dtype == np.float16:
         # Compute in float32, round once: MXNet's half arithmetic underflows epsilon to 0.

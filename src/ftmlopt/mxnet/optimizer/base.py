@@ -15,7 +15,8 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
-from ftmlopt.core.validation import check_clip, check_finite, check_lr, check_nonnegative
+from ftmlopt.mxnet.operator import check_clip_bound
+from ftmlopt.rule import check_finite, check_grad_scale, check_lr
 
 __all__ = ["Optimizer", "create", "register"]
 
@@ -77,12 +78,12 @@ class Optimizer:
         param_dict: dict[Index, Any] | None = None,
     ) -> None:
         # Validate everything before storing anything (and before touching the scheduler).
-        check_nonnegative(rescale_grad, "rescale_grad")
+        check_grad_scale(rescale_grad, "rescale_grad")
         check_finite(wd, "wd")
         if clip_gradient is not None:
-            check_clip(clip_gradient, "clip_gradient")
+            check_clip_bound(clip_gradient, "clip_gradient")  # MXNet's rule: falsy or negative is off
         if learning_rate is not None:
-            check_lr(learning_rate, "learning_rate")
+            check_lr(learning_rate, "learning_rate", positive=True)
         if lr_scheduler is not None and not callable(lr_scheduler):
             raise TypeError(f"lr_scheduler must be callable as lr_scheduler(num_update), got {lr_scheduler!r}")
         if lr_scheduler is not None and learning_rate is not None and not hasattr(lr_scheduler, "base_lr"):
@@ -90,8 +91,7 @@ class Optimizer:
                 f"learning_rate={learning_rate!r} cannot override lr_scheduler={lr_scheduler!r}, which has no "
                 "base_lr attribute; pass only one of them"
             )
-        if isinstance(begin_num_update, bool) or not isinstance(begin_num_update, numbers.Integral):
-            raise TypeError(f"begin_num_update must be an int, got {begin_num_update!r}")
+        begin_num_update = _as_int(begin_num_update, "begin_num_update")
         if begin_num_update < 0:
             raise ValueError(f"begin_num_update must be >= 0, got {begin_num_update!r}")
         if param_idx2name is None:
@@ -250,7 +250,7 @@ class Optimizer:
         """Set the rate; raises ``UserWarning`` (as an exception, like MXNet) when a scheduler is set."""
         if self.lr_scheduler is not None:
             raise UserWarning(_SET_LR_WITH_SCHEDULER)
-        check_lr(lr, "lr")
+        check_lr(lr, "lr", positive=True)
         self.lr = lr
 
     def set_lr_scale(self, args_lrscale: Any) -> None:  # pragma: no cover - trivial
@@ -324,7 +324,8 @@ class Optimizer:
     def _mult(self, index: Index, mults: dict[Index, float], attr: str) -> float:
         # First matching rule wins: param_dict, then the index, then the index's name.
         if index in self.param_dict:
-            return getattr(self.param_dict[index], attr)
+            mult: float = getattr(self.param_dict[index], attr)  # used as given, as MXNet does
+            return mult
         if index in mults:
             return mults[index]
         if index in self.idx2name:
@@ -340,6 +341,13 @@ class Optimizer:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__ = state
         self.param_dict = {}
+
+
+def _as_int(value: Any, name: str) -> int:
+    """``value`` as an int; it must be an integer (a bool is not). Typed ``Any``: it is user input."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    return int(value)
 
 
 def _check_weight(arr: Any, name: str) -> None:

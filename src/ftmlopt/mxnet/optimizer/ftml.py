@@ -19,13 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from ftmlopt.core.validation import check_beta, check_epsilon, check_finite
 from ftmlopt.mxnet.operator import ftml_update
 from ftmlopt.mxnet.optimizer.base import Index, Optimizer, checked_rate, register
+from ftmlopt.rule import check_beta, check_eps, check_finite
 
 __all__ = ["FTML"]
-
-_MISSING = object()
 
 
 @register
@@ -59,7 +57,7 @@ class FTML(Optimizer):
     def __init__(self, beta1: float = 0.6, beta2: float = 0.999, epsilon: float = 1e-8, **kwargs: Any) -> None:
         check_beta(beta1, "beta1")
         check_beta(beta2, "beta2")
-        check_epsilon(epsilon, "epsilon")
+        check_eps(epsilon, "epsilon")
         super().__init__(**kwargs)
         self.beta1 = beta1
         self.beta2 = beta2
@@ -87,14 +85,14 @@ class FTML(Optimizer):
     def update(self, index: Index, weight: np.ndarray, grad: np.ndarray, state: Any) -> None:
         """One FTML step on ``weight`` (in place); ``state`` is ``(d, v, z)``."""
         self.check_update_args(index, weight, grad, state)
-        before = (self._index_update_count.get(index, _MISSING), self.num_update)
+        before = (self._index_update_count.get(index), self.num_update)
         self._update_count(index)
         try:
             lr = checked_rate(self._get_lr(index), f"learning rate for index {index!r}")
             wd = check_finite(self._get_wd(index), f"wd for index {index!r}")
         except (TypeError, ValueError):
             count, self.num_update = before
-            if count is _MISSING:
+            if count is None:
                 del self._index_update_count[index]
             else:
                 self._index_update_count[index] = count

@@ -145,7 +145,8 @@ def dumps(states: dict[Any, Any], counts: dict[str, Any], optimizer: Any | None)
         "optimizer": optimizer,
     }
     buf = io.BytesIO()
-    payload = {f"a{i}": a for i, a in enumerate(arrays)}
+    # Any, not ndarray: np.savez's stubs would otherwise match the dict against allow_pickle (a bool)
+    payload: dict[str, Any] = {f"a{i}": a for i, a in enumerate(arrays)}
     payload["header"] = np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8)
     np.savez(buf, **payload)
     return buf.getvalue()

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from ftmlopt.core.validation import check_beta, check_finite
 from ftmlopt.mxnet.optimizer.base import Index, Optimizer, checked_rate, register
+from ftmlopt.rule import check_beta, check_finite
 
 __all__ = ["SGD"]
 
@@ -23,6 +23,9 @@ __all__ = ["SGD"]
 @register
 class SGD(Optimizer):
     """Stochastic gradient descent, optionally with momentum; registered as ``'sgd'``.
+
+    ``clip_gradient`` follows MXNet's rule: ``c > 0`` clips ``rescale_grad * grad`` to ``[-c, c]``;
+    ``None``, ``0`` and negative values mean no clipping.
 
     Example:
         >>> import numpy as np
@@ -52,7 +55,9 @@ class SGD(Optimizer):
         lr = checked_rate(self._get_lr(index), "learning rate")
         wd = check_finite(self._get_wd(index), "wd")
         g = grad * self.rescale_grad
-        if self.clip_gradient is not None and self.clip_gradient >= 0:
+        if self.clip_gradient and self.clip_gradient > 0:
+            # MXNet's SGD passes clip_gradient to its kernel only when it is truthy, and the kernel
+            # clips only when it is >= 0: so None, 0 and negative values all mean "no clipping".
             np.clip(g, -self.clip_gradient, self.clip_gradient, out=g)
         step = -lr * (g + wd * weight)
         if self.momentum:
