@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import json
 import os
 import sys
@@ -457,6 +458,8 @@ def download(
                     got += len(chunk)
                     if bar is not None:
                         bar.update(len(chunk))
+            except http.client.IncompleteRead as exc:
+                raise IncompleteDownloadError(f"{url}: connection closed after {got} of {total} bytes") from exc
             finally:
                 if bar is not None:
                     bar.close()
@@ -482,7 +485,7 @@ def _download_dataset(ds: Dataset, folder: Path, *, progress: bool, timeout: flo
                     download(url, tmp, sha256=ds.archive.sha256, md5=ds.archive.md5, progress=progress,
                              timeout=timeout)
                     _extract(ds, tmp, folder)
-            except (OSError, tarfile.TarError, KeyError) as exc:
+            except (OSError, http.client.HTTPException, tarfile.TarError, KeyError) as exc:
                 failures.append(f"{url}: {exc}")
                 continue
             _write_source(folder, url)
@@ -495,7 +498,7 @@ def _download_dataset(ds: Dataset, folder: Path, *, progress: bool, timeout: flo
         for url in ds.urls_of(f):
             try:
                 download(url, folder / f.name, sha256=f.sha256, md5=f.md5, progress=progress, timeout=timeout)
-            except OSError as exc:
+            except (OSError, http.client.HTTPException) as exc:
                 failures.append(f"{url}: {exc}")
                 continue
             used = url[: -len(f.name)]

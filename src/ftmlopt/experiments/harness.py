@@ -450,8 +450,19 @@ def environment() -> dict[str, str]:
     }
 
 
+def _strict(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by None (JSON ``null``), containers rebuilt."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    return obj
+
+
 def write_json(obj: Any, path: Path) -> Path:
-    """Write ``obj`` as JSON (NaN/inf written as null-safe strings by ``json``'s default ``allow_nan``)."""
+    """Write ``obj`` as strict JSON: NaN and infinities (diverged runs) become ``null``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=1, allow_nan=True) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(_strict(obj), indent=1, allow_nan=False) + "\n", encoding="utf-8")
     return path
