@@ -242,6 +242,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     skipped = reporter.stats.get("skipped", []) if reporter is not None else []
     if skipped and session.exitstatus == pytest.ExitCode.OK:
+        reporter.ensure_newline()
         reporter.write_line(f"--fail-on-skip: {len(skipped)} test(s) skipped; the full run must run every test",
                             red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
