@@ -356,3 +356,20 @@ def test_urlerror_is_reported_per_url(monkeypatch: pytest.MonkeyPatch, _isolated
     assert "https://ossci-datasets.s3.amazonaws.com/mnist/train-images-idx3-ubyte.gz" in msg
     assert "http://yann.lecun.com/exdb/mnist/train-images-idx3-ubyte.gz" in msg
     assert "name resolution" in msg and "--data DIR" in msg and str(_isolated / "mnist") in msg
+
+
+@pytest.mark.frameworks  # ftmlopt reproduce needs torch, matplotlib and tqdm
+def test_reproduce_offline_names_url_cache_and_data_option(
+    monkeypatch: pytest.MonkeyPatch, _isolated: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ftmlopt.cli import main
+
+    def offline(req: Any, *args: Any, **kwargs: Any) -> Any:
+        raise urllib.error.URLError("network unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    assert main(["reproduce", "charlm", "--quick", "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt" in err
+    assert str(_isolated / "tinyshakespeare") in err and "--data DIR" in err and "network unreachable" in err
+    assert not (tmp_path / "out").exists()
