@@ -36,11 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--grid", choices=("cpu", "paper"), default="cpu",
         help="'cpu': the task's documented subset of the paper's grid (default); 'paper': all 15 rates",
     )
-    parser.add_argument(
-        "--data", default=None,
-        help="data folder, or a folder holding the task's data folder (default: $FTMLOPT_DATA, the per-user "
-        "cache, else a checksum-checked download; see ftmlopt.datasets)",
-    )
+    parser.add_argument("--data", default=None, help="data folder (default: <shared data>/<task's folder>)")
     parser.add_argument("--out", default="runs/reproduce", help="output folder for TASK.json and TASK.png")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
