@@ -27,7 +27,7 @@ IMPLS = {"loop": {"foreach": False, "fused": False}, "foreach": {"foreach": True
 def _params(seed: int, dtype: torch.dtype = torch.float32) -> list[torch.nn.Parameter]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.nn.Parameter(torch.randn(3, 2, generator=gen, dtype=dtype)),
-            torch.nn.Parameter(torch.randn(5, generator=gen, dtype=dtype))]
+            torch.nn.Parameter(torch.randn(5, generator=gen, dtype=dtype))]  # fmt: skip
 
 
 def _set_grads(params: list[torch.Tensor], seed: int) -> None:
@@ -38,7 +38,7 @@ def _set_grads(params: list[torch.Tensor], seed: int) -> None:
 
 def _fingerprint(params: list[torch.Tensor], opt: torch.optim.Optimizer) -> tuple:
     state = {i: {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
-             for i, p in enumerate(params)}
+             for i, p in enumerate(params)}  # fmt: skip
     groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     return [p.detach().clone() for p in params], state, copy.deepcopy(groups)
 
@@ -306,7 +306,7 @@ def test_fused_refuses_devices_without_a_kernel() -> None:
 
 @FUZZ
 @given(seed=st.integers(0, 2**16), dtypes=st.lists(st.sampled_from([torch.float32, torch.float64]), min_size=2,
-                                                   max_size=2))
+                                                   max_size=2))  # fmt: skip
 def test_mixed_dtypes_step_each_group_like_alone(seed: int, dtypes: list[torch.dtype]) -> None:
     """Params of several dtypes in one group: each steps exactly as it would alone (per-dtype groups)."""
     gen = torch.Generator().manual_seed(seed)

@@ -177,7 +177,7 @@ def test_group_with_tiny_lr_does_not_move(impl: str, compact: bool) -> None:
     frozen_before = params[1].detach().clone()
     moving_before = params[0].detach().clone()
     opt = FTML([{"params": params[:1]}, {"params": params[1:], "lr": 1e-28}], lr=0.01, compact=compact,
-               **IMPL_KWARGS[impl])
+               **IMPL_KWARGS[impl])  # fmt: skip
     for _ in range(5):
         opt.zero_grad()
         loss_fn().backward()
@@ -370,7 +370,7 @@ def test_float_step_and_older_state_dict_load() -> None:
     sd = copy.deepcopy(opt.state_dict())
     sd["state"][0]["step"] = 1.0  # a Python float
     for flag in ("clip_gradient", "decoupled_weight_decay", "compact", "multi_precision", "maximize", "foreach",
-                 "fused", "capturable", "differentiable"):
+                 "fused", "capturable", "differentiable"):  # fmt: skip
         del sd["param_groups"][0][flag]  # written before the flag existed
     opt2 = FTML([p], lr=0.01)
     opt2.load_state_dict(sd)

@@ -102,7 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mxnet", nargs="?", const=sys.executable, default=None, metavar="PYTHON",
         help="also time MXNet's ftml_update in PYTHON (default: this interpreter) where `import mxnet` works",
-    )
+    )  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -169,7 +169,7 @@ def _operator_maker(numba: bool) -> Callable[[list[Any], list[Any]], Callable[[]
             try:
                 for w, g, (d, v, z) in zip(ws, gs, states):
                     ftml_update(w, g, d, v, z, _HYPER["lr"], t[0], _HYPER["beta1"], _HYPER["beta2"],
-                                _HYPER["eps"], out=w)
+                                _HYPER["eps"], out=w)  # fmt: skip
             finally:
                 if old is None:
                     del os.environ["FTMLOPT_DISABLE_NUMBA"]
@@ -239,7 +239,7 @@ def _peak_extra(step: Callable[[], None], device: Any) -> int:
     tracemalloc.start()
     try:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
-                     with_stack=True) as prof:
+                     with_stack=True) as prof:  # fmt: skip
             step()
         _, numpy_peak = tracemalloc.get_traced_memory()  # NumPy (and Python) allocations
     finally:
@@ -292,7 +292,7 @@ class _MXNet:
 
     def __init__(self, python: str, shapes: list[tuple[int, ...]], dtype: str, threads: int) -> None:
         command = [python, "-c", _MXNET_SERVER, repr([list(s) for s in shapes]), dtype,
-                   *(str(_HYPER[k]) for k in ("lr", "beta1", "beta2", "eps"))]
+                   *(str(_HYPER[k]) for k in ("lr", "beta1", "beta2", "eps"))]  # fmt: skip
         # Idle OpenMP threads must sleep, not spin: this process waits while the others are timed.
         env = {**os.environ, "OMP_NUM_THREADS": str(threads or os.cpu_count() or 1), "OMP_WAIT_POLICY": "PASSIVE"}
         self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
@@ -381,7 +381,7 @@ def _summarize(
                 median_ms=med * 1e3, min_ms=min(impl.times) * 1e3, max_ms=max(impl.times) * 1e3,
                 gelem_per_s=numel / med / 1e9, gb_per_s=numel * itemsize * _ARRAYS[impl.family] / med / 1e9,
                 rounds=len(impl.times), times_ms=[t * 1e3 for t in impl.times],
-            )
+            )  # fmt: skip
             if ref is not None and len(ref.times) == len(impl.times):
                 row["ratio_to_fused_adam"] = statistics.median(a / b for a, b in zip(impl.times, ref.times))
             if floor is not None and len(floor.times) == len(impl.times):
@@ -408,7 +408,7 @@ def _table(result: dict[str, Any]) -> str:
             row["name"], f"{row['median_ms']:.2f}", f"{row['min_ms']:.2f}-{row['max_ms']:.2f}",
             f"{row['gelem_per_s']:.3f}", f"{row['gb_per_s']:.1f}", opt("ratio_to_fused_adam", ".2f"),
             opt("percent_of_floor", ".0f"), "-" if peak is None else _bytes(peak),
-        ]))
+        ]))  # fmt: skip
     return "\n".join(lines)
 
 
@@ -505,7 +505,7 @@ def _json_default(x: Any) -> Any:
 
 def _argv_of(args: argparse.Namespace) -> list[str]:
     out = [f"--device {args.device}", f"--dtype {args.dtype}", f"--sizes {args.sizes}",
-           f"--rounds {args.rounds}", f"--warmup {args.warmup}"]
+           f"--rounds {args.rounds}", f"--warmup {args.warmup}"]  # fmt: skip
     if args.threads:
         out.append(f"--threads {args.threads}")
     if args.only:

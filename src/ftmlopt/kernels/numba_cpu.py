@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AVAILABLE", "HYPER_FIELDS", "LARGE_TENSOR", "PARALLEL_MIN", "floor_step", "multi_tensor_step", "operator_kernel",
-]
+]  # fmt: skip
 
 try:
     import numba
@@ -209,7 +209,7 @@ if AVAILABLE:
             dj = v[j] if compact else d[j]
             zj = v[j] if compact else z[j]
             nw, nd, nv, nz, ng = _element(g[j], w[j], dj, v[j], zj, coef, bias2, k, compact, coupled_wd, decoupled_wd,
-                                          write_grad)
+                                          write_grad)  # fmt: skip
             w[j] = nw
             v[j] = nv
             if not compact:
@@ -242,7 +242,7 @@ if AVAILABLE:
             z = v if compact else numba.carray(_pointer(table[4, i], like), n)
             for j in range(n):
                 nw, nd, nv, nz, ng = _element(g[j], w[j], d[j], v[j], z[j], per[i, 0], per[i, 1], k, compact,
-                                              coupled_wd, decoupled_wd, write_grad)
+                                              coupled_wd, decoupled_wd, write_grad)  # fmt: skip
                 w[j] = nw
                 v[j] = nv
                 if not compact:
@@ -291,7 +291,7 @@ def operator_kernel(
         _operator_loop, w.size, *flat,
         s.wd, s.rescale_grad, s.clip_grad, s.use_clip, s.beta1, s.one_minus_beta1, s.beta2, s.one_minus_beta2,
         s.epsilon, s.d_scale, s.bias2,
-    )
+    )  # fmt: skip
     return result
 
 

@@ -159,7 +159,7 @@ def _fused_ftml(
                 grad_scale=grad_scale, found_inf=found_inf, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                 weight_decay=weight_decay, clip_gradient=clip_gradient,
                 decoupled_weight_decay=decoupled_weight_decay, compact=compact, maximize=maximize,
-            )
+            )  # fmt: skip
             if device.type == "cpu":
                 _cpu_group(sub, steps, **args)
             elif device.type == "cuda":
@@ -185,14 +185,14 @@ def _groups(params: Sequence[Tensor], steps: Sequence[Tensor]) -> list[tuple[lis
 
 
 def _hyper(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-           clip_gradient: float | None, scale: float, maximize: bool) -> np.ndarray:
+           clip_gradient: float | None, scale: float, maximize: bool) -> np.ndarray:  # fmt: skip
     from ftmlopt.kernels.numba_cpu import HYPER_FIELDS
 
     values = {
         "lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay,
         "clip": math.inf if clip_gradient is None else clip_gradient, "grad_scale": scale,
         "sign": -1.0 if maximize else 1.0,
-    }
+    }  # fmt: skip
     return np.array([float(values[k]) for k in HYPER_FIELDS], dtype=np.float64)
 
 
@@ -238,7 +238,7 @@ def _cpu_group(
         return  # an inf/NaN gradient: skip the step entirely (steps are not incremented)
     write_grad = grad_scale is not None
     hyper = _hyper(float(lr), beta1, beta2, eps, weight_decay, clip_gradient,
-                   float(grad_scale) if write_grad else 1.0, maximize)
+                   float(grad_scale) if write_grad else 1.0, maximize)  # fmt: skip
     dtype = lists[0][0].dtype
     compute = dtype if dtype in (torch.float32, torch.float64) else torch.float32
     step_dtype = steps[0].dtype
@@ -251,7 +251,7 @@ def _cpu_group(
         list(map(torch.Tensor.is_contiguous, lst)) if set(map(_DTYPE, lst)) == {compute}
         else [t.dtype == compute and t.is_contiguous() for t in lst]
         for lst in lists
-    ]
+    ]  # fmt: skip
     direct = list(map(all, zip(*flags)))
     staged: list[tuple[Tensor, Tensor, bool]] = []  # (original, copy, write back)
     work = [list(lst) for lst in lists] if not all(direct) else lists
@@ -272,7 +272,7 @@ def _cpu_group(
         table, sizes, _NUMPY[compute], _NUMPY[step_dtype], hyper, compact=compact,
         coupled_wd=weight_decay != 0 and not decoupled_weight_decay,
         decoupled_wd=weight_decay != 0 and decoupled_weight_decay, write_grad=write_grad,
-    )
+    )  # fmt: skip
     for original, copy, write_back in staged:
         if write_back:
             original.copy_(copy)

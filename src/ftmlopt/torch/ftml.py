@@ -434,7 +434,7 @@ def _check_state_dict(opt: FTML, state_dict: Any) -> None:
     for i, (live, saved) in enumerate(zip(opt.param_groups, saved_groups)):
         if len(saved.get("params", ())) != len(live["params"]):
             raise ValueError(f"param group {i} of state_dict has {len(saved.get('params', ()))} params, "
-                             f"this optimizer's has {len(live['params'])}")
+                             f"this optimizer's has {len(live['params'])}")  # fmt: skip
         lr = saved.get("lr", live["lr"])
         lr_value = float(lr) if isinstance(lr, Tensor) and lr.numel() == 1 else lr
         if isinstance(lr_value, bool) or not isinstance(lr_value, (int, float)) or not 0 <= lr_value < math.inf:
@@ -566,7 +566,7 @@ def _single_tensor_ftml(
     hyper = dict(
         lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, clip_gradient=clip_gradient,
         decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, differentiable=differentiable,
-    )
+    )  # fmt: skip
     for i, param in enumerate(params):
         step_t = state_steps[i]
         step_t += 1
@@ -683,7 +683,7 @@ def _multi_tensor_ftml(
     hyper = dict(
         lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, clip_gradient=clip_gradient,
         decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
-    )
+    )  # fmt: skip
 
     params, grads, ds, vs, zs = _local_shards(params, grads, ds, vs, zs)
     lists: list[list[Tensor]] = [params, grads, vs, state_steps] + ([] if compact else [ds, zs])
@@ -801,7 +801,7 @@ def _local_shards(*lists: list[Tensor]) -> list[list[Tensor]]:
 
 
 def _fused_ftml(params: list[Tensor], grads: list[Tensor], ds: list[Tensor], vs: list[Tensor],
-                zs: list[Tensor], state_steps: list[Tensor], **kwargs: Any) -> None:
+                zs: list[Tensor], state_steps: list[Tensor], **kwargs: Any) -> None:  # fmt: skip
     """Forward to :func:`ftmlopt.torch._fused._fused_ftml` (looked up at call time)."""
     from ftmlopt.torch import _fused
 
