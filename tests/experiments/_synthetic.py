@@ -120,7 +120,7 @@ def text(n_chars: int, seed: int = 0) -> str:
     return "".join(out)
 
 
-def write_text(folder: Path, n_chars: int = 12_000, seed: int = 0) -> str:
+def write_text(folder: Path, n_chars: int = 24_000, seed: int = 0) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     body = text(n_chars, seed)
     (folder / "input.txt").write_text(body, encoding="utf-8")
