@@ -284,9 +284,10 @@ def describe(provenance: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------------------------------ locations
 def cache_root() -> Path:
-    """``$XDG_CACHE_HOME/ftmlopt``, or ``~/.cache/ftmlopt`` when ``XDG_CACHE_HOME`` is unset or empty."""
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
+    """``$XDG_CACHE_HOME/ftmlopt``, or ``~/.cache/ftmlopt`` when ``XDG_CACHE_HOME`` is unset, empty or
+    relative (the XDG base-directory spec says to ignore a relative one)."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"
     return base / "ftmlopt"
 
 

@@ -321,8 +321,11 @@ def test_archive_data_set_is_extracted_and_the_archive_removed(server: Server, _
 def test_cache_root_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert DS.cache_root() == tmp_path / "ftmlopt"
-    monkeypatch.setenv("XDG_CACHE_HOME", "")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for ignored in ("", "relative/cache"):
+        monkeypatch.setenv("XDG_CACHE_HOME", ignored)
+        assert DS.cache_root() == tmp_path / "home" / ".cache" / "ftmlopt"
+    monkeypatch.delenv("XDG_CACHE_HOME")
     assert DS.cache_root() == tmp_path / "home" / ".cache" / "ftmlopt"
 
 
