@@ -10,7 +10,7 @@ Three public data sets are known (:data:`DATASETS`): ``mnist`` (the full MNIST, 
 3. the per-user cache, ``$XDG_CACHE_HOME/ftmlopt/<name>`` (``~/.cache/ftmlopt/<name>`` when
    ``XDG_CACHE_HOME`` is unset);
 4. a download into that cache from the data set's public locations, tried in order. Every file is
-   checked against its published checksum (sha256 where one is published, else md5) and its length
+   checked against its expected checksum (sha256, or md5 where that is what is published) and its length
    against ``Content-Length`` before it is moved into place with :func:`os.replace`, so the cache never
    holds a partial or wrong file. A progress bar is shown when ``tqdm`` is installed.
 
@@ -19,7 +19,7 @@ every URL tried and why it failed, the cache folder, the ``--data`` option and `
 
 Every :class:`DataFiles` carries a ``provenance`` dict saying which data a run used: the source
 (``--data``, ``$FTMLOPT_DATA``, ``cache``, ``download``), the folder, the origin URL, and for each
-file its size, sha256 and which published checksum it matches (``None`` when it matches none, as for
+file its size, sha256 and which expected checksum it matches (``None`` when it matches none, as for
 a copy re-compressed by a mirror). Experiments record it in their JSON; :func:`describe` renders it
 as one line. Only the standard library is used (``tqdm`` optional).
 
@@ -77,7 +77,7 @@ _CHUNK = 1 << 16
 class RemoteFile:
     """One file of a data set: its name in the data set's folder and the checksums it may match.
 
-    ``sha256``/``md5`` are the published checksums of the file as downloaded (the check a download
+    ``sha256``/``md5`` are the expected checksums of the file as downloaded (the check a download
     must pass; at least one is needed to download it). ``also_known`` maps further sha256 values to a
     label (copies from elsewhere, recognised in the provenance but never required). ``member`` is the
     file's path inside the data set's archive when the data set is downloaded as one.
@@ -192,7 +192,7 @@ class DataUnavailableError(FileNotFoundError):
 
 
 class ChecksumMismatchError(OSError):
-    """A downloaded file's checksum is not the published one (the file is deleted)."""
+    """A downloaded file's checksum is not the expected one (the file is deleted)."""
 
 
 class IncompleteDownloadError(OSError):
@@ -227,11 +227,11 @@ def _digests(path: Path) -> tuple[int, str, str]:
 
 
 def _matches(f: RemoteFile, sha: str, md5: str) -> str | None:
-    """Which published or known checksum ``(sha, md5)`` matches, as a short label; None if none."""
+    """Which expected or known checksum ``(sha, md5)`` matches, as a short label; None if none."""
     if f.sha256 is not None and sha == f.sha256:
-        return "published sha256"
+        return "expected sha256"
     if f.md5 is not None and md5 == f.md5:
-        return "published md5"
+        return "expected md5"
     return next((label for known, label in f.also_known if sha == known), None)
 
 
@@ -349,7 +349,7 @@ def fetch(
         bad = [f["name"] for f in prov["files"] if f["verified"] is None and _checkable(ds, f["name"])]
         if bad:
             raise DataUnavailableError(
-                f"{ds.name}: cached file(s) {', '.join(bad)} in {folder} do not match the published checksums; "
+                f"{ds.name}: cached file(s) {', '.join(bad)} in {folder} do not match the expected checksums; "
                 f"delete {folder} to download again, or pass --data DIR / set ${DATA_ENV}"
             )
         return DataFiles(ds, folder, paths, prov)

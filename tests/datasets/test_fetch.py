@@ -178,7 +178,7 @@ def test_fetch_downloads_into_the_cache_then_reads_it_offline(
     prov = files.provenance
     assert prov["source"] == "download" and prov["origin"] == f"{server.base}/m1/"
     assert prov["files"] == [
-        {"name": "input.txt", "bytes": len(BODY), "sha256": sha(BODY), "verified": "published sha256"}
+        {"name": "input.txt", "bytes": len(BODY), "sha256": sha(BODY), "verified": "expected sha256"}
     ]
     assert json.loads(json.dumps(prov, allow_nan=False)) == prov  # strict JSON
     assert leftovers(cache) == ["SOURCE.json", "input.txt"]
@@ -187,7 +187,7 @@ def test_fetch_downloads_into_the_cache_then_reads_it_offline(
     again = fetch(ds, progress=False)
     assert again.provenance["source"] == "cache" and again.provenance["origin"] == f"{server.base}/m1/"
     assert again.provenance["files"] == prov["files"] and len(server.requests) == n_requests
-    assert "toy from cache" in describe(again.provenance) and "published sha256" in describe(again.provenance)
+    assert "toy from cache" in describe(again.provenance) and "expected sha256" in describe(again.provenance)
 
 
 def test_fetch_tries_the_next_url_after_a_bad_file(server: Server, _isolated: Path) -> None:
@@ -252,8 +252,8 @@ def test_precedence_data_then_env_then_cache(
     env = fetch(ts)
     assert env.folder == env_root / "tinyshakespeare" and env.provenance["source"] == "$FTMLOPT_DATA"
     monkeypatch.delenv(DS.DATA_ENV)
-    with pytest.raises(DataUnavailableError, match="do not match the published checksums"):
-        fetch(ts)  # a cached file that is not the published one is not used
+    with pytest.raises(DataUnavailableError, match="do not match the expected checksums"):
+        fetch(ts)  # a cached file that is not the expected one is not used
     (cache / "input.txt").write_bytes(BODY)
     toy = Dataset(name="tinyshakespeare", title="t", files=(RemoteFile("input.txt", sha256=sha(BODY)),), urls=(),
                   canonical="-", license="-", folders=("tinyshakespeare",))
@@ -263,7 +263,7 @@ def test_precedence_data_then_env_then_cache(
 
 def test_named_folders_are_used_as_they_are(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A folder the user names is never replaced by the cache or a download, and its files are not required to
-    match a published checksum (a mirror's copy); the provenance says they do not."""
+    match an expected checksum (a mirror's copy); the provenance says they do not."""
     no_network(monkeypatch)
     (tmp_path / "tinyshakespeare").mkdir()
     (tmp_path / "tinyshakespeare" / "input.txt").write_bytes(OTHER)
