@@ -164,6 +164,9 @@ def test_loaders_take_a_fetch_result_and_find_the_env_folder(
 def test_resolve_data_dir(data_written: DataRoot, tmp_path: Path) -> None:
     root = data_written.root
     assert D.resolve_data_dir(root, "babi-qa1") == root / "babi-qa1"
+    files = D.resolve_data(root, "tinyshakespeare")
+    assert files.folder == root / "tinyshakespeare" and files.provenance["source"] == "--data"
+    assert files.provenance["files"][0]["bytes"] == len(data_written.text.encode())
     assert D.resolve_data_dir(root / "mnist10k", "mnist10k") == root / "mnist10k"
     with pytest.raises(FileNotFoundError, match=re.escape("(--data DIR)")):
         D.resolve_data_dir(tmp_path / "missing", "mnist10k")
@@ -196,3 +199,10 @@ def test_digits_split() -> None:
     assert xtr.shape == (1437, 1, 8, 8) and xte.shape == (360, 1, 8, 8)
     assert 0.0 <= xtr.min() and xtr.max() <= 1.0
     assert len(set(ytr.tolist())) == 10
+
+
+def test_module_examples() -> None:
+    import doctest
+
+    result = doctest.testmod(D, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0

@@ -6,7 +6,7 @@ a :class:`ftmlopt.datasets.DataFiles` from :func:`ftmlopt.datasets.fetch`, or No
 set in ``$FTMLOPT_DATA``, the per-user cache, or else download it (checksum-checked). To record which
 data a run used, fetch first and keep the provenance::
 
-    files = fetch("mnist", args.data)          # ftmlopt.datasets.fetch
+    files = resolve_data(args.data, "mnist")   # or ftmlopt.datasets.fetch("mnist", args.data)
     x_train, y_train, x_test, y_test = load_mnist(files)
     result["data"] = files.provenance            # a JSON-ready dict; describe() gives one line
 
@@ -45,7 +45,8 @@ from ftmlopt.datasets import DATA_ENV, DataFiles, fetch
 
 __all__ = [
     "DATA_ENV", "BabiArrays", "BabiQuestion", "MnistSplits", "babi_vocab", "load_babi", "load_digits_split",
-    "load_mnist", "load_mnist10k", "load_tinyshakespeare", "make_timeseries", "parse_babi", "resolve_data_dir",
+    "load_mnist", "load_mnist10k", "load_tinyshakespeare", "make_timeseries", "parse_babi", "resolve_data",
+    "resolve_data_dir",
     "split_mnist10k", "tokenize", "vectorize_babi",
 ]
 
@@ -60,18 +61,24 @@ def _files(dataset: str, data: DataArg) -> DataFiles:
     return data if isinstance(data, DataFiles) else fetch(dataset, data)
 
 
-def resolve_data_dir(data: str | os.PathLike[str] | None, subdir: str) -> Path:
-    """The folder of one data set (``subdir``: ``mnist10k``/``mnist``, ``babi-qa1``, ``tinyshakespeare``).
+def resolve_data(data: str | os.PathLike[str] | None, subdir: str) -> DataFiles:
+    """One data set (``subdir``: ``mnist10k``/``mnist``, ``babi-qa1``, ``tinyshakespeare``) with its provenance.
 
     ``data`` if it holds the files (or a subfolder named ``subdir`` that does), else ``$FTMLOPT_DATA``,
     the per-user cache, or a download (:func:`ftmlopt.datasets.fetch`). Raises
     :class:`FileNotFoundError` (naming the folder, ``--data`` and the URLs tried) when none works.
+    Pass the result to the loaders, and record its ``provenance`` dict in the run's JSON.
     """
     if subdir not in _SUBDIRS:
         raise ValueError(f"unknown data folder {subdir!r}; known: {', '.join(_SUBDIRS)}")
     if data is not None and not Path(data).is_dir():
         raise FileNotFoundError(f"data folder {str(data)!r} does not exist (--data DIR)")
-    return fetch(_SUBDIRS[subdir], data).folder
+    return fetch(_SUBDIRS[subdir], data)
+
+
+def resolve_data_dir(data: str | os.PathLike[str] | None, subdir: str) -> Path:
+    """The folder of :func:`resolve_data` (same arguments, same errors)."""
+    return resolve_data(data, subdir).folder
 
 
 # --------------------------------------------------------------------------------------------- MNIST
