@@ -16,9 +16,9 @@ DATA_DIRS = {"timeseries": None, "mnist": "mnist10k", "babi": "babi-qa1", "charl
 
 
 @pytest.mark.parametrize("task", TASKS)
-def test_quick_run_writes_json_and_png(task: str, data_dir: Path, tmp_path: Path) -> None:
+def test_quick_run_writes_json_and_png(task: str, shared_data: Path, tmp_path: Path) -> None:
     spec = get_spec(task)
-    data = str(data_dir / DATA_DIRS[task]) if DATA_DIRS[task] else None
+    data = str(shared_data / DATA_DIRS[task]) if DATA_DIRS[task] else None
     res = reproduce(task, quick=True, data=data, out=tmp_path, progress=False)
     saved = json.loads((tmp_path / f"{task}.json").read_text())
     assert (tmp_path / f"{task}.png").read_bytes()[:4] == b"\x89PNG"
@@ -47,9 +47,9 @@ def _curve(task: str, data, seed: int, epochs: int = 2) -> list[float]:
 
 
 @pytest.mark.parametrize("task", TASKS)
-def test_same_seed_same_curve(task: str, data_dir: Path) -> None:
+def test_same_seed_same_curve(task: str, shared_data: Path) -> None:
     spec = get_spec(task)
-    data = spec.load(data_dir / DATA_DIRS[task] if DATA_DIRS[task] else None, True)
+    data = spec.load(shared_data / DATA_DIRS[task] if DATA_DIRS[task] else None, True)
     first = _curve(task, data, seed=0)
     assert _curve(task, data, seed=0) == first  # bit for bit
     assert _curve(task, data, seed=1) != first
