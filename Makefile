@@ -23,6 +23,30 @@ $(VENV)/.test-installed: $(PY) pyproject.toml constraints/dev.txt
 demo: $(VENV)/.demo-installed
 	$(PY) -m ftmlopt demo
 
+# `make test-bare`: the NumPy-only install. `pip install .` (a regular install, so the tests import what
+# `pip install ftmlopt` gives; redone whenever a source file changes) plus pytest and hypothesis in
+# .venv-bare, then every test not marked `frameworks` (the MXNet system, the data loaders, the docs'
+# NumPy examples). A skipped test fails any run unless --allow-skips is given (tests/conftest.py).
+VENV_BARE ?= .venv-bare
+PY_BARE := $(VENV_BARE)/bin/python
+SOURCES := $(shell find src -name '*.py' -o -name py.typed)
+.PHONY: test-bare clean-bare
+
+$(PY_BARE):
+	$(PYTHON) -m venv $(VENV_BARE)
+	$(PY_BARE) -m pip install --quiet --upgrade pip
+
+$(VENV_BARE)/.bare-installed: $(PY_BARE) pyproject.toml constraints/dev.txt $(SOURCES)
+	$(PY_BARE) -m pip install --quiet --constraint constraints/dev.txt . pytest hypothesis
+	touch $@
+
+test-bare: $(VENV_BARE)/.bare-installed
+	$(PY_BARE) -m pytest -m "not frameworks" -p no:cacheprovider
+
+clean: clean-bare
+clean-bare:
+	rm -rf $(VENV_BARE)
+
 lint: $(VENV)/.test-installed
 	$(PY) -m ruff check src tests
 

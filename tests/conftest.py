@@ -216,3 +216,65 @@ def kernel_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
         monkeypatch.delenv("FTMLOPT_DISABLE_NUMBA", raising=False)
     return request.param
 
+
+
+# --------------------------------------------------------------------------- the `frameworks` marker
+# Tests that need an optional extra (torch, JAX/optax/flax, Keras, Numba, Triton, scikit-learn, matplotlib,
+# Lightning) carry the `frameworks` marker: every test in the folders and files below gets it here, other
+# tests declare it themselves. The NumPy-only run (`make test-bare`: `pytest -m "not frameworks"`) does
+# not even import those files, so a module-level `import torch` cannot break its collection. Deselected
+# is not skipped: in any run a skipped test fails the session (`--allow-skips` permits skips), so the full
+# run (`make test`) provably runs every test.
+_FRAMEWORK_DIRS = frozenset({"bench", "distributed", "jax", "keras", "kernels", "resume", "soak", "torch"})
+_FRAMEWORK_FILES = frozenset({"fuzz/test_fuzz_keras.py", "fuzz/test_fuzz_optax.py", "fuzz/test_fuzz_torch.py"})
+_TESTS = Path(__file__).resolve().parent
+
+
+def _needs_frameworks(path: Path) -> bool:
+    """Whether every test under ``path`` needs an optional extra (see the block comment above)."""
+    try:
+        parts = Path(path).resolve().relative_to(_TESTS).parts
+    except ValueError:
+        return False
+    if not parts:
+        return False
+    if parts[0] in _FRAMEWORK_DIRS:
+        return True
+    if parts[0] == "experiments":  # torch experiments, except the NumPy data loaders
+        return len(parts) > 1 and parts[1].startswith("test_") and parts[1] != "test_data.py"
+    return "/".join(parts) in _FRAMEWORK_FILES
+
+
+def _frameworks_deselected(config: pytest.Config) -> bool:
+    return bool(re.search(r"\bnot\s+frameworks\b", config.getoption("markexpr", "") or ""))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--allow-skips", action="store_true", default=False,
+        help="do not fail the session when a test is skipped (by default a skip fails it: CI runs every test)",
+    )
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    if _frameworks_deselected(config) and _needs_frameworks(collection_path):
+        return True
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if _needs_frameworks(item.path):
+            item.add_marker(pytest.mark.frameworks)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if session.config.getoption("--allow-skips"):
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter is not None else []
+    if skipped and session.exitstatus == pytest.ExitCode.OK:
+        reporter.ensure_newline()
+        reporter.write_line(f"{len(skipped)} test(s) skipped: every test must run (pass --allow-skips to permit it)",
+                            red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

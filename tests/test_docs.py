@@ -38,7 +38,20 @@ def _readme_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
 
-@pytest.mark.parametrize("index", range(len(_readme_blocks())))
+#: an import of an optional extra: such a README block is a `frameworks` test (the NumPy-only run skips it)
+_EXTRA_IMPORT = re.compile(
+    r"^\s*(?:import|from)\s+(?:torch|jax|optax|flax|keras|lightning|transformers|numba|triton|sklearn|matplotlib)\b",
+    flags=re.M,
+)
+
+
+@pytest.mark.parametrize(
+    "index",
+    [
+        pytest.param(i, marks=[pytest.mark.frameworks] if _EXTRA_IMPORT.search(block) else [])
+        for i, block in enumerate(_readme_blocks())
+    ],
+)
 def test_readme_python_blocks_run(index: int, tmp_path: Path) -> None:
     """Every ```python block of the README runs as it is, in a fresh interpreter."""
     code = _readme_blocks()[index]

@@ -16,7 +16,7 @@ from ftmlopt.bench import WORKLOADS, main, parse_sizes
 EXPECTED = {
     "ftml for-loop", "ftml foreach", "ftml fused", "ftml fused compact", "ftml_update numba", "ftml_update numpy",
     "adam for-loop", "adam foreach", "adam fused", "floor",
-}  # fmt: skip
+}
 
 
 def test_parse_sizes() -> None:
@@ -57,7 +57,7 @@ def test_bench_end_to_end_writes_json_and_table(tmp_path, capsys) -> None:
 def test_bench_through_the_cli_with_only_and_float64(tmp_path, capsys) -> None:
     out = tmp_path / "b.json"
     argv = ["bench", "--sizes", "3x50", "--rounds", "1", "--warmup", "0", "--dtype", "float64",
-            "--only", "ftml fused,adam fused", "--json", str(out), "--quiet"]  # fmt: skip
+            "--only", "ftml fused,adam fused", "--json", str(out), "--quiet"]
     assert cli.main(argv) == 0
     rows = json.loads(out.read_text())["workloads"][0]["results"]
     assert [r["name"] for r in rows] == ["ftml fused", "adam fused"]
@@ -111,7 +111,7 @@ def test_mxnet_option_drives_another_interpreter_round_by_round(tmp_path) -> Non
 def test_mxnet_missing_is_reported_not_fatal(tmp_path) -> None:
     out = tmp_path / "b.json"
     assert main(["--sizes", "1x10", "--rounds", "1", "--warmup", "0", "--only", "adam fused",
-                 "--mxnet", sys.executable, "--json", str(out), "--quiet"]) == 0  # fmt: skip
+                 "--mxnet", sys.executable, "--json", str(out), "--quiet"]) == 0
     rows = {r["name"]: r for r in json.loads(out.read_text())["workloads"][0]["results"]}
     assert "MXNet is not importable" in rows["mxnet ftml_update"]["error"]
 

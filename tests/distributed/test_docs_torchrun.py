@@ -33,7 +33,7 @@ def _launch(script: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
          str(tmp_path / "ckpt")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    )
 
 
 # A rank that finished its work (its asserts passed and rank 0 printed the result) can still be

@@ -1,26 +1,61 @@
-"""Data loaders on the shared data: shapes, label counts, the bAbI parser, the synthetic series."""
+"""Data loaders on synthetic files in the real formats: shapes, values, the bAbI parser, the synthetic series.
+
+Expected values come from the generator (``_synthetic.py``) or from counting the raw lines here,
+never from the loaders under test.
+"""
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _synthetic import BABI_TEST, BABI_TRAIN, PEOPLE, PLACES, VERBS, DataRoot, write_idx_gz
 
+from ftmlopt.datasets import DataUnavailableError, fetch
 from ftmlopt.experiments import data as D
 
 
-def test_mnist10k_shapes_and_label_counts(shared_data: Path) -> None:
-    images, labels = D.load_mnist10k(shared_data / "mnist10k")
-    assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
-    assert labels.shape == (10000,)
-    # the class counts of the official MNIST test split
-    assert np.bincount(labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
-    assert images.max() == 255 and images.min() == 0
+def test_load_mnist_full_set(data_written: DataRoot) -> None:
+    assert data_written.mnist.train is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the full set gives no warning
+        xtr, ytr, xte, yte = D.load_mnist(data_written.root)
+    (img_tr, lab_tr), (img_te, lab_te) = data_written.mnist.train, data_written.mnist.test
+    assert xtr.shape == (1000, 1, 28, 28) and xte.shape == (10000, 1, 28, 28)
+    assert xtr.dtype == np.float32 and ytr.dtype == np.int64
+    # the published order is kept, scaled to [0, 1]
+    np.testing.assert_array_equal(xtr[:, 0] * 255.0, img_tr.astype(np.float32))
+    np.testing.assert_array_equal(xte[:, 0] * 255.0, img_te.astype(np.float32))
+    assert ytr.tolist() == lab_tr.tolist() and yte.tolist() == lab_te.tolist()
+    assert xtr.min() == 0.0 and xtr.max() == 1.0
 
 
-def test_mnist_split_is_fixed_disjoint_and_scaled(shared_data: Path) -> None:
-    images, labels = D.load_mnist10k(shared_data / "mnist10k")
+def test_load_mnist_test_split_only_says_so(data_written: DataRoot) -> None:
+    folder = data_written.root / "mnist10k"
+    with pytest.warns(UserWarning, match="only the 10,000-image test split"):
+        xtr, ytr, xte, yte = D.load_mnist(folder)
+    assert xtr.shape == (8000, 1, 28, 28) and xte.shape == (2000, 1, 28, 28)
+    images, labels = data_written.mnist10k.test
+    assert np.bincount(np.concatenate([ytr, yte]), minlength=10).tolist() == np.bincount(labels, minlength=10).tolist()
+    # it is split_mnist10k's fixed split (seed 0), tested on its own below
+    assert np.array_equal(ytr, D.split_mnist10k(images, labels)[1])
+    note = fetch("mnist", folder).provenance["note"]
+    assert "8,000" in note and "60,000" in note
+
+
+def test_mnist10k_reader_returns_the_written_arrays(data_written: DataRoot) -> None:
+    images, labels = D.load_mnist10k(data_written.root / "mnist10k")
+    want_images, want_labels = data_written.mnist10k.test
+    assert images.dtype == np.uint8 and labels.dtype == np.uint8
+    np.testing.assert_array_equal(images, want_images)
+    np.testing.assert_array_equal(labels, want_labels)
+
+
+def test_mnist_split_is_fixed_disjoint_and_scaled(data_written: DataRoot) -> None:
+    images, labels = data_written.mnist10k.test
     xtr, ytr, xte, yte = D.split_mnist10k(images, labels)
     assert xtr.shape == (8000, 1, 28, 28) and xte.shape == (2000, 1, 28, 28)
     assert xtr.dtype == np.float32 and 0.0 <= xtr.min() and xtr.max() <= 1.0
@@ -32,6 +67,16 @@ def test_mnist_split_is_fixed_disjoint_and_scaled(shared_data: Path) -> None:
     assert np.array_equal(again[1], ytr) and np.array_equal(again[3], yte)
     other = D.split_mnist10k(images, labels, seed=1)
     assert not np.array_equal(other[1], ytr)
+
+
+def test_idx_with_wrong_magic_or_length_is_rejected(tmp_path: Path) -> None:
+    write_idx_gz(tmp_path / "t10k-images-idx3-ubyte.gz", np.zeros(5, dtype=np.uint8))  # a 1-d file: magic 2049
+    write_idx_gz(tmp_path / "t10k-labels-idx1-ubyte.gz", np.zeros(5, dtype=np.uint8))
+    with pytest.raises(ValueError, match="magic number 2049, expected 2051"):
+        D.load_mnist10k(tmp_path)
+    write_idx_gz(tmp_path / "t10k-images-idx3-ubyte.gz", np.zeros((4, 28, 28), dtype=np.uint8))
+    with pytest.raises(ValueError, match="4 images but 5 labels"):
+        D.load_mnist10k(tmp_path)
 
 
 BABI_SNIPPET = """\
@@ -65,31 +110,70 @@ def test_babi_parser_rejects_malformed_lines() -> None:
         D.parse_babi("Mary went home.\n")
 
 
-def test_babi_files(shared_data: Path) -> None:
-    folder = shared_data / "babi-qa1"
-    train, test = D.load_babi(folder)
-    assert (len(train), len(test)) == (10000, 1000)
-    # answers counted independently of the parser, straight from the question lines
-    raw = (folder / D.BABI_TRAIN).read_text(encoding="utf-8").splitlines()
-    answers = [line.split("\t")[1] for line in raw if "\t" in line]
+def _story_lengths(text: str) -> list[int]:
+    """Words-and-punctuation count of each question's story, counted from the raw lines."""
+    out, count = [], 0
+    for line in text.splitlines():
+        ident, _, rest = line.partition(" ")
+        if ident == "1":
+            count = 0
+        if "\t" in rest:
+            out.append(count)
+        else:
+            count += len(rest.replace(".", " .").split())
+    return out
+
+
+def test_babi_files(data_written: DataRoot) -> None:
+    train, test = D.load_babi(data_written.root)
+    raw_train, raw_test = data_written.babi[BABI_TRAIN], data_written.babi[BABI_TEST]
+    assert (len(train), len(test)) == (raw_train.count("\t") // 2, raw_test.count("\t") // 2) == (650, 100)
+    answers = [line.split("\t")[1] for line in raw_train.splitlines() if "\t" in line]
     assert [q.answer for q in train] == answers
     vocab, story_len, query_len = D.babi_vocab(train, test)
-    assert len(vocab) == 21 and (story_len, query_len) == (68, 4)  # Keras' babi_memnn reports 22 = 21 + padding
-    assert {"Mary", "John", "Sandra", "Daniel", "?", "."} <= set(vocab)
+    words = {*PEOPLE, *PLACES, *" ".join(VERBS).split(), "the", "Where", "is", "?", "."}
+    assert set(vocab) == words and list(vocab) == sorted(words)
+    assert story_len == max(_story_lengths(raw_train) + _story_lengths(raw_test)) and query_len == 4
     arr = D.vectorize_babi(train[:50], vocab, story_len, query_len)
-    assert arr.stories.shape == (50, 68) and arr.questions.shape == (50, 4) and arr.answers.shape == (50,)
+    assert arr.stories.shape == (50, story_len) and arr.questions.shape == (50, 4) and arr.answers.shape == (50,)
     # left padding: the last word of the flattened story sits in the last column
-    words = [w for s in train[0].story for w in s]
-    n = len(words)
-    assert (arr.stories[0, : 68 - n] == 0).all()
-    assert [vocab[i - 1] for i in arr.stories[0, 68 - n :]] == words
-    assert vocab[arr.answers[0] - 1] == train[0].answer
+    first = raw_train.splitlines()[:2]
+    flat = " ".join(line.partition(" ")[2] for line in first).replace(".", " .").split()
+    assert (arr.stories[0, : story_len - len(flat)] == 0).all()
+    assert [vocab[i - 1] for i in arr.stories[0, story_len - len(flat) :]] == flat
+    assert vocab[arr.answers[0] - 1] == answers[0]
 
 
-def test_tinyshakespeare(shared_data: Path) -> None:
-    codes, chars = D.load_tinyshakespeare(shared_data / "tinyshakespeare")
-    assert len(codes) == 1_115_394 and len(chars) == 65
-    assert "".join(chars[i] for i in codes[:9]) == "First Cit"
+def test_tinyshakespeare(data_written: DataRoot) -> None:
+    codes, chars = D.load_tinyshakespeare(data_written.root / "tinyshakespeare")
+    assert chars == tuple(sorted(set(data_written.text)))
+    assert codes.dtype == np.int64 and len(codes) == len(data_written.text)
+    assert "".join(chars[i] for i in codes) == data_written.text
+
+
+def test_loaders_take_a_fetch_result_and_find_the_env_folder(
+    data_written: DataRoot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = fetch("tinyshakespeare", data_written.root)
+    assert D.load_tinyshakespeare(files)[0].tolist() == D.load_tinyshakespeare(files.folder)[0].tolist()
+    monkeypatch.setenv("FTMLOPT_DATA", str(data_written.root))
+    assert len(D.load_babi()[1]) == 100
+    assert D.load_mnist().x_train.shape == (1000, 1, 28, 28)
+
+
+def test_resolve_data_dir(data_written: DataRoot, tmp_path: Path) -> None:
+    root = data_written.root
+    assert D.resolve_data_dir(root, "babi-qa1") == root / "babi-qa1"
+    files = D.resolve_data(root, "tinyshakespeare")
+    assert files.folder == root / "tinyshakespeare" and files.provenance["source"] == "--data"
+    assert files.provenance["files"][0]["bytes"] == len(data_written.text.encode())
+    assert D.resolve_data_dir(root / "mnist10k", "mnist10k") == root / "mnist10k"
+    with pytest.raises(FileNotFoundError, match=re.escape("(--data DIR)")):
+        D.resolve_data_dir(tmp_path / "missing", "mnist10k")
+    with pytest.raises(DataUnavailableError, match="does not hold"):
+        D.resolve_data_dir(tmp_path, "tinyshakespeare")
+    with pytest.raises(ValueError, match="unknown data folder 'cifar'"):
+        D.resolve_data_dir(root, "cifar")
 
 
 def test_timeseries_shape_and_shift() -> None:
@@ -109,21 +193,16 @@ def test_timeseries_stationary_control() -> None:
     assert not np.array_equal(x, D.make_timeseries(seed=4, changing=False))
 
 
-def test_find_shared_data_env_and_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv(D.DATA_ENV, str(tmp_path))
-    assert D.find_shared_data() == tmp_path
-    monkeypatch.setenv(D.DATA_ENV, str(tmp_path / "nope"))
-    monkeypatch.setattr(D, "_REPO_ROOT", tmp_path / "a" / "b")
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(FileNotFoundError, match="FTMLOPT_SHARED_DATA"):
-        D.find_shared_data()
-    assert D.find_shared_data(required=False) is None
-    with pytest.raises(FileNotFoundError, match="--data"):
-        D.resolve_data_dir(tmp_path / "missing", "mnist10k")
-
-
+@pytest.mark.frameworks  # scikit-learn
 def test_digits_split() -> None:
     xtr, ytr, xte, _ = D.load_digits_split()
     assert xtr.shape == (1437, 1, 8, 8) and xte.shape == (360, 1, 8, 8)
     assert 0.0 <= xtr.min() and xtr.max() <= 1.0
     assert len(set(ytr.tolist())) == 10
+
+
+def test_module_examples() -> None:
+    import doctest
+
+    result = doctest.testmod(D, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0

@@ -126,10 +126,10 @@ class Pair:
             [] if self.compact else pick(self.zs), pick(self.steps),
             grad_scale=None if grad_scale is None else torch.tensor(grad_scale), found_inf=found_inf,
             compact=self.compact, has_complex=False, capturable=False, differentiable=False, **kw,
-        )  # fmt: skip
+        )
         if found_inf is None or float(found_inf) == 0:
             reference_step([self.ref_p[i] for i in idx], rg, [self.ref_states[i] for i in idx],
-                           compact=self.compact, grad_scale=grad_scale, **kw)  # fmt: skip
+                           compact=self.compact, grad_scale=grad_scale, **kw)
         return fg, rg
 
     def check(self, dtype, msg=""):

@@ -45,7 +45,7 @@ def test_triton_matches_reference_every_step(dtype, compact, opt_index) -> None:
 def test_triton_bf16_params_with_fp32_state() -> None:
     gen = torch.Generator().manual_seed(21)
     pair = Pair(_make([(4, 6), (9,)], torch.bfloat16, None, gen), compact=False, state_dtype=torch.float32,
-                fused=_triton_fused)  # fmt: skip
+                fused=_triton_fused)
     for k in range(2):
         pair.step(_grads(pair.fused_p, gen), **HYPER, **OPTIONS[1])
         pair.check(torch.bfloat16, f"step {k}")

@@ -1,11 +1,19 @@
-"""Data for the experiments: locating the shared data folder, and one loader per data set.
+"""Data for the experiments: one loader per data set, over :mod:`ftmlopt.datasets`.
 
 Everything here is NumPy (plus scikit-learn for the bundled digits), so the loaders can be tested
-without a deep-learning framework. The data sets are described in ``shared/data/SOURCES.md``:
+without a deep-learning framework. Each file-backed loader takes ``data``: a folder (``--data DIR``),
+a :class:`ftmlopt.datasets.DataFiles` from :func:`ftmlopt.datasets.fetch`, or None to find the data
+set in ``$FTMLOPT_DATA``, the per-user cache, or else download it (checksum-checked). To record which
+data a run used, fetch first and keep the provenance::
 
-* ``mnist10k/``: the 10,000-image MNIST *test* split (IDX, gzip). :func:`load_mnist10k` reads it and
-  :func:`split_mnist10k` splits it 8,000 / 2,000 with a fixed permutation seed (0).
-* ``babi-qa1/``: bAbI task 1, en-10k (10,000 training and 1,000 test questions). :func:`parse_babi`
+    files = resolve_data(args.data, "mnist")   # or ftmlopt.datasets.fetch("mnist", args.data)
+    x_train, y_train, x_test, y_test = load_mnist(files)
+    result["data"] = files.provenance            # a JSON-ready dict; describe() gives one line
+
+* MNIST: :func:`load_mnist` gives the paper's 60,000 / 10,000 split. With only the 10,000-image test
+  split present (``t10k-*`` files alone) it splits those 8,000 / 2,000 with a fixed permutation (seed 0,
+  :func:`split_mnist10k`), warns, and the provenance says so. :func:`load_mnist10k` reads the test split.
+* ``babi-qa1``: bAbI task 1, en-10k (10,000 training and 1,000 test questions). :func:`parse_babi`
   parses the line format, :func:`vectorize_babi` turns it into padded index arrays the way Keras'
   ``babi_memnn`` example does (stories and questions left-padded with 0, answers as word indices).
 * ``tinyshakespeare/input.txt``: 1,115,394 characters. :func:`load_tinyshakespeare` maps it to
@@ -26,61 +34,51 @@ from __future__ import annotations
 import gzip
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
-#: environment variable that overrides the location of the shared data folder
-DATA_ENV = "FTMLOPT_SHARED_DATA"
+from ftmlopt.datasets import DATA_ENV, DataFiles, fetch
 
-_REPO_ROOT = Path(__file__).resolve().parents[3]  # src/ftmlopt/experiments/data.py -> repository root
+__all__ = [
+    "DATA_ENV", "BabiArrays", "BabiQuestion", "MnistSplits", "babi_vocab", "load_babi", "load_digits_split",
+    "load_mnist", "load_mnist10k", "load_tinyshakespeare", "make_timeseries", "parse_babi", "resolve_data",
+    "resolve_data_dir",
+    "split_mnist10k", "tokenize", "vectorize_babi",
+]
+
+#: a data argument: a folder, what :func:`ftmlopt.datasets.fetch` returned, or None (env, cache, download)
+DataArg = str | os.PathLike[str] | DataFiles | None
+
+#: the folder names the tasks used for each data set, mapped to the data set
+_SUBDIRS = {"mnist10k": "mnist", "mnist": "mnist", "babi-qa1": "babi-qa1", "tinyshakespeare": "tinyshakespeare"}
 
 
-def shared_data_candidates() -> list[Path]:
-    """Places searched, in order, for the shared data folder.
+def _files(dataset: str, data: DataArg) -> DataFiles:
+    return data if isinstance(data, DataFiles) else fetch(dataset, data)
 
-    ``$FTMLOPT_SHARED_DATA``, then ``../shared/data`` relative to the current directory, then
-    ``../shared/data`` relative to the repository root (for a checkout), then ``./shared/data``.
+
+def resolve_data(data: str | os.PathLike[str] | None, subdir: str) -> DataFiles:
+    """One data set (``subdir``: ``mnist10k``/``mnist``, ``babi-qa1``, ``tinyshakespeare``) with its provenance.
+
+    ``data`` if it holds the files (or a subfolder named ``subdir`` that does), else ``$FTMLOPT_DATA``,
+    the per-user cache, or a download (:func:`ftmlopt.datasets.fetch`). Raises
+    :class:`FileNotFoundError` (naming the folder, ``--data`` and the URLs tried) when none works.
+    Pass the result to the loaders, and record its ``provenance`` dict in the run's JSON.
     """
-    out: list[Path] = []
-    env = os.environ.get(DATA_ENV)
-    if env:
-        out.append(Path(env))
-    cwd = Path.cwd()
-    out += [cwd.parent / "shared" / "data", _REPO_ROOT.parent / "shared" / "data", cwd / "shared" / "data"]
-    return out
-
-
-def find_shared_data(required: bool = True) -> Path | None:
-    """Return the first existing candidate of :func:`shared_data_candidates`.
-
-    Raises FileNotFoundError listing the places searched when none exists and ``required`` is true.
-
-    Example:
-        >>> from ftmlopt.experiments.data import find_shared_data
-        >>> p = find_shared_data(required=False)
-        >>> p is None or p.is_dir()
-        True
-    """
-    cands = shared_data_candidates()
-    for c in cands:
-        if c.is_dir():
-            return c
-    if required:
-        tried = ", ".join(str(c) for c in cands)
-        raise FileNotFoundError(
-            f"shared data folder not found (tried {tried}); pass --data DIR or set ${DATA_ENV}"
-        )
-    return None
+    if subdir not in _SUBDIRS:
+        raise ValueError(f"unknown data folder {subdir!r}; known: {', '.join(_SUBDIRS)}")
+    if data is not None and not Path(data).is_dir():
+        raise FileNotFoundError(f"data folder {str(data)!r} does not exist (--data DIR)")
+    return fetch(_SUBDIRS[subdir], data)
 
 
 def resolve_data_dir(data: str | os.PathLike[str] | None, subdir: str) -> Path:
-    """The folder for one data set: ``data`` if given, else ``<shared data>/<subdir>``."""
-    path = Path(data) if data is not None else find_shared_data() / subdir  # type: ignore[operator]
-    if not path.is_dir():
-        raise FileNotFoundError(f"data folder {str(path)!r} does not exist (--data DIR)")
-    return path
+    """The folder of :func:`resolve_data` (same arguments, same errors)."""
+    return resolve_data(data, subdir).folder
 
 
 # --------------------------------------------------------------------------------------------- MNIST
@@ -98,14 +96,51 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
     return data.reshape(dims)
 
 
-def load_mnist10k(folder: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Read the MNIST 10k test split: images ``(10000, 28, 28) uint8`` and labels ``(10000,) uint8``."""
-    folder = Path(folder)
-    images = _read_idx(folder / "t10k-images-idx3-ubyte.gz", 2051)
-    labels = _read_idx(folder / "t10k-labels-idx1-ubyte.gz", 2049)
+def _read_pair(folder: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    images = _read_idx(folder / f"{prefix}-images-idx3-ubyte.gz", 2051)
+    labels = _read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", 2049)
     if len(images) != len(labels):
-        raise ValueError(f"{len(images)} images but {len(labels)} labels in {folder}")
+        raise ValueError(f"{len(images)} images but {len(labels)} labels in {folder} ({prefix})")
     return images, labels
+
+
+def load_mnist10k(folder: DataArg = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read the MNIST 10k test split: images ``(10000, 28, 28) uint8`` and labels ``(10000,) uint8``."""
+    return _read_pair(_files("mnist", folder).folder, "t10k")
+
+
+class MnistSplits(NamedTuple):
+    """Training and held-out MNIST: images ``(n, 1, 28, 28)`` float32 in [0, 1], labels int64."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+def load_mnist(data: DataArg = None, *, seed: int = 0) -> MnistSplits:
+    """MNIST as the paper used it: the 60,000 training images and the 10,000 test images held out.
+
+    When only the test split is present (a folder with just the ``t10k-*`` files), it is split
+    8,000 / 2,000 by :func:`split_mnist10k` (permutation seed ``seed``) and a :class:`UserWarning` says
+    so, as does the provenance of :func:`ftmlopt.datasets.fetch` (its ``note``). The full set's order
+    is kept as published.
+    """
+    files = _files("mnist", data)
+    if files.has("train-images-idx3-ubyte.gz") and files.has("train-labels-idx1-ubyte.gz"):
+        (xtr, ytr), (xte, yte) = _read_pair(files.folder, "train"), _read_pair(files.folder, "t10k")
+
+        def scale(x: np.ndarray) -> np.ndarray:
+            return (x.astype(np.float32) / 255.0)[:, None]
+
+        return MnistSplits(scale(xtr), ytr.astype(np.int64), scale(xte), yte.astype(np.int64))
+    warnings.warn(
+        f"MNIST: only the 10,000-image test split found in {files.folder}; training on 8,000 of it and "
+        "holding out 2,000 (the paper trained on the 60,000 training images)",
+        UserWarning,
+        stacklevel=2,
+    )
+    return MnistSplits(*split_mnist10k(*_read_pair(files.folder, "t10k"), seed=seed))
 
 
 def split_mnist10k(
@@ -178,12 +213,11 @@ def parse_babi(lines: list[str] | str) -> list[BabiQuestion]:
     return out
 
 
-def load_babi(folder: str | os.PathLike[str]) -> tuple[list[BabiQuestion], list[BabiQuestion]]:
+def load_babi(folder: DataArg = None) -> tuple[list[BabiQuestion], list[BabiQuestion]]:
     """Parse the QA1 training (10,000 questions) and test (1,000 questions) files."""
-    folder = Path(folder)
-    return tuple(  # type: ignore[return-value]
-        parse_babi((folder / name).read_text(encoding="utf-8").splitlines()) for name in (BABI_TRAIN, BABI_TEST)
-    )
+    path = _files("babi-qa1", folder).folder
+    train, test = (parse_babi((path / name).read_text(encoding="utf-8")) for name in (BABI_TRAIN, BABI_TEST))
+    return train, test
 
 
 @dataclass(frozen=True)
@@ -230,9 +264,9 @@ def babi_vocab(*datasets: list[BabiQuestion]) -> tuple[tuple[str, ...], int, int
 
 
 # ---------------------------------------------------------------------------------- tiny-shakespeare
-def load_tinyshakespeare(folder: str | os.PathLike[str]) -> tuple[np.ndarray, tuple[str, ...]]:
+def load_tinyshakespeare(folder: DataArg = None) -> tuple[np.ndarray, tuple[str, ...]]:
     """Return the text as int64 codes over its sorted character set, and that character set."""
-    text = (Path(folder) / "input.txt").read_text(encoding="utf-8")
+    text = (_files("tinyshakespeare", folder).folder / "input.txt").read_text(encoding="utf-8")
     chars = tuple(sorted(set(text)))
     lookup = {c: i for i, c in enumerate(chars)}
     return np.fromiter((lookup[c] for c in text), dtype=np.int64, count=len(text)), chars

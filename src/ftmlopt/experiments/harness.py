@@ -450,8 +450,25 @@ def environment() -> dict[str, str]:
     }
 
 
+def strict(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by ``None``, so that it is strict JSON.
+
+    Example:
+        >>> from ftmlopt.experiments.harness import strict
+        >>> strict({"a": [1.0, float("nan")], "b": float("inf")})
+        {'a': [1.0, None], 'b': None}
+    """
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    return obj
+
+
 def write_json(obj: Any, path: Path) -> Path:
-    """Write ``obj`` as JSON (NaN/inf written as null-safe strings by ``json``'s default ``allow_nan``)."""
+    """Write ``obj`` as strict JSON: NaN and infinities (a diverged run) become ``null``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=1, allow_nan=True) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(strict(obj), indent=1, allow_nan=False) + "\n", encoding="utf-8")
     return path
