@@ -175,12 +175,13 @@ class FTML(keras.optimizers.Optimizer):
         c = rule.constants(
             lr=ops.cast(learning_rate, ct),
             t=ops.cast(self.iterations + 1, ct),
-            beta1=self.beta_1,
-            beta2=self.beta_2,
+            # betas in the compute dtype, as beta**t is: 1 - beta and 1 - beta**t from the same beta
+            beta1=ops.convert_to_tensor(self.beta_1, dtype=ct),
+            beta2=ops.convert_to_tensor(self.beta_2, dtype=ct),
             eps=self.epsilon,
             weight_decay=self.coupled_weight_decay,
             clip=self.clip_gradient,
-            power=lambda base, e: ops.power(ops.convert_to_tensor(base, dtype=ct), e),
+            power=ops.power,
         )
         fields: dict[str, Any] = {k: (None if x is None or k == "sign" else tensor(x)) for k, x in c._asdict().items()}
         fields["sign"] = c.sign

@@ -206,18 +206,19 @@ def _make(
         return FTMLState(count=count, d=jax.tree.map(zeros, params), v=v, z=jax.tree.map(zeros, params))
 
     def leaf_constants(lr: Any, t: jax.Array, ct: Any) -> rule.Constants:
-        # rule.constants combines Python numbers in float64; the traced count makes beta**t an
-        # array, taken in the compute dtype (never a half type).
+        # The traced count makes beta**t an array in the compute dtype (never a half type), so the
+        # betas are taken in that dtype too: 1 - beta and 1 - beta**t then come from the same beta,
+        # and v_1 / (1 - beta2) is g^2 exactly (1 - beta2 in float64 against 1 - beta2**t in float32
+        # differ by 1e-5 relative for beta2 = 0.999). The other Python numbers combine in float64.
         c = rule.constants(
             lr=_hyper(lr) if not _is_array(lr) else jnp.asarray(lr, ct),
             t=t.astype(ct),
-            beta1=b1 if not _is_array(b1) else jnp.asarray(b1, ct),
-            beta2=b2 if not _is_array(b2) else jnp.asarray(b2, ct),
+            beta1=jnp.asarray(b1, ct),
+            beta2=jnp.asarray(b2, ct),
             eps=eps,
             weight_decay=weight_decay,
             decoupled=decoupled,
             clip=clip,
-            power=lambda base, e: jnp.power(jnp.asarray(base, ct), e),
         )
         return _cast_constants(c, ct)
 
