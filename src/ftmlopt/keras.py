@@ -172,6 +172,8 @@ class FTML(keras.optimizers.Optimizer):
         def tensor(x: Any) -> Any:
             return ops.convert_to_tensor(x, dtype=ct) if isinstance(x, float | int) else ops.cast(x, ct)
 
+        # t counts FTML steps: with gradient accumulation Keras' `iterations` already counts
+        # accumulated steps, not micro-steps.
         c = rule.constants(
             lr=ops.cast(learning_rate, ct),
             t=ops.cast(self.iterations + 1, ct),
