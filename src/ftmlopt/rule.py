@@ -38,7 +38,10 @@ magnitude (``d`` scales with ``1/lr`` and cancels), and in memory (one buffer ag
 **lr = 0 is "no step".** The weights do not move. The compact form still folds the gradient into
 ``v`` and counts the step, exactly as Adam does at lr 0; the MXNet form cannot represent a step at
 lr 0 (``d_t`` would be infinite), so :func:`mxnet_step` returns every input unchanged and callers
-do not count the step (:func:`counts_step`).
+do not count the step (:func:`counts_step`). Front ends whose step count also drives the schedule
+(optax's ``count``, Keras' ``iterations``; not counting would hold a warmup from 0 at 0 for ever)
+count it and fold the gradient into ``v`` as the compact form does, keeping ``d`` and ``z``: as
+``z = -d w`` still holds, the next step is the compact form's, and the two forms stay equal.
 
 **dtypes.** float16/bfloat16 parameters are computed in float32 and rounded once on the way out
 (:func:`compute_dtype`); their state is float32 unless the user asks otherwise

@@ -678,3 +678,23 @@ def test_matches_the_torch_front_end_fp64_trajectory(compact, decoupled):
             opt.step()
             assert rel_err(params, p.detach().numpy()) <= 1e-12, t
             assert rel_err(state.v, opt.state[p]["v"].numpy()) <= 1e-12, t
+
+
+# ============================================================================ rule.mxnet_step(stable=True)
+def test_stable_order_is_mxnets_step_and_pulls_an_outside_edit_back_alike():
+    """The stable order (used by both front ends) against ftml_update in float64, an outside edit of
+    the weights included: MXNet's z pulls it back through (d_t - b1 d) w; the residual r = z + d w
+    must carry exactly that."""
+    from ftmlopt import rule
+
+    w0, grads = problem(np.float64)
+    w, d, v, z = w0.copy(), np.zeros_like(w0), np.zeros_like(w0), np.zeros_like(w0)
+    mw, md, mv, mz = w0.copy(), np.zeros_like(w0), np.zeros_like(w0), np.zeros_like(w0)
+    for t in range(1, STEPS + 1):
+        if t == 10:  # something else writes the weights
+            w, mw = w + 0.25, mw + 0.25
+        c = rule.constants(lr=0.125, t=t, beta1=0.5, beta2=0.875, eps=2.0**-20, weight_decay=0.25, clip=0.75)
+        w, d, v, z = rule.mxnet_step(w, grads[t - 1], d, v, z, c, sqrt=np.sqrt, clip=np.clip, stable=True)
+        ftml_update(mw, grads[t - 1], md, mv, mz, t=t, out=mw, **MX_HYPER, wd=0.25, clip_grad=0.75)
+        for got, want in ((w, mw), (d, md), (v, mv), (z, mz)):
+            assert rel_err(got, want) <= 1e-12, (t, rel_err(got, want))
