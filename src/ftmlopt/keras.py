@@ -28,7 +28,8 @@ work as for every Keras optimizer; sparse gradients (TensorFlow's ``IndexedSlice
 **lr 0 is "no step"** (a schedule that warms up from 0): the weights do not move, ``v`` takes
 the gradient in, and Keras counts the step as it always does. float16/bfloat16 variables are
 computed in float32 and rounded once; their state is float32 unless ``state_dtype`` says
-otherwise. Hyper-parameters are combined in float64 and cast to the compute dtype.
+otherwise. Hyper-parameters are combined in float64 (the betas in the compute dtype, as
+``beta**t`` is) and cast to the compute dtype, never to a half type.
 """
 
 from __future__ import annotations

@@ -34,8 +34,9 @@ Conventions:
   it equal to the compact form.
 * Half-precision (float16/bfloat16) parameters are computed in float32 and rounded once to their
   dtype; their state is float32 unless ``state_dtype`` says otherwise
-  (:func:`ftmlopt.rule.state_dtype`). Hyper-parameters are combined in float64 and cast to the
-  compute dtype, never to a half type; a half-precision hyper-parameter array (what
+  (:func:`ftmlopt.rule.state_dtype`). Hyper-parameters are combined in float64 (the betas are taken
+  in the compute dtype, as ``beta**t`` is) and cast to the compute dtype, never to a half type; a
+  half-precision hyper-parameter array (what
   :func:`optax.inject_hyperparams` makes for an all-half model unless given
   ``hyperparam_dtype=jnp.float32``) is refused with a ``TypeError``, since ``b2 = 0.999`` is 1.0
   in bfloat16.
