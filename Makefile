@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --constraint constraints/dev.txt
+# TensorFlow (Keras' default backend) gets its own venv; see constraints/tensorflow.txt.
+VENV_TF ?= .venv-tf
+PY_TF := $(VENV_TF)/bin/python
 
 .PHONY: demo test lint bench reproduce clean
 
@@ -18,6 +21,15 @@ $(VENV)/.demo-installed: $(PY) pyproject.toml constraints/dev.txt
 
 $(VENV)/.test-installed: $(PY) pyproject.toml constraints/dev.txt
 	$(PIP) -e '.[all,test]'
+	touch $@
+
+$(PY_TF):
+	$(PYTHON) -m venv $(VENV_TF)
+	$(PY_TF) -m pip install --quiet --upgrade pip
+
+$(VENV_TF)/.tf-installed: $(PY_TF) pyproject.toml constraints/dev.txt constraints/tensorflow.txt
+	$(PY_TF) -m pip install --quiet --constraint constraints/dev.txt --constraint constraints/tensorflow.txt \
+		-e '.[keras,test-min]' tensorflow-cpu
 	touch $@
 
 demo: $(VENV)/.demo-installed
@@ -50,12 +62,12 @@ clean-bare:
 lint: $(VENV)/.test-installed
 	$(PY) -m ruff check src tests
 
-test: $(VENV)/.test-installed
+test: $(VENV)/.test-installed $(VENV_TF)/.tf-installed
 	$(PY) -m ruff check src tests
-	$(PY) -m pytest
+	FTMLOPT_TENSORFLOW_PYTHON=$(abspath $(PY_TF)) $(PY) -m pytest
 
 bench: $(VENV)/.test-installed
 	$(PY) -m ftmlopt bench
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(VENV_TF) build dist src/*.egg-info .pytest_cache .ruff_cache .hypothesis

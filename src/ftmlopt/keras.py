@@ -1,76 +1,83 @@
-r"""FTML for Keras 3, on any backend (tested on JAX and PyTorch).
+r"""FTML for Keras 3, on any backend (tested on JAX, PyTorch and TensorFlow).
 
 Importing this module imports ``keras`` (``pip install 'ftmlopt[keras]'``); set
 ``KERAS_BACKEND`` before that, as Keras requires. ``import ftmlopt`` alone never imports Keras.
 
-Per element, with :math:`t` = ``optimizer.iterations + 1`` and states :math:`d, v, z` starting at 0:
+The rule is :mod:`ftmlopt.rule`. Per element, with :math:`t` = ``optimizer.iterations + 1``:
 
 .. math::
 
-    g' &= \mathrm{clip}(g + \lambda w_{t-1},\ c) \\
-    v_t &= \beta_2 v_{t-1} + (1-\beta_2)\, g'^2 \\
-    d_t &= \frac{1-\beta_1^t}{\eta_t}\Big(\sqrt{v_t/(1-\beta_2^t)} + \epsilon\Big) \\
-    z_t &= \beta_1 z_{t-1} + (1-\beta_1)\, g' - (d_t - \beta_1 d_{t-1})\, w_{t-1} \\
-    w_t &= -z_t / d_t
+    g' &= \mathrm{clip}(g + \lambda w_{t-1},\ c), \qquad
+    v_t = \beta_2 v_{t-1} + (1-\beta_2)\, g'^2 \\
+    w_t &= w_{t-1} - \frac{\eta_t(1-\beta_1)}{1-\beta_1^t}\,
+           \frac{g'}{\sqrt{v_t/(1-\beta_2^t)} + \epsilon}
 
-:math:`\lambda` is ``coupled_weight_decay`` (MXNet 1.9's ``wd``, added to the gradient inside the
-update, before the element-wise clip :math:`c` = ``clip_gradient``). The arithmetic is
-:mod:`ftmlopt.core.functional`, shared with the optax front end.
+That is the **compact** form (the default; state ``v``). ``compact=False`` gives MXNet's
+three-state form (``d, v, z``, :math:`w = -z/d`), equal to it while nothing else writes the
+weights; it is evaluated in :func:`ftmlopt.rule.mxnet_step`'s stable order. :math:`\lambda` is
+``coupled_weight_decay`` (MXNet 1.9's ``wd``), :math:`c` is ``clip_gradient``.
 
 Keras' own arguments keep their Keras meaning and run *before* the update, in Keras' order:
-``clipnorm`` / ``clipvalue`` / ``global_clipnorm`` act on the raw gradient (so before the coupled
-decay), and ``weight_decay`` is Keras' decoupled decay ``w <- w - w * weight_decay * lr``, applied
-to the variables Keras selects (see ``exclude_from_weight_decay``). Because FTML rebuilds the
-weight from :math:`z` (:math:`w = -z/d`), the same factor is applied to :math:`z` too; otherwise
-the next step would undo most of the decay. ``use_ema``, ``loss_scale_factor`` and
-``gradient_accumulation_steps`` work as for every Keras optimizer.
+``clipnorm`` / ``clipvalue`` / ``global_clipnorm`` act on the raw gradient, and ``weight_decay``
+is Keras' decoupled decay ``w <- w - w * weight_decay * lr`` on the variables Keras selects; in the
+MXNet form ``z`` gets the same factor (otherwise the next step would undo most of the decay).
+``use_ema``, ``loss_scale_factor``, ``gradient_accumulation_steps`` and ``LossScaleOptimizer``
+work as for every Keras optimizer; sparse gradients (TensorFlow's ``IndexedSlices``, from an
+``Embedding``) are made dense, since FTML's ``v`` decays everywhere.
+
+**lr 0 is "no step"** (a schedule that warms up from 0): the weights do not move, ``v`` takes
+the gradient in, and Keras counts the step as it always does. float16/bfloat16 variables are
+computed in float32 and rounded once; their state is float32 unless ``state_dtype`` says
+otherwise. Hyper-parameters are combined in float64 (the betas in the compute dtype, as
+``beta**t`` is) and cast to the compute dtype, never to a half type.
 """
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import keras
 from keras import ops
 
-from ftmlopt.core import functional as F
-from ftmlopt.core.validation import check_beta, check_epsilon, check_lr, check_nonnegative
+from ftmlopt import rule
 
 __all__ = ["FTML"]
 
 
-def _check_clip_gradient(value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"clip_gradient must be None or a real number, got {value!r} of type {type(value).__name__}")
-    x = float(value)
-    if not (x > 0.0 and x != float("inf")):
-        raise ValueError(f"Invalid clip_gradient: must be None or finite and > 0, got {value!r}")
-    return x
+def _dense(gradient: Any) -> Any:
+    """A dense tensor; TensorFlow's ``IndexedSlices`` (an ``Embedding``'s gradient) are scattered out.
+
+    FTML's ``v`` decays everywhere, so a sparse gradient is a dense one with zero rows.
+    """
+    if type(gradient).__name__ == "IndexedSlices":
+        import tensorflow as tf  # only the TensorFlow backend makes IndexedSlices
+
+        return tf.convert_to_tensor(gradient)
+    return ops.convert_to_tensor(gradient)
 
 
 @keras.saving.register_keras_serializable(package="ftmlopt")
 class FTML(keras.optimizers.Optimizer):
     r"""FTML (Follow the Moving Leader, Zheng & Kwok, ICML 2017) as a Keras 3 optimizer.
 
-    The update is in the module docstring: MXNet 1.9's FTML with epsilon outside the square
-    root, coupled L2 (``coupled_weight_decay``) before element-wise clipping (``clip_gradient``).
-    Each trainable variable gets three state variables of its shape and dtype: ``d``, ``v``, ``z``.
+    The update is in the module docstring and :mod:`ftmlopt.rule`.
 
     Args:
-        learning_rate: :math:`\eta`, a float > 0, a
+        learning_rate: :math:`\eta` >= 0 (0: no step), a
             ``keras.optimizers.schedules.LearningRateSchedule`` or a callable with no arguments.
         beta_1: :math:`\beta_1` in [0, 1).
         beta_2: :math:`\beta_2` in [0, 1).
         epsilon: :math:`\epsilon` >= 0, added outside the square root.
         coupled_weight_decay: :math:`\lambda` >= 0, MXNet's L2 ``wd``: ``g + wd * w`` before clipping.
         clip_gradient: None (off) or a finite bound > 0: element-wise clip of :math:`g'`.
+        compact: True (default): the compact form, one state ``v`` per variable. False: MXNet's
+            three-state form, ``d, v, z``.
+        state_dtype: dtype of the state variables; None: the variable's dtype, float32 for
+            float16/bfloat16 variables.
         weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum,
         ema_overwrite_frequency, loss_scale_factor, gradient_accumulation_steps, name: Keras'
-            standard optimizer arguments, with their Keras meaning (``weight_decay`` is decoupled
-            and also scales ``z``, see the module docstring).
+            standard optimizer arguments, with their Keras meaning (``name`` None: ``"ftml"``,
+            ``"ftml_1"``, ... as Keras numbers its own optimizers).
 
     Raises:
         TypeError, ValueError: on a bad argument, naming it.
@@ -92,6 +99,8 @@ class FTML(keras.optimizers.Optimizer):
         epsilon: float = 1e-8,
         coupled_weight_decay: float = 0.0,
         clip_gradient: float | None = None,
+        compact: bool = True,
+        state_dtype: str | None = None,
         weight_decay: float | None = None,
         clipnorm: float | None = None,
         clipvalue: float | None = None,
@@ -101,17 +110,23 @@ class FTML(keras.optimizers.Optimizer):
         ema_overwrite_frequency: int | None = None,
         loss_scale_factor: float | None = None,
         gradient_accumulation_steps: int | None = None,
-        name: str = "ftml",
+        name: str | None = None,
         **kwargs: Any,
     ) -> None:
         # Validate everything before Keras creates any variable.
-        if isinstance(learning_rate, (numbers.Real, bool)):
-            check_lr(learning_rate, "learning_rate")
-        check_beta(beta_1, "beta_1")
-        check_beta(beta_2, "beta_2")
-        check_epsilon(epsilon, "epsilon")
-        check_nonnegative(coupled_weight_decay, "coupled_weight_decay")
-        clip_gradient = _check_clip_gradient(clip_gradient)
+        if not callable(learning_rate) and not isinstance(learning_rate, keras.Variable):
+            rule.check_lr(learning_rate, "learning_rate")
+        beta_1 = rule.check_beta(beta_1, "beta_1")
+        beta_2 = rule.check_beta(beta_2, "beta_2")
+        epsilon = rule.check_eps(epsilon, "epsilon")
+        coupled_weight_decay = rule.check_weight_decay(coupled_weight_decay, "coupled_weight_decay")
+        clip = rule.check_clip(clip_gradient, "clip_gradient")
+        compact = rule.check_bool(compact, "compact")
+        if state_dtype is not None:
+            name_ = rule.dtype_name(state_dtype)
+            if name_ not in ("float16", "bfloat16", "float32", "float64"):
+                raise ValueError(f"Invalid state_dtype: {state_dtype!r} (a floating-point dtype is needed)")
+            state_dtype = name_
         super().__init__(
             learning_rate=learning_rate,
             name=name,
@@ -126,55 +141,91 @@ class FTML(keras.optimizers.Optimizer):
             gradient_accumulation_steps=gradient_accumulation_steps,
             **kwargs,
         )
-        self.beta_1 = float(beta_1)
-        self.beta_2 = float(beta_2)
-        self.epsilon = float(epsilon)
-        self.coupled_weight_decay = float(coupled_weight_decay)
-        self.clip_gradient = clip_gradient
+        self.beta_1 = beta_1
+        self.beta_2 = beta_2
+        self.epsilon = epsilon
+        self.coupled_weight_decay = coupled_weight_decay
+        self.clip_gradient = clip
+        self.compact = compact
+        self.state_dtype = state_dtype
 
     def build(self, var_list: list[Any]) -> None:
-        """Create the ``d``, ``v`` and ``z`` state variables (zeros) for each trainable variable."""
+        """Create the state variables (zeros): ``v`` per trainable variable, and ``d``, ``z`` in the MXNet form."""
         if self.built:
             return
         super().build(var_list)
-        self._d, self._v, self._z = self.add_optimizer_variables(var_list, ["d", "v", "z"])
+        names = ["v"] if self.compact else ["d", "v", "z"]
+        for state in names:
+            setattr(self, f"_{state}", [self._state_variable(var, state) for var in var_list])
+
+    def _state_variable(self, variable: Any, state: str) -> Any:
+        dtype = rule.state_dtype(variable.dtype, self.state_dtype)
+        path = getattr(variable, "path", None) or str(variable.name)
+        return self.add_variable(
+            shape=variable.shape,
+            initializer="zeros",
+            dtype=dtype,
+            name=f"{path.replace('/', '_').replace(':', '_')}_{state}",
+            layout=getattr(variable, "_layout", None),
+        )
+
+    def _constants(self, learning_rate: Any, ct: str) -> rule.Constants:
+        def tensor(x: Any) -> Any:
+            return ops.convert_to_tensor(x, dtype=ct) if isinstance(x, float | int) else ops.cast(x, ct)
+
+        # t counts FTML steps: with gradient accumulation Keras' `iterations` already counts
+        # accumulated steps, not micro-steps.
+        c = rule.constants(
+            lr=ops.cast(learning_rate, ct),
+            t=ops.cast(self.iterations + 1, ct),
+            # betas in the compute dtype, as beta**t is: 1 - beta and 1 - beta**t from the same beta
+            beta1=ops.convert_to_tensor(self.beta_1, dtype=ct),
+            beta2=ops.convert_to_tensor(self.beta_2, dtype=ct),
+            eps=self.epsilon,
+            weight_decay=self.coupled_weight_decay,
+            clip=self.clip_gradient,
+            power=ops.power,
+        )
+        fields: dict[str, Any] = {k: (None if x is None or k == "sign" else tensor(x)) for k, x in c._asdict().items()}
+        fields["sign"] = c.sign
+        return rule.Constants(**fields)
 
     def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
         """One FTML step for one variable (called by ``apply``; ``t = iterations + 1``)."""
-        dtype = variable.dtype
-
-        def c(x: Any) -> Any:
-            return ops.cast(x, dtype)
-
-        s = F.step_scalars(
-            lr=c(learning_rate),
-            t=c(self.iterations + 1),
-            beta1=c(self.beta_1),
-            beta2=c(self.beta_2),
-            epsilon=c(self.epsilon),
-            wd=None if self.coupled_weight_decay == 0.0 else c(self.coupled_weight_decay),
-            clip=None if self.clip_gradient is None else c(self.clip_gradient),
-        )
+        ct = rule.compute_dtype(variable.dtype)
+        c = self._constants(learning_rate, ct)
         i = self._get_variable_index(variable)
-        d, v, z = self._d[i], self._v[i], self._z[i]
-        new_w, d_t, v_t, z_t = F.full_step(
-            ops.convert_to_tensor(variable),
-            c(gradient),
-            ops.convert_to_tensor(d),
-            ops.convert_to_tensor(v),
-            ops.convert_to_tensor(z),
-            s,
-            sqrt=ops.sqrt,
-            clip=ops.clip,
-        )
-        self.assign(d, d_t)
-        self.assign(v, v_t)
-        self.assign(z, z_t)
-        self.assign(variable, new_w)
+        g = ops.cast(_dense(gradient), ct)
+        w = ops.cast(ops.convert_to_tensor(variable), ct)
+        v = self._v[i]
+        v0 = ops.cast(ops.convert_to_tensor(v), ct)
+        if self.compact:
+            new_w, v_t = rule.compact_step(w, g, v0, c, sqrt=ops.sqrt, clip=ops.clip)
+        else:
+            d, z = self._d[i], self._z[i]
+            new_w, d_t, v_t, z_t = rule.mxnet_step(
+                w,
+                g,
+                ops.cast(ops.convert_to_tensor(d), ct),
+                v0,
+                ops.cast(ops.convert_to_tensor(z), ct),
+                c,
+                sqrt=ops.sqrt,
+                clip=ops.clip,
+                where=ops.where,
+                stable=True,
+            )
+            # lr 0: the step is masked; v takes the gradient in as in the compact form (Keras counts
+            # the step), so d and z are kept and z = -d w still holds: both forms stay equal.
+            v_t = ops.where(c.lr == 0, rule.second_moment(v0, rule.gradient(g, w, c, clip=ops.clip), c), v_t)
+            self.assign(d, ops.cast(d_t, d.dtype))
+            self.assign(z, ops.cast(z_t, z.dtype))
+        self.assign(v, ops.cast(v_t, v.dtype))
+        self.assign(variable, ops.cast(new_w, variable.dtype))
 
     def _apply_weight_decay(self, variables: list[Any]) -> None:
-        # Keras' decoupled decay, w <- w - w * wd * lr, on the variables Keras selects; z gets the
-        # same factor so that w = -z / d still holds and the next step keeps the decay.
+        # Keras' decoupled decay, w <- w - w * wd * lr, on the variables Keras selects; in the MXNet
+        # form z gets the same factor so that w = -z / d still holds and the next step keeps the decay.
         if self.weight_decay is None:
             return
         for variable in variables:
@@ -182,12 +233,14 @@ class FTML(keras.optimizers.Optimizer):
                 lr = ops.cast(self._get_current_learning_rate(), variable.dtype)
                 wd = ops.cast(self.weight_decay, variable.dtype)
                 variable.assign(variable - variable * wd * lr)
-                z = self._z[self._get_variable_index(variable)]
-                z.assign(z - z * wd * lr)
+                if not self.compact:
+                    z = self._z[self._get_variable_index(variable)]
+                    lr_z, wd_z = ops.cast(lr, z.dtype), ops.cast(self.weight_decay, z.dtype)
+                    z.assign(z - z * wd_z * lr_z)
 
     def get_config(self) -> dict[str, Any]:
         """The constructor arguments, for ``from_config`` and ``.keras`` files."""
-        config = super().get_config()
+        config: dict[str, Any] = super().get_config()
         config.update(
             {
                 "beta_1": self.beta_1,
@@ -195,6 +248,8 @@ class FTML(keras.optimizers.Optimizer):
                 "epsilon": self.epsilon,
                 "coupled_weight_decay": self.coupled_weight_decay,
                 "clip_gradient": self.clip_gradient,
+                "compact": self.compact,
+                "state_dtype": self.state_dtype,
             }
         )
         return config

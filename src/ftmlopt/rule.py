@@ -38,7 +38,10 @@ magnitude (``d`` scales with ``1/lr`` and cancels), and in memory (one buffer ag
 **lr = 0 is "no step".** The weights do not move. The compact form still folds the gradient into
 ``v`` and counts the step, exactly as Adam does at lr 0; the MXNet form cannot represent a step at
 lr 0 (``d_t`` would be infinite), so :func:`mxnet_step` returns every input unchanged and callers
-do not count the step (:func:`counts_step`).
+do not count the step (:func:`counts_step`). Front ends whose step count also drives the schedule
+(optax's ``count``, Keras' ``iterations``; not counting would hold a warmup from 0 at 0 for ever)
+count it and fold the gradient into ``v`` as the compact form does, keeping ``d`` and ``z``: as
+``z = -d w`` still holds, the next step is the compact form's, and the two forms stay equal.
 
 **dtypes.** float16/bfloat16 parameters are computed in float32 and rounded once on the way out
 (:func:`compute_dtype`); their state is float32 unless the user asks otherwise
@@ -408,12 +411,28 @@ def mxnet_step(
     sqrt: UnaryFn,
     clip: ClipFn,
     where: Callable[[Array, Array, Array], Array] | None = None,
+    stable: bool = False,
 ) -> tuple[Array, Array, Array, Array]:
     """The MXNet (three-state) step; returns ``(w_t, d_t, v_t, z_t)`` in MXNet's evaluation order.
 
     At lr 0 every input comes back unchanged. For a Python ``lr`` that is a plain test; for a
     traced or tensor ``lr`` pass ``where(cond, a, b)`` (``jnp.where``, ``torch.where``) and the
     step is masked without a host sync.
+
+    ``stable=True`` evaluates the same step in an order that keeps a minimum fixed. MXNet's order
+    rebuilds the weight as ``-z_t / d_t`` every step, and that division does not give back
+    ``w_{t-1}`` bit for bit when ``g' = 0``; the one-ulp gradient it leaves is then divided by a
+    ``sqrt(v)`` that decays towards it, so the steps grow back to the size of ``lr`` and the
+    weights settle into an oscillation of a few percent around the minimum (float32, lr 0.3,
+    10 000 steps on a parabola). The stable order writes ``z_t`` around the residual
+    ``r = z + d w`` (0 in exact arithmetic while only the optimizer writes ``w``; it carries an
+    outside edit of ``w`` exactly as MXNet's ``z`` does):
+
+    .. math::
+
+        w_t = w_{t-1} - \frac{\beta_1 r + (1-\beta_1) g'}{d_t}, \\qquad z_t = -d_t w_t
+
+    Equal to MXNet's order in exact arithmetic, within rounding of it per step.
     """
     if _is_python_number(c.lr):
         if c.lr == 0:
@@ -426,8 +445,12 @@ def mxnet_step(
     gp = gradient(g, w, c, clip=clip)
     v = second_moment(v, gp, c)
     d_t = (sqrt(v / c.bias2) + c.eps) * c.d_scale
-    z = z * c.beta1 + gp * c.one_minus_beta1 - (d_t - d * c.beta1) * w
-    w = -z / d_t
+    if stable:
+        w = w - ((z + d * w) * c.beta1 + gp * c.one_minus_beta1) / d_t
+        z = -(w * d_t)
+    else:
+        z = z * c.beta1 + gp * c.one_minus_beta1 - (d_t - d * c.beta1) * w
+        w = -z / d_t
     if where is None:
         return w, d_t, v, z
     frozen = c.lr == 0

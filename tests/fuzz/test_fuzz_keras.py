@@ -24,7 +24,8 @@ FUZZ = settings(max_examples=25, deadline=None)
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # keras.Variable.numpy() on NumPy 2
 
 HYPER = {
-    "learning_rate": non_finite | st.floats(max_value=0.0, allow_nan=False, allow_infinity=False) | st.just(True),
+    # 0 is legal ("no step")
+    "learning_rate": non_finite | st.floats(max_value=-1e-12, allow_nan=False, allow_infinity=False) | st.just(True),
     "beta_1": bad_unit,
     "beta_2": bad_unit,
     "epsilon": bad_nonnegative,
@@ -32,6 +33,8 @@ HYPER = {
     "clip_gradient": (not_real | non_finite | st.floats(max_value=0.0, allow_nan=False)).filter(
         lambda v: v is not None  # None means "off"
     ),
+    "compact": st.sampled_from([0, 1, "True", 1.0]),
+    "state_dtype": st.sampled_from(["int32", "bool", "float8"]),
 }
 
 
@@ -50,8 +53,9 @@ def test_bad_hyperparameters_are_refused_by_name(data: st.DataObject, name: str)
     seed=st.integers(0, 2**16),
     mask_bits=st.lists(st.booleans(), min_size=6, max_size=6).filter(any),
     bad=st.sampled_from([np.nan, np.inf, -np.inf]),
+    compact=st.booleans(),
 )
-def test_nonfinite_gradients_propagate_elementwise(seed: int, mask_bits: list[bool], bad: float) -> None:
+def test_nonfinite_gradients_propagate_elementwise(seed: int, mask_bits: list[bool], bad: float, compact: bool) -> None:
     rng = np.random.default_rng(seed)
     w0 = rng.normal(size=6).astype(np.float32)
     g = rng.normal(size=6).astype(np.float32)
@@ -59,7 +63,7 @@ def test_nonfinite_gradients_propagate_elementwise(seed: int, mask_bits: list[bo
     results = []
     for value in (bad, 0.0):
         var = keras.Variable(w0.copy())
-        opt = FTML(learning_rate=0.05)
+        opt = FTML(learning_rate=0.05, compact=compact)
         gg = g.copy()
         gg[mask] = value
         opt.apply_gradients([(keras.ops.convert_to_tensor(gg), var)])

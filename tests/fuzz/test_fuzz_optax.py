@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _bad_values import bad_flag, bad_nonnegative, bad_positive, bad_unit, non_finite, not_real
+from _bad_values import bad_flag, bad_nonnegative, bad_unit, non_finite, not_real
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,7 +24,7 @@ from ftmlopt.optax import ftml, ftml_direct
 FUZZ = settings(max_examples=30, deadline=None)
 
 HYPER = {
-    "learning_rate": bad_positive.filter(lambda v: not callable(v)),
+    "learning_rate": bad_nonnegative.filter(lambda v: not callable(v)),  # 0 is legal: "no step"
     "b1": bad_unit,
     "b2": bad_unit,
     "eps": bad_nonnegative,
@@ -33,6 +33,8 @@ HYPER = {
         lambda v: v is not None  # None means "off"
     ),
     "compact": bad_flag,
+    "decoupled_weight_decay": bad_flag,
+    "state_dtype": st.sampled_from(["int32", "bool", "not-a-dtype", 3]),
 }
 
 
@@ -69,7 +71,7 @@ def test_mismatched_trees_and_shapes_raise(case: str) -> None:
     elif case == "grad_tree":
         grads = {"w": jnp.ones(3)}
     else:
-        state = state._replace(d={"w": jnp.ones(5), "b": jnp.zeros(2)})
+        state = state._replace(v={"w": jnp.ones(5), "b": jnp.zeros(2)})
     with pytest.raises((TypeError, ValueError)):
         tx.update(grads, state, params)
 
@@ -78,7 +80,11 @@ def test_mismatched_trees_and_shapes_raise(case: str) -> None:
 def test_foreign_state_is_refused_with_a_clear_error(source: str) -> None:
     params = {"w": jnp.ones(3)}
     tx = ftml(0.1, compact=source == "full_into_compact")
-    other = {"adam": optax.adam(0.1), "compact_into_full": ftml(0.1, compact=True), "full_into_compact": ftml(0.1)}
+    other = {
+        "adam": optax.adam(0.1),
+        "compact_into_full": ftml(0.1, compact=True),
+        "full_into_compact": ftml(0.1, compact=False),
+    }
     with pytest.raises((TypeError, ValueError), match="state"):
         tx.update(params, other[source].init(params), params)
 

@@ -37,7 +37,7 @@ def rel(a, b) -> float:
 
 class Optax:
     def __init__(self, w0):
-        self.tx = ftml(0.125, 0.5, 0.875, 2.0**-20, weight_decay=0.25, clip_gradient=0.75)
+        self.tx = ftml(0.125, 0.5, 0.875, 2.0**-20, weight_decay=0.25, clip_gradient=0.75, compact=False)
         self.update = jax.jit(self.tx.update)
         self.w = jnp.asarray(w0)
         self.state = self.tx.init(self.w)
@@ -56,7 +56,9 @@ class Optax:
 class Keras:
     def __init__(self, w0):
         self.var = keras.Variable(w0, dtype=str(w0.dtype))
-        self.opt = KerasFTML(0.125, 0.5, 0.875, 2.0**-20, coupled_weight_decay=0.25, clip_gradient=0.75)
+        self.opt = KerasFTML(
+            0.125, 0.5, 0.875, 2.0**-20, coupled_weight_decay=0.25, clip_gradient=0.75, compact=False
+        )
         self.opt.build([self.var])
         self.dtype = str(w0.dtype)
 
@@ -74,7 +76,7 @@ class Torch:
     def __init__(self, w0):
         self.p = torch.nn.Parameter(torch.from_numpy(w0.copy()))
         self.opt = TorchFTML(
-            [self.p], lr=0.125, betas=(0.5, 0.875), eps=2.0**-20, weight_decay=0.25, clip_gradient=0.75
+            [self.p], lr=0.125, betas=(0.5, 0.875), eps=2.0**-20, weight_decay=0.25, clip_gradient=0.75, compact=False
         )
 
     def load(self, w, d, v, z, t):

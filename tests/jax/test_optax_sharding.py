@@ -50,13 +50,26 @@ SCRIPT = textwrap.dedent(
                 assert np.max(np.abs(x - y)) <= 1e-6 * max(np.max(np.abs(y)), 1e-30), (x, y)
                 assert np.mean(x == y) >= 0.5
 
-    # direct form, too
-    opt = ftml_direct(learning_rate=0.125)
-    p = {k: jax.device_put(v, shardings[k]) for k, v in host.items()}
-    new, state = jax.jit(opt.step)(grads[0], opt.init(p), p)
-    for k in host:
-        assert new[k].sharding.is_equivalent_to(shardings[k], 2)
-        assert state.z[k].sharding.is_equivalent_to(shardings[k], 2)
+    # direct form, too, and a step under lax.cond keeps shapes, dtypes and shardings in both branches
+    for compact in (True, False):
+        opt = ftml_direct(learning_rate=0.125, compact=compact)
+        p = {k: jax.device_put(v, shardings[k]) for k, v in host.items()}
+        g = {k: jax.device_put(v, shardings[k]) for k, v in grads[0].items()}
+        new, state = jax.jit(opt.step)(g, opt.init(p), p)
+        for tree in (new, *state[1:]):
+            for k in host:
+                assert tree[k].sharding.is_equivalent_to(shardings[k], 2), (k, tree[k].sharding)
+
+        @jax.jit
+        def maybe(flag, p, s):
+            return jax.lax.cond(flag, lambda p, s: opt.step(g, s, p), lambda p, s: (p, s), p, s)
+
+        for flag in (True, False):
+            p2, s2 = maybe(flag, p, opt.init(p))
+            for tree in (p2, *s2[1:]):
+                for k in host:
+                    assert tree[k].sharding.is_equivalent_to(shardings[k], 2), (flag, k, tree[k].sharding)
+                    assert tree[k].shape == host[k].shape and tree[k].dtype == jnp.float32
     print("SHARDING-OK")
     """
 )

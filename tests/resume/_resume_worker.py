@@ -295,10 +295,12 @@ def _keras_configs() -> dict[str, Callable[[], Any]]:
 
     from ftmlopt.keras import FTML
 
+    # name="ftml": the dump is keyed by variable path, which holds the optimizer's name, and Keras
+    # numbers default names (ftml, ftml_1, ...) per process.
     return {
-        "coupled_clip": lambda: FTML(learning_rate=0.05, coupled_weight_decay=1e-3, clip_gradient=0.5),
+        "coupled_clip": lambda: FTML(learning_rate=0.05, coupled_weight_decay=1e-3, clip_gradient=0.5, name="ftml"),
         "decoupled_schedule": lambda: FTML(
-            learning_rate=keras.optimizers.schedules.ExponentialDecay(0.05, 2, 0.5), weight_decay=0.05
+            learning_rate=keras.optimizers.schedules.ExponentialDecay(0.05, 2, 0.5), weight_decay=0.05, name="ftml"
         ),
     }
 
