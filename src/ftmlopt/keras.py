@@ -215,9 +215,6 @@ class FTML(keras.optimizers.Optimizer):
                 where=ops.where,
                 stable=True,
             )
-            # lr 0: the step is masked; v takes the gradient in as in the compact form (Keras counts
-            # the step), so d and z are kept and z = -d w still holds: both forms stay equal.
-            v_t = ops.where(c.lr == 0, rule.second_moment(v0, rule.gradient(g, w, c, clip=ops.clip), c), v_t)
             self.assign(d, ops.cast(d_t, d.dtype))
             self.assign(z, ops.cast(z_t, z.dtype))
         self.assign(v, ops.cast(v_t, v.dtype))

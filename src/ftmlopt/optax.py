@@ -259,9 +259,6 @@ def _make(
             new, d_t, v_t, z_t = rule.mxnet_step(
                 w, g, d.astype(ct), v0, z.astype(ct), c, sqrt=jnp.sqrt, clip=_clip, where=jnp.where, stable=True
             )
-            # lr 0: the step is masked, but v takes the gradient in as in the compact form (the
-            # count advances), which keeps both forms equal: d and z are kept, so z = -d w holds.
-            v_t = jnp.where(c.lr == 0, rule.second_moment(v0, rule.gradient(g, w, c, clip=_clip), c), v_t)
             new = new.astype(p.dtype)
             return (new if want_params else new - p), d_t.astype(d.dtype), v_t.astype(v.dtype), z_t.astype(z.dtype)
 

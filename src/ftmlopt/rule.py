@@ -35,13 +35,11 @@ weights for any learning-rate schedule (Theorem 1). They differ when something e
 weights (the MXNet form pulls the edit back through ``z``), when ``lr`` jumps by orders of
 magnitude (``d`` scales with ``1/lr`` and cancels), and in memory (one buffer against three).
 
-**lr = 0 is "no step".** The weights do not move. The compact form still folds the gradient into
-``v`` and counts the step, exactly as Adam does at lr 0; the MXNet form cannot represent a step at
-lr 0 (``d_t`` would be infinite), so :func:`mxnet_step` returns every input unchanged and callers
-do not count the step (:func:`counts_step`). Front ends whose step count also drives the schedule
-(optax's ``count``, Keras' ``iterations``; not counting would hold a warmup from 0 at 0 for ever)
-count it and fold the gradient into ``v`` as the compact form does, keeping ``d`` and ``z``: as
-``z = -d w`` still holds, the next step is the compact form's, and the two forms stay equal.
+**lr = 0 is "no step".** The weights do not move; the gradient is still folded into ``v`` and the
+step is counted, exactly as Adam does at lr 0 (so a warmup from 0 warms ``v`` up too, and a
+schedule driven by the step count moves on). The MXNet form cannot compute ``d_t`` at lr 0 (it
+would be infinite), so :func:`mxnet_step` keeps ``d`` and ``z``: as ``z = -d w`` still holds, the
+next step is the same as the compact form's, and the two forms stay equal through a warmup.
 
 **dtypes.** float16/bfloat16 parameters are computed in float32 and rounded once on the way out
 (:func:`compute_dtype`); their state is float32 unless the user asks otherwise
@@ -90,7 +88,6 @@ __all__ = [
     "compact_step",
     "compute_dtype",
     "constants",
-    "counts_step",
     "dtype_name",
     "gradient",
     "mxnet_step",
@@ -366,11 +363,6 @@ def _safe_divide(num: Any, den: Any) -> Any:
     return num / den
 
 
-def counts_step(lr: float, compact: bool) -> bool:
-    """Whether a step at this (Python) learning rate advances the step count (see "lr = 0" above)."""
-    return compact or lr != 0.0
-
-
 # ============================================================================ the step
 def gradient(g: Array, w: Array, c: Constants, *, clip: ClipFn) -> Array:
     """``g' = clip(sign * grad_scale * g + wd * w, -c, c)`` (MXNet 1.9's order: L2 before the clip)."""
@@ -413,9 +405,9 @@ def mxnet_step(
     where: Callable[[Array, Array, Array], Array] | None = None,
     stable: bool = False,
 ) -> tuple[Array, Array, Array, Array]:
-    """The MXNet (three-state) step; returns ``(w_t, d_t, v_t, z_t)`` in MXNet's evaluation order.
+    r"""The MXNet (three-state) step; returns ``(w_t, d_t, v_t, z_t)`` in MXNet's evaluation order.
 
-    At lr 0 every input comes back unchanged. For a Python ``lr`` that is a plain test; for a
+    At lr 0 only ``v`` changes (see "lr = 0" in the module docstring). For a Python ``lr`` that is a plain test; for a
     traced or tensor ``lr`` pass ``where(cond, a, b)`` (``jnp.where``, ``torch.where``) and the
     step is masked without a host sync.
 
@@ -430,15 +422,15 @@ def mxnet_step(
 
     .. math::
 
-        w_t = w_{t-1} - \frac{\beta_1 r + (1-\beta_1) g'}{d_t}, \\qquad z_t = -d_t w_t
+        w_t = w_{t-1} - \frac{\beta_1 r + (1-\beta_1) g'}{d_t}, \qquad z_t = -d_t w_t
 
     Equal to MXNet's order in exact arithmetic, within rounding of it per step.
     """
     if _is_python_number(c.lr):
         if c.lr == 0:
-            return w, d, v, z
+            return w, d, second_moment(v, gradient(g, w, c, clip=clip), c), z
         where = None
-    w0, d0, v0, z0 = w, d, v, z
+    w0, d0, z0 = w, d, z
     if c.decay is not None:
         w = w * c.decay
         z = z * c.decay
@@ -454,4 +446,4 @@ def mxnet_step(
     if where is None:
         return w, d_t, v, z
     frozen = c.lr == 0
-    return where(frozen, w0, w), where(frozen, d0, d_t), where(frozen, v0, v), where(frozen, z0, z)
+    return where(frozen, w0, w), where(frozen, d0, d_t), v, where(frozen, z0, z)
