@@ -13,9 +13,16 @@ half-precision tolerances tight (no accumulated drift) and checks the state, not
 
 from __future__ import annotations
 
+import functools
 import itertools
+import json
+import os
+import subprocess
+import sys
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,6 +66,7 @@ def rule_step(
     t: int,
     opts: dict[str, Any],
     f32_hyper: bool = False,
+    f32_lr: bool = False,
 ) -> tuple[np.ndarray, State]:
     """One step of the rule in float64 (the reference); ``f32_hyper`` rounds lr, betas, wd, clip to float32 first."""
 
@@ -66,6 +74,8 @@ def rule_step(
         return float(np.float32(x)) if f32_hyper else x
 
     opts = {k: (r(v) if isinstance(v, float) else v) for k, v in opts.items()}
+    if f32_lr:
+        lr = float(np.float32(lr))
     c = rule.constants(r(lr), t, r(BETA1), r(BETA2), EPS, **opts)
     if form == "compact":
         w1, v1 = rule.compact_step(w, g, state["v"], c, sqrt=np.sqrt, clip=np.clip)
@@ -77,6 +87,11 @@ def rule_step(
 def zero_state(form: str, shape: tuple[int, ...]) -> State:
     names = ("v",) if form == "compact" else ("d", "v", "z")
     return {n: np.zeros(shape) for n in names}
+
+
+def _seed(*parts: str) -> int:
+    """A seed that is the same in every process (``hash`` of a string is not)."""
+    return zlib.crc32("/".join(parts).encode())
 
 
 def problem(seed: int, steps: int = len(LRS)) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -182,6 +197,8 @@ class Impl:
     skip: set[tuple[str, str]] = field(default_factory=set)  # (form, option) pairs the API cannot express
     #: MXNet's operator receives float hyper-parameters as float32 (whatever the array dtype)
     float32_hyper: bool = False
+    #: Keras keeps the learning rate in a float32 variable, whatever the parameter dtype
+    float32_lr: bool = False
 
 
 def _numpy_operator(kernel: str) -> Callable[..., list[tuple[np.ndarray, State]]]:
@@ -311,6 +328,70 @@ def _optax(direct: bool) -> Callable[..., list[tuple[np.ndarray, State]]]:
     return run
 
 
+KERAS_DTYPES = ("float64", "float32", "bfloat16", "float16")
+KERAS_OPTS = ("plain", "coupled_wd", "decoupled_wd", "clip")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _keras_python(backend: str) -> str:
+    """The interpreter for a backend: TensorFlow lives in its own venv (see tests/keras/test_keras.py)."""
+    if backend != "tensorflow":
+        return sys.executable
+    named = os.environ.get("FTMLOPT_TENSORFLOW_PYTHON")
+    local = ROOT / ".venv-tf" / "bin" / "python"
+    if named:
+        return named
+    if local.exists():
+        return str(local)
+    pytest.fail("no TensorFlow interpreter: run `make test` (it builds .venv-tf)")
+
+
+@functools.cache
+def _keras_results(backend: str) -> dict[tuple[str, str, str], list[tuple[np.ndarray, State]]]:
+    """Every Keras case of one backend, run in one child process (Keras fixes its backend at import)."""
+    keys = list(itertools.product(("compact", "mxnet"), KERAS_DTYPES, KERAS_OPTS))
+    cases = []
+    for form, dtype, opt in keys:
+        w0, grads = problem(_seed(f"keras[{backend}]", form, dtype, opt))
+        cases.append(
+            {
+                "form": form,
+                "dtype": dtype,
+                "opts": OPTIONS[opt],
+                "w0": w0.tolist(),
+                "grads": [g.tolist() for g in grads],
+                "lrs": list(LRS),
+                "beta1": BETA1,
+                "beta2": BETA2,
+                "eps": EPS,
+            }
+        )
+    env = dict(os.environ, KERAS_BACKEND=backend, JAX_PLATFORMS="cpu", JAX_ENABLE_X64="1", TF_CPP_MIN_LOG_LEVEL="2")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [_keras_python(backend), str(Path(__file__).with_name("_keras_driver.py"))],
+        input=json.dumps(cases),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    runs = json.loads(proc.stdout)
+    return {
+        key: [(np.asarray(r["w"]), {k: np.asarray(v) for k, v in r["state"].items()}) for r in run]
+        for key, run in zip(keys, runs)
+    }
+
+
+def _keras(backend: str) -> Callable[..., list[tuple[np.ndarray, State]]]:
+    def run(form, dtype, opts, w0, grads, lrs, monkeypatch, *, opt_name):
+        return _keras_results(backend)[(form, dtype, opt_name)]
+
+    run.needs_opt_name = True  # type: ignore[attr-defined]
+    return run
+
+
 ALL_OPTS = tuple(OPTIONS)
 IMPLS = [
     Impl(
@@ -364,6 +445,10 @@ IMPLS = [
         ("float64", "float32", "bfloat16"),
         ("plain", "coupled_wd", "decoupled_wd", "clip"),
     ),
+    *(
+        Impl(f"keras[{backend}]", _keras(backend), ("compact", "mxnet"), KERAS_DTYPES, KERAS_OPTS, float32_lr=True)
+        for backend in ("jax", "torch", "tensorflow")
+    ),
 ]
 
 CASES = [
@@ -386,8 +471,9 @@ def _tolerance(dtype: str, form: str) -> tuple[float, float]:
 @pytest.mark.parametrize(("impl", "form", "dtype", "opt"), CASES)
 def test_matches_the_rule_every_step(impl: Impl, form: str, dtype: str, opt: str, monkeypatch) -> None:
     opts = OPTIONS[opt]
-    w0, grads = problem(hash((impl.name, form, dtype, opt)) % 2**31)
-    results = impl.run(form, dtype, opts, w0, grads, LRS, monkeypatch)
+    w0, grads = problem(_seed(impl.name, form, dtype, opt))
+    extra = {"opt_name": opt} if getattr(impl.run, "needs_opt_name", False) else {}
+    results = impl.run(form, dtype, opts, w0, grads, LRS, monkeypatch, **extra)
     assert len(results) == len(LRS)
     rtol, atol = _tolerance(dtype, form)
     # the implementation's starting point, as it stored it (half params are rounded on the way in)
@@ -399,7 +485,9 @@ def test_matches_the_rule_every_step(impl: Impl, form: str, dtype: str, opt: str
     st_prev = zero_state(form, SHAPE)
     for t, ((w_got, st_got), g, lr) in enumerate(zip(results, grads, LRS), start=1):
         g_in = _as_dtype(g, dtype)
-        w_exp, st_exp = rule_step(form, w_prev, g_in, st_prev, lr=lr, t=t, opts=opts, f32_hyper=impl.float32_hyper)
+        w_exp, st_exp = rule_step(
+            form, w_prev, g_in, st_prev, lr=lr, t=t, opts=opts, f32_hyper=impl.float32_hyper, f32_lr=impl.float32_lr
+        )
         assert set(st_got) == set(st_exp), f"state names {sorted(st_got)} at step {t}"
         for name in st_exp:
             _close(st_got[name], st_exp[name], rtol, atol, f"{impl.name} state {name} at step {t}")
