@@ -171,11 +171,11 @@ class FTML(Optimizer):
 
     * an edit to the weights between steps (``reset_parameters()``, zeroing a layer, a clamp, a
       weight-only restore) persists in the compact form; the MXNet form remembers the old iterate
-      in ``z`` and pulls the weight back (a 32x32 linear layer reset after 30 steps at lr 1e-3
-      jumps back by 0.14 on the next step, where the compact step moves it by ~1e-3);
+      in ``z`` and pulls the weight back (a 32x32 linear layer zeroed after 30 steps at lr 1e-3
+      jumps back to weights of up to 0.11 on the next step; the compact step moves it by 2e-3);
     * a jump of the learning rate by orders of magnitude: ``d`` scales with ``1/lr`` and the MXNet
-      step subtracts nearly equal terms (20 steps at lr 1e-10, then lr 1e-2: a step of ~22 instead
-      of ~4e-3); the compact form has no such cancellation;
+      step subtracts nearly equal terms (20 steps at lr 1e-10, then lr 1e-2: a step of 17 where the
+      recurrence gives 9e-3); the compact form has no such cancellation;
     * memory: ``v`` (4 bytes per float32 element) against ``d, v, z`` (12 bytes); Adam keeps 8.
 
     Choose ``compact=False`` to reproduce MXNet's numbers and state (``d, v, z`` checkpoints) or to
@@ -315,10 +315,10 @@ class FTML(Optimizer):
 
         * MXNet form -> compact: ``d`` and ``z`` are dropped. ``v`` and ``step`` are the same in both
           forms, and so is every later step while only the optimizer writes the weights.
-        * compact -> MXNet form: ``d = (1-\\beta_1^t)/\\eta\\,(\\sqrt{v/(1-\\beta_2^t)}+\\epsilon)``
-          with the checkpoint's lr and ``z = -d w`` with the current weights. The next MXNet step
-          only uses ``z + \\beta_1 d w``-type combinations in which any ``d`` with ``z = -d w``
-          gives the compact step, so this is exact in exact arithmetic.
+        * compact -> MXNet form: ``d = (1 - b1^t)/lr * (sqrt(v/(1 - b2^t)) + eps)`` with the
+          checkpoint's lr, and ``z = -d w`` with the current weights. The next MXNet step depends on
+          the old ``d`` and ``z`` only through ``z + d w`` (0 here), so it continues the compact
+          trajectory exactly (in exact arithmetic) whatever lr the checkpoint holds.
 
         Float32 master copies and states of ``multi_precision`` float16/bfloat16 params stay float32
         (``torch.optim.Optimizer.load_state_dict`` would cast them to the param's dtype).
