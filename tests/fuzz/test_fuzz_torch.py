@@ -79,6 +79,7 @@ CTOR = {
     "decoupled_weight_decay": (bad_flag, "decoupled_weight_decay"),
     "maximize": (bad_flag, "maximize"),
     "multi_precision": (bad_flag, "multi_precision"),
+    "state_dtype": (st.sampled_from([torch.int64, torch.bool, torch.complex64, "float32", 32, True]), "state_dtype"),
 }
 
 

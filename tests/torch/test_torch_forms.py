@@ -377,3 +377,56 @@ def test_switching_a_group_to_the_mxnet_form_by_hand_is_refused_before_anything_
     with pytest.raises(RuntimeError, match="created with compact=True"):
         opt.step()
     assert torch.equal(p.detach(), before) and opt.state[p]["step"].item() == 1
+
+
+# ----------------------------------------------------------------------------- state dtype of half params
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_half_params_get_float32_state_by_default(impl: str, form: str) -> None:
+    """bfloat16 state cannot hold FTML's second moment: ``0.999 * v`` rounds back to ``v`` (bfloat16 has
+    8 significant bits), so ``v`` never decays. The default state of half params is float32
+    (``ftmlopt.rule.state_dtype``); ``state_dtype=torch.bfloat16`` asks for the low-precision state."""
+    decays = {}
+    for state_dtype in (None, torch.bfloat16):
+        p = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+        opt = FTML([p], lr=1e-3, state_dtype=state_dtype, **IMPLS[impl], **FORMS[form])
+        p.grad = torch.ones(4, dtype=torch.bfloat16)
+        opt.step()
+        v1 = opt.state[p]["v"].double().clone()
+        for _ in range(10):
+            p.grad = torch.zeros(4, dtype=torch.bfloat16)
+            opt.step()
+        state = opt.state[p]
+        assert all(state[k].dtype == (state_dtype or torch.float32) for k in state if k != "step")
+        decays[state_dtype] = (state["v"].double() / v1).max().item()
+    assert decays[None] == pytest.approx(0.999**10, rel=1e-6)  # float32 state decays as it should
+    assert decays[torch.bfloat16] == 1.0  # the bfloat16 state is stuck
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_float32_state_of_half_params_survives_a_checkpoint(impl: str) -> None:
+    """torch's loader would cast the state to the param's bfloat16; it is kept float32, bit for bit."""
+    torch.manual_seed(7)
+    p = torch.nn.Parameter(torch.randn(6).bfloat16())
+    opt = FTML([p], **IMPLS[impl])
+    _run(opt, [p], range(3))
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][0]["v"] = sd["state"][0]["v"] + 1e-7  # not representable in bfloat16 next to v
+    q = torch.nn.Parameter(p.detach().clone())
+    opt2 = FTML([q], **IMPLS[impl])
+    opt2.load_state_dict(sd)
+    assert opt2.state[q]["v"].dtype == torch.float32 and torch.equal(opt2.state[q]["v"], sd["state"][0]["v"])
+    # A checkpoint of the previous release (bfloat16 state, no state_dtype flag) is widened to float32.
+    sd_old = copy.deepcopy(opt.state_dict())
+    sd_old["state"][0]["v"] = sd_old["state"][0]["v"].bfloat16()
+    del sd_old["param_groups"][0]["state_dtype"]
+    opt3 = FTML([q], **IMPLS[impl])
+    opt3.load_state_dict(sd_old)
+    assert opt3.state[q]["v"].dtype == torch.float32
+    assert torch.equal(opt3.state[q]["v"], sd_old["state"][0]["v"].float())
+
+
+@pytest.mark.parametrize("bad", [torch.int64, torch.complex64, "float32", 32])
+def test_state_dtype_must_be_a_floating_torch_dtype(bad: Any) -> None:
+    with pytest.raises(TypeError, match=r"^state_dtype must be None or a floating-point torch\.dtype"):
+        FTML([torch.nn.Parameter(torch.zeros(2))], state_dtype=bad)

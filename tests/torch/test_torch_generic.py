@@ -220,10 +220,11 @@ def test_zero_gradient_keeps_the_weight_exactly_in_the_compact_form(impl: str, d
 def test_zero_gradient_keeps_the_weight_in_the_mxnet_form() -> None:
     """With g = 0 from the start, v = 0 and d = eps (1-b1^t)/lr: w = -z/d comes back to w within rounding.
 
-    A float16 *state* holds d ~ 1e-6 as a subnormal with few bits (the weight drifts by a few percent,
-    but stays finite), which is what ``multi_precision`` is for.
+    float16 params get float32 state by default; a float16 *state* (``state_dtype=torch.float16``) holds
+    d ~ 1e-6 as a subnormal with few bits: the weight drifts by a few percent, but stays finite.
     """
-    cases = ((torch.float32, {}, 1e-6), (torch.float16, {"multi_precision": True}, 1e-3), (torch.float16, {}, None))
+    cases = ((torch.float32, {}, 1e-6), (torch.float16, {"multi_precision": True}, 1e-3), (torch.float16, {}, 1e-3),
+             (torch.float16, {"state_dtype": torch.float16}, None))  # fmt: skip
     for dtype, kwargs, rtol in cases:
         p = torch.nn.Parameter(torch.randn(5).to(dtype))
         before = p.detach().clone()

@@ -92,8 +92,11 @@ def test_transformers_trainer_optimizer_cls_and_kwargs(tmp_path: Path, decoupled
     assert isinstance(opt, FTML)
     assert {g["weight_decay"] for g in opt.param_groups} == {0.0, 0.01}  # the Trainer's decay / no-decay groups
     assert all(g["decoupled_weight_decay"] is decoupled for g in opt.param_groups)
-    # One more step with a zero gradient: the weight moves by exactly the decay (decoupled) or not at all
-    # (coupled L2 adds wd*w to the gradient, so it moves by about lr instead).
+    assert opt.state[model.layer.weight]["step"].item() == 30
+    with torch.no_grad():
+        assert model(x, y)["loss"].item() < 0.5 * loss_before
+    # One more step with a zero gradient: decoupled, the weight shrinks by exactly 1 - lr*wd; coupled L2
+    # adds wd*w to the gradient instead, which makes an lr-sized FTML step, not that shrink.
     decay_group = next(g for g in opt.param_groups if g["weight_decay"] == 0.01)
     w = decay_group["params"][0]
     before = w.detach().clone()
@@ -107,6 +110,3 @@ def test_transformers_trainer_optimizer_cls_and_kwargs(tmp_path: Path, decoupled
         torch.testing.assert_close(w.detach(), before * (1 - lr * 0.01), rtol=1e-6, atol=0.0)
     else:
         assert not torch.allclose(w.detach(), before * (1 - lr * 0.01), rtol=1e-6, atol=0.0)
-    assert opt.state[model.layer.weight]["step"].item() == 30
-    with torch.no_grad():
-        assert model(x, y)["loss"].item() < 0.5 * loss_before

@@ -58,6 +58,7 @@ _FLAG_DEFAULTS: dict[str, Any] = {
     "decoupled_weight_decay": False,
     "compact": False,
     "multi_precision": False,
+    "state_dtype": None,
     "maximize": False,
     "foreach": None,
     "fused": None,
@@ -104,6 +105,8 @@ def _check_hyperparameters(group: Mapping[str, Any]) -> None:
     for flag in ("foreach", "fused"):
         if group.get(flag) is not None:
             rule.check_bool(group[flag], flag)
+    if "state_dtype" in group:
+        _check_state_dtype(group["state_dtype"])
     fused, foreach = group.get("fused"), group.get("foreach")
     if fused and group.get("differentiable"):
         raise RuntimeError("`fused` does not support `differentiable`")
@@ -137,9 +140,20 @@ def _readable_lr(lr: float | Tensor) -> float | None:
     return float(lr.item())
 
 
-def _state_dtype(p: Tensor, multi_precision: bool) -> torch.dtype:
-    """The dtype of ``v`` (``d``, ``z``): float32 under ``multi_precision`` for half params, else the param's."""
-    return torch.float32 if multi_precision and p.dtype in _LOW_PRECISION else p.dtype
+def _state_dtype(p: Tensor, group: Mapping[str, Any]) -> torch.dtype:
+    """The dtype of ``v`` (``d``, ``z``): :func:`ftmlopt.rule.state_dtype` (float32 for half params unless
+    the group's ``state_dtype`` says otherwise; always float32 under ``multi_precision``); complex
+    params keep their own dtype."""
+    if p.is_complex():
+        return p.dtype
+    if group.get("multi_precision") and p.dtype in _LOW_PRECISION:
+        return torch.float32
+    return cast(torch.dtype, getattr(torch, rule.state_dtype(p.dtype, group.get("state_dtype"))))
+
+
+def _check_state_dtype(value: Any) -> None:
+    if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
+        raise TypeError(f"state_dtype must be None or a floating-point torch.dtype, got {value!r}")
 
 
 # ----------------------------------------------------------------------------- the class
@@ -203,8 +217,13 @@ class FTML(Optimizer):
         compact: True (default): the Theorem 1 form, state ``step`` and ``v``. False: MXNet's
             three-state form, state ``step``, ``d``, ``v``, ``z``.
         multi_precision: give float16/bfloat16 parameters a float32 master copy (state key
-            ``"master"``) and float32 state; the parameter is rewritten from the master each step.
-            (Without it, half parameters are still *computed* in float32 and rounded once.)
+            ``"master"``); the parameter is rewritten from the master each step. (Without it, half
+            parameters are still *computed* in float32 and rounded once per step.)
+        state_dtype: the dtype of ``v`` (``d``, ``z``). ``None`` (default): float32 for
+            float16/bfloat16 params (in bfloat16, ``0.999 * v`` rounds back to ``v`` and ``v``
+            never decays), the param's dtype otherwise (:func:`ftmlopt.rule.state_dtype`). Give
+            ``torch.bfloat16`` to halve that memory at that cost. Ignored under ``multi_precision``
+            (float32) and for complex params.
         maximize: maximize the objective (the gradient is negated first).
         foreach: use the ``torch._foreach_*`` implementation (default: on CUDA).
         fused: use the fused kernels of :mod:`ftmlopt.torch._fused` (Numba on CPU, Triton on CUDA;
@@ -217,7 +236,8 @@ class FTML(Optimizer):
     step (values edited in ``param_groups`` by hand), before anything is changed.
 
     State per parameter: ``step`` (a 0-dim float32 tensor, on the CPU unless capturable or fused),
-    ``v`` (``compact=False``: ``d``, ``v``, ``z``), plus ``master`` under ``multi_precision``.
+    ``v`` (``compact=False``: ``d``, ``v``, ``z``) in ``state_dtype``, plus ``master`` under
+    ``multi_precision``.
 
     Example:
         >>> import torch
@@ -251,6 +271,7 @@ class FTML(Optimizer):
         decoupled_weight_decay: bool = False,
         compact: bool = True,
         multi_precision: bool = False,
+        state_dtype: torch.dtype | None = None,
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -266,6 +287,7 @@ class FTML(Optimizer):
             "decoupled_weight_decay": decoupled_weight_decay,
             "compact": compact,
             "multi_precision": multi_precision,
+            "state_dtype": state_dtype,
             "maximize": maximize,
             "foreach": foreach,
             "fused": fused,
@@ -348,25 +370,30 @@ class FTML(Optimizer):
             )
         state_dict = {**state_dict, "param_groups": saved_groups, "state": saved_state}
 
-        keep: list[tuple[Tensor, dict[str, Tensor]]] = []
+        # torch's loader casts floating state to the param's dtype; where this optimizer keeps state in
+        # another dtype (float32 for half params), the saved tensors are cast to that dtype instead.
+        saved_tensors: dict[int, dict[str, Tensor]] = {}
         for group, saved_group in zip(self.param_groups, saved_groups):
-            # The loaded group's flags replace the live ones, so the checkpoint's multi_precision decides.
-            multi_precision = saved_group.get("multi_precision", False)
-            for p, pid in zip(group["params"], saved_group.get("params", [])):
+            for p, pid in zip(group["params"], saved_group["params"]):
                 entry = saved_state.get(pid)
-                if multi_precision and p.dtype in _LOW_PRECISION and entry:
-                    keep.append((p, {k: v for k, v in entry.items() if k != "step" and torch.is_tensor(v)}))
+                if entry and p.dtype in _LOW_PRECISION:
+                    saved_tensors[id(p)] = {k: v for k, v in entry.items() if k != "step" and torch.is_tensor(v)}
         super().load_state_dict(state_dict)
-        for p, tensors in keep:
-            state = self.state[p]
-            for key, value in tensors.items():
-                state[key] = value.to(device=p.device, dtype=torch.float32, copy=True)
-            if "master" not in state:  # a checkpoint written without multi_precision
-                state["master"] = p.detach().to(torch.float32, copy=True)
-        for group in self.param_groups:  # masters are only kept where they are used
-            if not group["multi_precision"]:
-                for p in group["params"]:
-                    self.state.get(p, {}).pop("master", None)
+        for group in self.param_groups:  # the loaded groups: the checkpoint's flags decide
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state:
+                    continue
+                wanted = _state_dtype(p, group)
+                for key, value in saved_tensors.get(id(p), {}).items():
+                    dtype = torch.float32 if key == "master" else wanted
+                    if dtype != p.dtype:
+                        state[key] = value.to(device=p.device, dtype=dtype, copy=True)
+                if group["multi_precision"] and p.dtype in _LOW_PRECISION:
+                    if "master" not in state:  # a checkpoint written without multi_precision
+                        state["master"] = p.detach().to(torch.float32, copy=True)
+                else:  # masters are only kept where they are used
+                    state.pop("master", None)
         for group, _ in to_mxnet:
             for p in group["params"]:
                 state = self.state.get(p)
@@ -415,8 +442,9 @@ class FTML(Optimizer):
                 if use_master:
                     master = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
                     like = state["master"] = master
+                dtype = _state_dtype(p, group)
                 for key in ("v",) if compact else ("d", "v", "z"):
-                    state[key] = torch.zeros_like(like, memory_format=torch.preserve_format)
+                    state[key] = torch.zeros_like(like, dtype=dtype, memory_format=torch.preserve_format)
             elif not torch.compiler.is_compiling():
                 _check_state(p, state, group)
             if group["differentiable"] and state["step"].requires_grad:
@@ -527,7 +555,7 @@ def _check_state(p: Tensor, state: Mapping[str, Any], group: Mapping[str, Any]) 
             "this param group, or convert it with opt.load_state_dict(state_dict) into an FTML(compact=False)"
         )
     v = state.get("v")
-    expected = _state_dtype(p, group["multi_precision"])
+    expected = _state_dtype(p, group)
     if isinstance(v, Tensor) and v.dtype != expected:
         raise RuntimeError(
             f"FTML state 'v' is {v.dtype} but this {p.dtype} parameter needs {expected} state: the parameter's "
