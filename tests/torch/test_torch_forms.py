@@ -71,10 +71,10 @@ def test_lr_jump_is_where_the_mxnet_form_cancels() -> None:
 
 
 # ----------------------------------------------------------------------------- weights edited outside
-def _train_then_zero(compact: bool, impl: str) -> tuple[torch.nn.Linear, torch.Tensor]:
+def _train_then_zero(form: str, impl: str) -> tuple[torch.nn.Linear, torch.Tensor]:
     torch.manual_seed(0)
     layer = torch.nn.Linear(32, 32)
-    opt = FTML(layer.parameters(), lr=1e-3, compact=compact, **IMPLS[impl])
+    opt = FTML(layer.parameters(), lr=1e-3, **FORMS[form], **IMPLS[impl])
     x = torch.randn(16, 32)
     for _ in range(30):
         opt.zero_grad()
@@ -92,7 +92,7 @@ def _train_then_zero(compact: bool, impl: str) -> tuple[torch.nn.Linear, torch.T
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_an_edit_to_the_weights_persists_in_the_compact_form(impl: str) -> None:
     """After zeroing, the next step starts from 0 and moves each weight by at most ~lr (was 0.14)."""
-    layer, grad = _train_then_zero(compact=True, impl=impl)
+    layer, grad = _train_then_zero("compact", impl)  # the default form
     moved = layer.weight.detach()
     assert moved.abs().max().item() < 5e-3
     nonzero = grad != 0
@@ -102,7 +102,7 @@ def test_an_edit_to_the_weights_persists_in_the_compact_form(impl: str) -> None:
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_the_mxnet_form_pulls_an_edit_back(impl: str) -> None:
     """MXNet's three states remember the iterate in z: the zeroed layer jumps back towards it."""
-    layer, _ = _train_then_zero(compact=False, impl=impl)
+    layer, _ = _train_then_zero("mxnet", impl)
     assert layer.weight.detach().abs().max().item() > 0.05
 
 
