@@ -23,6 +23,7 @@ Per element, with :math:`g' = \mathrm{clamp}(\pm g + \lambda w_{t-1}, -c, c)`:
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import warnings
@@ -144,11 +145,16 @@ def _state_dtype(p: Tensor, group: Mapping[str, Any]) -> torch.dtype:
     """The dtype of ``v`` (``d``, ``z``): :func:`ftmlopt.rule.state_dtype` (float32 for half params unless
     the group's ``state_dtype`` says otherwise; always float32 under ``multi_precision``); complex
     params keep their own dtype."""
-    if p.is_complex():
-        return p.dtype
-    if group.get("multi_precision") and p.dtype in _LOW_PRECISION:
+    return _state_dtype_of(p.dtype, group.get("state_dtype"), bool(group.get("multi_precision")))
+
+
+@functools.cache
+def _state_dtype_of(dtype: torch.dtype, requested: torch.dtype | None, multi_precision: bool) -> torch.dtype:
+    if dtype.is_complex:
+        return dtype
+    if multi_precision and dtype in _LOW_PRECISION:
         return torch.float32
-    return cast(torch.dtype, getattr(torch, rule.state_dtype(p.dtype, group.get("state_dtype"))))
+    return cast(torch.dtype, getattr(torch, rule.state_dtype(dtype, requested)))
 
 
 def _check_state_dtype(value: Any) -> None:
@@ -445,8 +451,6 @@ class FTML(Optimizer):
                 dtype = _state_dtype(p, group)
                 for key in ("v",) if compact else ("d", "v", "z"):
                     state[key] = torch.zeros_like(like, dtype=dtype, memory_format=torch.preserve_format)
-            elif not torch.compiler.is_compiling():
-                _check_state(p, state, group)
             if group["differentiable"] and state["step"].requires_grad:
                 raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
 
@@ -488,15 +492,18 @@ class FTML(Optimizer):
         if not torch.compiler.is_compiling():
             for i, group in enumerate(self.param_groups):
                 _check_group_at_step(group, i)
+                # the common case (the state has the param's dtype, default flags) costs one comparison
+                plain = group.get("state_dtype") is None and not group["multi_precision"] and group["compact"]
                 for p in group["params"]:
-                    if p.grad is None:
+                    grad = p.grad
+                    if grad is None:
                         continue
-                    if p.grad.is_sparse:
+                    if grad.is_sparse:
                         raise RuntimeError("FTML does not support sparse gradients")
                     if not (p.is_floating_point() or p.is_complex()):
                         raise TypeError(f"FTML needs floating-point or complex parameters, got one of dtype {p.dtype}")
                     state = self.state.get(p)
-                    if state:
+                    if state and not (plain and state["v"].dtype == p.dtype):
                         _check_state(p, state, group)
         for group in self.param_groups:
             if not group["compact"] and _readable_lr(group["lr"]) == 0.0:
@@ -671,6 +678,7 @@ def _constants(
     return c
 
 
+@functools.cache
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """:func:`ftmlopt.rule.compute_dtype` as a torch dtype (float32 for float16/bfloat16)."""
     return cast(torch.dtype, getattr(torch, rule.compute_dtype(dtype)))
