@@ -23,7 +23,6 @@ Per element, with :math:`g' = \mathrm{clamp}(\pm g + \lambda w_{t-1}, -c, c)`:
 
 from __future__ import annotations
 
-import functools
 import math
 import sys
 import warnings
@@ -145,16 +144,24 @@ def _state_dtype(p: Tensor, group: Mapping[str, Any]) -> torch.dtype:
     """The dtype of ``v`` (``d``, ``z``): :func:`ftmlopt.rule.state_dtype` (float32 for half params unless
     the group's ``state_dtype`` says otherwise; always float32 under ``multi_precision``); complex
     params keep their own dtype."""
-    return _state_dtype_of(p.dtype, group.get("state_dtype"), bool(group.get("multi_precision")))
-
-
-@functools.cache
-def _state_dtype_of(dtype: torch.dtype, requested: torch.dtype | None, multi_precision: bool) -> torch.dtype:
+    dtype = p.dtype
     if dtype.is_complex:
         return dtype
-    if multi_precision and dtype in _LOW_PRECISION:
+    if group.get("multi_precision") and dtype in _LOW_PRECISION:
         return torch.float32
-    return cast(torch.dtype, getattr(torch, rule.state_dtype(dtype, requested)))
+    requested = group.get("state_dtype")
+    return _STATE_DTYPES.get((dtype, requested)) or _torch_dtype(rule.state_dtype(dtype, requested))
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return cast(torch.dtype, getattr(torch, name))
+
+
+# rule's dtype policy, tabulated for torch's floating dtypes (plain dict lookups also trace cleanly
+# under torch.compile, where a functools cache would warn).
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_COMPUTE_DTYPES = {dt: _torch_dtype(rule.compute_dtype(dt)) for dt in _FLOATS}
+_STATE_DTYPES = {(dt, req): _torch_dtype(rule.state_dtype(dt, req)) for dt in _FLOATS for req in (None, *_FLOATS)}
 
 
 def _check_state_dtype(value: Any) -> None:
@@ -678,10 +685,9 @@ def _constants(
     return c
 
 
-@functools.cache
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """:func:`ftmlopt.rule.compute_dtype` as a torch dtype (float32 for float16/bfloat16)."""
-    return cast(torch.dtype, getattr(torch, rule.compute_dtype(dtype)))
+    return _COMPUTE_DTYPES.get(dtype) or _torch_dtype(rule.compute_dtype(dtype))
 
 
 def _check_capturable_devices(params: list[Tensor], state_steps: list[Tensor]) -> None:
