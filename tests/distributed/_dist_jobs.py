@@ -29,13 +29,17 @@ from torch import nn
 from ftmlopt.torch import FTML
 
 #: FTML configurations every wrapper is checked with (the keys name them in the results).
+#: The default (compact) form on every implementation, and MXNet's three-state form (``compact=False``,
+#: state ``d, v, z``) on the for-loop and foreach paths.
 CONFIGS: dict[str, dict[str, Any]] = {
     "loop": {"foreach": False, "fused": False},
     "foreach": {"foreach": True},
     "fused": {"fused": True},
-    "loop_wd_clip_max": {"foreach": False, "weight_decay": 0.05, "clip_gradient": 0.3, "maximize": True},
+    "loop_mxnet_wd_clip_max": {
+        "foreach": False, "compact": False, "weight_decay": 0.05, "clip_gradient": 0.3, "maximize": True,
+    },
     "fused_decoupled": {"fused": True, "weight_decay": 0.1, "decoupled_weight_decay": True},
-    "foreach_compact": {"foreach": True, "compact": True, "weight_decay": 0.01},
+    "foreach_mxnet": {"foreach": True, "compact": False, "weight_decay": 0.01},
 }
 LR = 0.02
 STEPS = 4

@@ -20,6 +20,8 @@ non_finite = st.sampled_from([NAN, INF, -INF])
 
 #: Must be finite and > 0 (learning rates).
 bad_positive = not_real | non_finite | st.floats(max_value=0.0, allow_nan=False, allow_infinity=False)
+#: Must be finite and >= 0 (learning rates where 0 means "no step": the torch front end, like torch.optim).
+bad_learning_rate = not_real | non_finite | st.floats(max_value=-1e-12, allow_nan=False, allow_infinity=False)
 #: Must be in [0, 1) (betas).
 bad_unit = (
     not_real

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from _bad_values import bad_flag, bad_nonnegative, bad_positive, bad_unit, non_finite, not_real
+from _bad_values import bad_flag, bad_learning_rate, bad_nonnegative, bad_unit, non_finite, not_real
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -69,7 +69,7 @@ def _stepped(impl: str, seed: int = 0, **kw: Any) -> tuple[list[torch.nn.Paramet
 
 # --------------------------------------------------------------------------- construction
 CTOR = {
-    "lr": (bad_positive, "lr"),
+    "lr": (bad_learning_rate, "learning rate"),
     "eps": (bad_nonnegative, "eps"),
     "weight_decay": (bad_nonnegative, "weight_decay"),
     "clip_gradient": (not_real | non_finite | st.floats(max_value=0.0, allow_nan=False), "clip_gradient"),
@@ -79,6 +79,7 @@ CTOR = {
     "decoupled_weight_decay": (bad_flag, "decoupled_weight_decay"),
     "maximize": (bad_flag, "maximize"),
     "multi_precision": (bad_flag, "multi_precision"),
+    "state_dtype": (st.sampled_from([torch.int64, torch.bool, torch.complex64, "float32", 32, True]), "state_dtype"),
 }
 
 
@@ -116,6 +117,31 @@ def test_add_param_group_rejects_bad_values_without_change(data: st.DataObject, 
     assert len(opt.param_groups) == 1 and _same(_fingerprint(params, opt), before)
 
 
+#: The numeric hyper-parameters, which are checked again at step time (a hand edit of ``param_groups``).
+NUMERIC = ["lr", "eps", "weight_decay", "clip_gradient", "beta1", "beta2"]
+
+
+@FUZZ
+@given(data=st.data(), name=st.sampled_from(NUMERIC), impl=st.sampled_from(list(IMPLS)),
+       compact=st.booleans())  # fmt: skip
+def test_bad_values_edited_into_param_groups_are_refused_at_step(
+    data: st.DataObject, name: str, impl: str, compact: bool
+) -> None:
+    strategy, mention = CTOR[name]
+    bad = data.draw(strategy)
+    if name == "clip_gradient" and bad is None:
+        return
+    params, opt = _stepped(impl, compact=compact)
+    opt.param_groups[0].update(_kwargs(name, bad))
+    _set_grads(params, 5)
+    before = _fingerprint(params, opt)
+    with pytest.raises((TypeError, ValueError)) as info:
+        opt.step()
+    assert mention in str(info.value) or (mention == "eps" and "epsilon" in str(info.value)), str(info.value)
+    after = _fingerprint(params, opt)
+    assert _same((*after[:2], []), (*before[:2], []))  # params and state (a deep copy of object() is another one)
+
+
 @FUZZ
 @given(fused=st.booleans(), foreach=st.booleans())
 def test_fused_and_foreach_together_are_refused(fused: bool, foreach: bool) -> None:
@@ -137,7 +163,8 @@ def test_fused_and_foreach_together_are_refused(fused: bool, foreach: bool) -> N
         [
             {},
             {"weight_decay": 0.01},
-            {"compact": True},
+            {"compact": False},
+            {"compact": False, "weight_decay": 0.1, "decoupled_weight_decay": True},
             {"maximize": True},
             {"weight_decay": 0.1, "decoupled_weight_decay": True},
         ]
@@ -224,6 +251,8 @@ def _corrupt(sd: dict[str, Any], case: str) -> dict[str, Any]:
         st0["d"] = torch.zeros(5)
     elif case == "misshaped_z_numel":
         st0["z"] = torch.zeros(2, 3)
+    elif case == "compact_with_d":
+        st0["d"] = torch.zeros(3, 2)
     elif case == "not_a_tensor":
         st0["v"] = [0.0] * 6
     elif case == "group_count":
@@ -239,27 +268,18 @@ def _corrupt(sd: dict[str, Any], case: str) -> dict[str, Any]:
     return sd
 
 
-STATE_CASES = [
-    "adam",
-    "missing_v",
-    "missing_d",
-    "missing_step",
-    "extra_key",
-    "misshaped_d",
-    "misshaped_z_numel",
-    "not_a_tensor",
-    "group_count",
-    "group_size",
-    "nan_lr",
-    "beta_one",
-    "negative_step",
-]
+COMMON_CASES = ["adam", "missing_v", "missing_step", "extra_key", "not_a_tensor", "group_count", "group_size",
+                "nan_lr", "beta_one", "negative_step"]  # fmt: skip
+#: (case, compact): the MXNet form's d and z, and a compact checkpoint that carries them anyway
+STATE_CASES = [(c, compact) for c in COMMON_CASES for compact in (True, False)] + [
+    ("missing_d", False), ("misshaped_d", False), ("misshaped_z_numel", False), ("compact_with_d", True),
+]  # fmt: skip
 
 
-@pytest.mark.parametrize("case", STATE_CASES)
+@pytest.mark.parametrize(("case", "compact"), STATE_CASES)
 @pytest.mark.parametrize("impl", list(IMPLS))
-def test_bad_state_dict_is_refused_before_anything_changes(case: str, impl: str) -> None:
-    params, opt = _stepped(impl)
+def test_bad_state_dict_is_refused_before_anything_changes(case: str, compact: bool, impl: str) -> None:
+    params, opt = _stepped(impl, compact=compact)
     sd = _corrupt(opt.state_dict(), case)
     before = _fingerprint(params, opt)
     with pytest.raises((TypeError, ValueError, KeyError)):
@@ -267,12 +287,13 @@ def test_bad_state_dict_is_refused_before_anything_changes(case: str, impl: str)
     assert _same(_fingerprint(params, opt), before)
 
 
+@pytest.mark.parametrize("compact", [True, False])
 @pytest.mark.parametrize("impl", list(IMPLS))
-def test_good_state_dict_round_trips(impl: str) -> None:
+def test_good_state_dict_round_trips(impl: str, compact: bool) -> None:
     """The control for the test above: an untouched state dict loads and continues identically."""
-    params, opt = _stepped(impl)
+    params, opt = _stepped(impl, compact=compact)
     sd = copy.deepcopy(opt.state_dict())
-    params2, opt2 = _stepped(impl, seed=5)
+    params2, opt2 = _stepped(impl, seed=5, compact=compact)
     with torch.no_grad():
         for a, b in zip(params2, params):
             a.copy_(b)

@@ -126,7 +126,8 @@ _TORCH_CONFIGS: dict[str, dict[str, Any]] = {
     "loop": {"foreach": False, "fused": False},
     "foreach": {"foreach": True},
     "fused_clip_wd_max": {"fused": True, "clip_gradient": 0.3, "weight_decay": 1e-2, "maximize": True},
-    "compact_decoupled": {"foreach": False, "compact": True, "weight_decay": 0.1, "decoupled_weight_decay": True},
+    "mxnet_decoupled": {"foreach": False, "compact": False, "weight_decay": 0.1, "decoupled_weight_decay": True},
+    "mxnet_fused": {"fused": True, "compact": False},
     "bf16_master": {"multi_precision": True},
 }
 

@@ -8,9 +8,9 @@ from the saved weights but with a *fresh* optimizer state must differ, so the co
 vacuous (k = 1 is where FTML's bias correction makes a lost step count most visible).
 
 Configurations: see ``_resume_worker`` (MXNet-style ``Updater`` with float16 multi-precision and a
-dumped ``FactorScheduler``; torch default/for-loop/foreach/fused/compact/bfloat16 master copies with
-a ``StepLR``; optax full/compact/schedule/chained/direct with a bfloat16 leaf; Keras on the JAX and
-PyTorch backends with coupled and decoupled decay and a schedule).
+dumped ``FactorScheduler``; torch default (compact)/for-loop/foreach/fused, the MXNet form (for-loop,
+fused) and bfloat16 master copies with a ``StepLR``; optax full/compact/schedule/chained/direct with a
+bfloat16 leaf; Keras on the JAX and PyTorch backends with coupled and decoupled decay and a schedule).
 """
 
 from __future__ import annotations

@@ -56,8 +56,9 @@ class OptimizerInfo:
     #: scalars per op. Half types: every path computes in float32 and rounds once, so the states agree
     #: to one or two ulps at most (bfloat16: 2**-8 = 3.9e-3 relative; float16: 2**-11 = 4.9e-4).
     tolerances: dict[torch.dtype, tuple[float, float]] = field(default_factory=dict)
-    state_keys: tuple[str, ...] = ("step", "d", "v", "z")
-    compact_state_keys: tuple[str, ...] = ("step", "v")
+    #: the default (compact) form's state, and MXNet's three-state form's (``compact=False``)
+    state_keys: tuple[str, ...] = ("step", "v")
+    mxnet_state_keys: tuple[str, ...] = ("step", "d", "v", "z")
 
 
 def _params() -> list[torch.Tensor]:
@@ -69,6 +70,7 @@ _p = torch.nn.Parameter(torch.randn(2))
 FTML_INFO = OptimizerInfo(
     optim_cls=FTML,
     inputs=(
+        # the default, compact (Theorem 1) form: state step, v
         OptimInput({}, "default"),
         OptimInput({"lr": 0.02}, "lr"),
         OptimInput({"lr": torch.tensor(0.02)}, "tensor lr", impls=("forloop", "fused")),
@@ -77,9 +79,12 @@ FTML_INFO = OptimizerInfo(
         OptimInput({"weight_decay": 0.1, "decoupled_weight_decay": True}, "decoupled weight decay"),
         OptimInput({"clip_gradient": 0.05, "weight_decay": 0.1}, "clip after weight decay"),
         OptimInput({"maximize": True, "weight_decay": 0.1, "clip_gradient": 0.3}, "maximize"),
-        OptimInput({"compact": True}, "compact"),
-        OptimInput({"compact": True, "weight_decay": 0.1, "decoupled_weight_decay": True}, "compact decoupled"),
-        OptimInput({"compact": True, "maximize": True, "clip_gradient": 0.05}, "compact maximize clip"),
+        # MXNet's three-state form: state step, d, v, z
+        OptimInput({"compact": False}, "mxnet"),
+        OptimInput({"compact": False, "lr": torch.tensor(0.02)}, "mxnet tensor lr", impls=("forloop", "fused")),
+        OptimInput({"compact": False, "weight_decay": 0.1}, "mxnet coupled weight decay"),
+        OptimInput({"compact": False, "weight_decay": 0.1, "decoupled_weight_decay": True}, "mxnet decoupled"),
+        OptimInput({"compact": False, "maximize": True, "clip_gradient": 0.05}, "mxnet maximize clip"),
     ),
     error_inputs=(
         ErrorInput(lambda: torch.nn.Parameter(torch.randn(2)), {}, TypeError,
@@ -87,22 +92,31 @@ FTML_INFO = OptimizerInfo(
         ErrorInput(lambda: [_p, _p], {}, UserWarning, "duplicate parameters", "duplicate params"),
         ErrorInput(lambda: [{"params": [_p]}, {"params": [_p]}], {}, ValueError,
                    "some parameters appear in more than one parameter group", "param in two groups"),
-        ErrorInput(_params, {"lr": -0.01}, ValueError, r"Invalid learning rate: .*-0\.01", "negative lr"),
-        ErrorInput(_params, {"lr": 0.0}, ValueError, r"Invalid learning rate: .*0\.0", "zero lr"),
-        ErrorInput(_params, {"lr": float("nan")}, ValueError, r"Invalid learning rate: .*nan", "nan lr"),
-        ErrorInput(_params, {"lr": "0.1"}, TypeError, "lr must be a real number", "string lr"),
-        ErrorInput(_params, {"lr": torch.tensor([0.1, 0.2])}, ValueError, "Tensor lr must be 1-element", "2-elem lr"),
-        ErrorInput(_params, {"betas": (1.0, 0.999)}, ValueError, r"Invalid beta parameter at index 0: .*1\.0",
+        # torch's exact wording, "Invalid <what>: <value>" (the whole message is matched)
+        ErrorInput(_params, {"lr": -0.01}, ValueError, r"^Invalid learning rate: -0\.01$", "negative lr"),
+        ErrorInput(_params, {"lr": -1.0}, ValueError, r"^Invalid learning rate: -1\.0$", "lr -1"),
+        ErrorInput(_params, {"lr": float("nan")}, ValueError, r"^Invalid learning rate: nan$", "nan lr"),
+        ErrorInput(_params, {"lr": float("inf")}, ValueError, r"^Invalid learning rate: inf$", "inf lr"),
+        ErrorInput(_params, {"lr": torch.tensor(-1.0)}, ValueError, r"^Invalid learning rate: -1\.0$", "tensor lr -1"),
+        ErrorInput(_params, {"lr": "0.1"}, TypeError, "^learning rate must be a real number", "string lr"),
+        ErrorInput(_params, {"lr": torch.tensor([0.1, 0.2])}, ValueError, "^Tensor lr must be 1-element$", "2-elem lr"),
+        ErrorInput(_params, {"betas": (1.0, 0.999)}, ValueError, r"^Invalid beta parameter at index 0: 1\.0$",
                    "beta1 = 1"),
-        ErrorInput(_params, {"betas": (0.6, -0.1)}, ValueError, r"Invalid beta parameter at index 1: .*-0\.1",
+        ErrorInput(_params, {"betas": (0.6, -0.1)}, ValueError, r"^Invalid beta parameter at index 1: -0\.1$",
                    "negative beta2"),
+        ErrorInput(_params, {"betas": (0.6, 1.5)}, ValueError, r"^Invalid beta parameter at index 1: 1\.5$",
+                   "beta2 > 1"),
         ErrorInput(_params, {"betas": 0.6}, TypeError, "betas must be a pair", "scalar betas"),
-        ErrorInput(_params, {"eps": -1e-8}, ValueError, r"Invalid epsilon value: .*-1e-08", "negative eps"),
-        ErrorInput(_params, {"weight_decay": -1.0}, ValueError, r"Invalid weight_decay value: .*-1\.0",
+        ErrorInput(_params, {"eps": -1e-8}, ValueError, r"^Invalid epsilon value: -1e-08$", "negative eps"),
+        ErrorInput(_params, {"eps": -1}, ValueError, r"^Invalid epsilon value: -1$", "eps -1"),
+        ErrorInput(_params, {"weight_decay": -1.0}, ValueError, r"^Invalid weight_decay value: -1\.0$",
                    "negative weight decay"),
-        ErrorInput(_params, {"clip_gradient": 0.0}, ValueError, r"Invalid clip_gradient: .*0\.0", "zero clip"),
-        ErrorInput(_params, {"clip_gradient": -1.0}, ValueError, r"Invalid clip_gradient: .*-1\.0", "negative clip"),
-        ErrorInput(_params, {"clip_gradient": float("inf")}, ValueError, "clip_gradient must be finite", "inf clip"),
+        ErrorInput(_params, {"clip_gradient": 0.0}, ValueError, r"^Invalid clip_gradient value: 0\.0 \(use None",
+                   "zero clip"),
+        ErrorInput(_params, {"clip_gradient": -1.0}, ValueError, r"^Invalid clip_gradient value: -1\.0 ",
+                   "negative clip"),
+        ErrorInput(_params, {"clip_gradient": float("inf")}, ValueError, r"^Invalid clip_gradient value: inf ",
+                   "inf clip"),
         ErrorInput(_params, {"compact": 1}, TypeError, "compact must be a bool", "int flag"),
         ErrorInput(_params, {"fused": True, "foreach": True}, RuntimeError,
                    "`fused` and `foreach` cannot be `True` together", "fused and foreach"),

@@ -197,21 +197,38 @@ def test_params_without_grad_untouched_and_stateless(impl: str) -> None:
         a.grad = torch.randn(3)
         opt.step()
     assert torch.equal(b, b_before)
-    assert b not in opt.state and len(opt.state[a]) == 4
+    assert b not in opt.state and sorted(opt.state[a]) == sorted(INFO.state_keys)
 
 
-def test_zero_gradient_keeps_the_weight() -> None:
+@pytest.mark.parametrize("impl", ["forloop", "foreach", "fused"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_zero_gradient_keeps_the_weight_exactly_in_the_compact_form(impl: str, dtype: torch.dtype) -> None:
+    """g = 0 from the start: v = 0 and the step is 0 * step_size / eps = 0, exactly, in every dtype.
+
+    float16: in float16 arithmetic eps = 1e-8 underflows to 0 and the step would be 0/0 = NaN; the
+    step is computed in float32.
+    """
+    p = torch.nn.Parameter(torch.randn(5).to(dtype))
+    before = p.detach().clone()
+    opt = FTML([p], **IMPL_KWARGS[impl])
+    for _ in range(3):
+        p.grad = torch.zeros_like(p)
+        opt.step()
+    assert torch.equal(p.detach(), before)
+
+
+def test_zero_gradient_keeps_the_weight_in_the_mxnet_form() -> None:
     """With g = 0 from the start, v = 0 and d = eps (1-b1^t)/lr: w = -z/d comes back to w within rounding.
 
-    float16: in float16 arithmetic eps = 1e-8 underflows to 0 and w = 0/0 = NaN, so the math runs in
-    float32. A float16 *state* still holds d ~ 1e-6 as a subnormal with few bits (the weight drifts by
-    a few percent), which is what ``multi_precision`` is for.
+    float16 params get float32 state by default; a float16 *state* (``state_dtype=torch.float16``) holds
+    d ~ 1e-6 as a subnormal with few bits: the weight drifts by a few percent, but stays finite.
     """
-    cases = ((torch.float32, {}, 1e-6), (torch.float16, {"multi_precision": True}, 1e-3), (torch.float16, {}, None))
+    cases = ((torch.float32, {}, 1e-6), (torch.float16, {"multi_precision": True}, 1e-3), (torch.float16, {}, 1e-3),
+             (torch.float16, {"state_dtype": torch.float16}, None))  # fmt: skip
     for dtype, kwargs, rtol in cases:
         p = torch.nn.Parameter(torch.randn(5).to(dtype))
         before = p.detach().clone()
-        opt = FTML([p], **kwargs)
+        opt = FTML([p], compact=False, **kwargs)
         for _ in range(3):
             p.grad = torch.zeros_like(p)
             opt.step()
@@ -224,8 +241,9 @@ def test_zero_gradient_keeps_the_weight() -> None:
 @pytest.mark.parametrize("impl", ["forloop", "foreach", "fused"])
 @pytest.mark.parametrize(
     "kwargs",
-    [{}, {"compact": True, "maximize": True}, {"weight_decay": 0.1, "clip_gradient": 0.2}],
-    ids=["default", "compact-maximize", "wd-clip"],
+    [{}, {"maximize": True}, {"weight_decay": 0.1, "clip_gradient": 0.2}, {"compact": False},
+     {"compact": False, "weight_decay": 0.1, "decoupled_weight_decay": True}],
+    ids=["default", "maximize", "wd-clip", "mxnet", "mxnet-decoupled"],
 )
 def test_complex_matches_view_as_real(impl: str, kwargs: dict[str, Any]) -> None:
     torch.manual_seed(4)
@@ -244,12 +262,13 @@ def test_complex_matches_view_as_real(impl: str, kwargs: dict[str, Any]) -> None
             assert torch.equal(real, opt_r.state[pr][key]), key
 
 
+@pytest.mark.parametrize("compact", [True, False], ids=["compact", "mxnet"])
 @pytest.mark.parametrize("impl", ["forloop", "fused"])
-def test_tensor_lr_matches_float_lr(impl: str) -> None:
+def test_tensor_lr_matches_float_lr(impl: str, compact: bool) -> None:
     runs = []
     for lr in (0.01, torch.tensor(0.01, dtype=torch.float64)):  # the same value (a float32 0.01 is not)
         params, loss_fn = _regression(torch.float64)
-        opt = FTML(params, lr=lr, weight_decay=0.1, decoupled_weight_decay=True, **IMPL_KWARGS[impl])
+        opt = FTML(params, lr=lr, weight_decay=0.1, decoupled_weight_decay=True, compact=compact, **IMPL_KWARGS[impl])
         for _ in range(5):
             opt.zero_grad()
             loss_fn().backward()
@@ -292,14 +311,15 @@ def test_sparse_gradient_is_rejected_before_any_group_steps() -> None:
 def test_state_layout() -> None:
     p = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
     q = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
-    opt = FTML([{"params": [p]}, {"params": [q], "compact": True}])
+    opt = FTML([{"params": [p]}, {"params": [q], "compact": False}])
     p.grad, q.grad = torch.ones(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
     opt.step()
-    assert sorted(opt.state[p]) == sorted(INFO.state_keys)
-    assert sorted(opt.state[q]) == sorted(INFO.compact_state_keys)
+    assert sorted(opt.state[p]) == sorted(INFO.state_keys) == ["step", "v"]
+    assert sorted(opt.state[q]) == sorted(INFO.mxnet_state_keys)
     step = opt.state[p]["step"]
     assert step.dim() == 0 and step.dtype == torch.float32 and step.device.type == "cpu" and step.item() == 1.0
-    assert all(opt.state[p][k].dtype == torch.float64 for k in ("d", "v", "z"))
+    assert opt.state[p]["v"].dtype == torch.float64
+    assert all(opt.state[q][k].dtype == torch.float64 for k in ("d", "v", "z"))
 
 
 # ------------------------------------------------------------------------- checkpoints
@@ -311,7 +331,11 @@ def _train(opt: torch.optim.Optimizer, params: list[torch.Tensor], grads: list[l
 
 
 @pytest.mark.parametrize("impl", ["forloop", "foreach", "fused"])
-@pytest.mark.parametrize("kwargs", [{}, {"compact": True}, {"multi_precision": True}], ids=["full", "compact", "mp"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"compact": False}, {"multi_precision": True}, {"multi_precision": True, "compact": False}],
+    ids=["compact", "mxnet", "mp", "mp-mxnet"],
+)
 def test_state_dict_round_trip_mid_trajectory_is_bit_identical(impl: str, kwargs: dict[str, Any]) -> None:
     torch.manual_seed(5)
     dtype = torch.bfloat16 if kwargs.get("multi_precision") else torch.float32
@@ -334,7 +358,8 @@ def test_state_dict_round_trip_mid_trajectory_is_bit_identical(impl: str, kwargs
     opt2 = make(resumed)
     opt2.load_state_dict(ckpt["opt"])
     if kwargs.get("multi_precision"):
-        assert all(opt2.state[p][k].dtype == torch.float32 for p in resumed for k in ("master", "d", "v", "z"))
+        assert all(opt2.state[p][k].dtype == torch.float32 for p in resumed for k in opt2.state[p] if k != "step")
+        assert all("master" in opt2.state[p] for p in resumed)
     _train(opt2, resumed, grads[4:])
     for a, b in zip(straight, resumed):
         assert torch.equal(a, b)
@@ -354,32 +379,44 @@ def test_cpu_checkpoint_loads_into_another_dtype_like_torch() -> None:
     opt64 = FTML([q])
     opt64.load_state_dict(sd)
     state = opt64.state[q]
-    assert all(state[k].dtype == torch.float64 for k in ("d", "v", "z"))
+    assert state["v"].dtype == torch.float64
     assert state["step"].dtype == torch.float32 and state["step"].device.type == "cpu"
-    torch.testing.assert_close(state["d"], opt.state[p]["d"].double())
+    torch.testing.assert_close(state["v"], opt.state[p]["v"].double())
     q.grad = torch.randn(3, dtype=torch.float64)
     opt64.step()
     assert state["step"].item() == 2.0
 
 
 def test_float_step_and_older_state_dict_load() -> None:
-    p = torch.nn.Parameter(torch.randn(3))
-    opt = FTML([p], lr=0.01)
-    p.grad = torch.randn(3)
-    opt.step()
-    sd = copy.deepcopy(opt.state_dict())
+    """A checkpoint of the previous release: three-state (its default then), no flags, a float step.
+
+    It loads into today's default (compact) optimizer converted, with a warning: ``d`` and ``z`` are
+    dropped, the group is compact, and the next step is the one the three-state optimizer would take.
+    """
+    torch.manual_seed(6)
+    w0, g1, g2 = (torch.randn(3, dtype=torch.float64) for _ in range(3))
+    p = torch.nn.Parameter(w0.clone())
+    old = FTML([p], lr=0.01, compact=False)
+    p.grad = g1.clone()
+    old.step()
+    sd = copy.deepcopy(old.state_dict())
     sd["state"][0]["step"] = 1.0  # a Python float
     for flag in ("clip_gradient", "decoupled_weight_decay", "compact", "multi_precision", "maximize", "foreach",
                  "fused", "capturable", "differentiable"):  # fmt: skip
         del sd["param_groups"][0][flag]  # written before the flag existed
-    opt2 = FTML([p], lr=0.01)
-    opt2.load_state_dict(sd)
-    step = opt2.state[p]["step"]
-    assert torch.is_tensor(step) and step.item() == 1.0 and step.dtype == torch.float32
-    assert opt2.param_groups[0]["compact"] is False and opt2.param_groups[0]["clip_gradient"] is None
-    p.grad = torch.randn(3)
-    opt2.step()
-    assert opt2.state[p]["step"].item() == 2.0
+    q = torch.nn.Parameter(p.detach().clone())
+    new = FTML([q], lr=0.01)
+    with pytest.warns(UserWarning, match="MXNet three-state -> compact"):
+        new.load_state_dict(sd)
+    state = new.state[q]
+    assert sorted(state) == ["step", "v"] and torch.equal(state["v"], old.state[p]["v"])
+    assert torch.is_tensor(state["step"]) and state["step"].item() == 1.0 and state["step"].dtype == torch.float32
+    assert new.param_groups[0]["compact"] is True and new.param_groups[0]["clip_gradient"] is None
+    p.grad, q.grad = g2.clone(), g2.clone()
+    old.step()
+    new.step()
+    assert new.state[q]["step"].item() == 2.0
+    torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-12, atol=1e-14)
 
 
 def test_multi_precision_state_dict_is_not_downcast() -> None:
@@ -388,7 +425,7 @@ def test_multi_precision_state_dict_is_not_downcast() -> None:
     p.grad = torch.randn(6).half()
     opt.step()
     sd = opt.state_dict()
-    assert all(sd["state"][0][k].dtype == torch.float32 for k in ("master", "d", "v", "z"))
+    assert all(sd["state"][0][k].dtype == torch.float32 for k in ("master", "v"))
     # Plain torch would round these to float16 on load (the checkpoint gotcha this guards against).
     sd["state"][0]["v"] = sd["state"][0]["v"] + 1e-7
     q = torch.nn.Parameter(p.detach().clone())
@@ -417,7 +454,7 @@ def test_state_dict_load_state_dict_and_step_hooks() -> None:
 
 def test_deepcopy_and_repr() -> None:
     p = torch.nn.Parameter(torch.randn(2))
-    opt = FTML([p], lr=0.01, clip_gradient=0.5, compact=True)
+    opt = FTML([p], lr=0.01, clip_gradient=0.5, compact=False)
     p.grad = torch.ones(2)
     opt.step()
     clone = copy.deepcopy(opt)
@@ -426,7 +463,7 @@ def test_deepcopy_and_repr() -> None:
     assert clone.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
     assert torch.equal(next(iter(clone.state.values()))["v"], opt.state[p]["v"])
     text = repr(opt)
-    assert text.startswith("FTML (") and "clip_gradient: 0.5" in text and "compact: True" in text
+    assert text.startswith("FTML (") and "clip_gradient: 0.5" in text and "compact: False" in text
 
 
 # ------------------------------------------------------------------------- errors
@@ -449,26 +486,39 @@ def test_bad_param_group_is_rejected_before_it_is_added() -> None:
     assert len(opt.param_groups) == 1 and len(opt.state) == 0
 
 
+@pytest.mark.parametrize("compact", [True, False], ids=["compact", "mxnet"])
 @pytest.mark.parametrize("impl", ["forloop", "foreach", "fused"])
-def test_group_at_lr_zero_is_skipped_and_negative_lr_rejected(impl: str) -> None:
-    """Warmup schedules start at lr = 0; FTML divides by lr, and its lr -> 0 limit is "do not move"."""
+def test_group_at_lr_zero_does_not_step_and_negative_lr_is_rejected(impl: str, compact: bool) -> None:
+    """Warmup schedules start at lr = 0, which is "no step" (ftmlopt.rule): the weights stay, bit for bit.
+
+    Compact: ``v`` and ``step`` advance (as Adam's state does at lr 0). MXNet form: nothing changes;
+    the state exists but is the zero state (step 0), which DCP's get_state_dict needs.
+    """
     params, loss_fn = _regression()
-    opt = FTML([{"params": params[:1]}, {"params": params[1:]}], lr=0.01, **IMPL_KWARGS[impl])
+    opt = FTML([{"params": params[:1]}, {"params": params[1:]}], lr=0.01, compact=compact, **IMPL_KWARGS[impl])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda k: 1.0, lambda k: float(k)])  # group 1 warms up from 0
     assert opt.param_groups[1]["lr"] == 0.0
     bias_before = params[1].detach().clone()
     loss_fn().backward()
+    grad = params[1].grad.clone()
     opt.step()
-    # Nothing moved; the state exists but is the zero state (step 0), which DCP's get_state_dict needs.
-    assert torch.equal(params[1].detach(), bias_before) and opt.state[params[1]]["step"].item() == 0
+    state = opt.state[params[1]]
+    assert torch.equal(params[1].detach(), bias_before)
+    if compact:
+        assert state["step"].item() == 1
+        torch.testing.assert_close(state["v"], (1 - 0.999) * grad * grad, rtol=1e-6, atol=0.0)
+    else:
+        assert state["step"].item() == 0 and all(not state[k].any() for k in ("d", "v", "z"))
     assert opt.state[params[0]]["step"].item() == 1
     sched.step()
+    opt.zero_grad()
+    loss_fn().backward()
     opt.step()
-    assert opt.state[params[1]]["step"].item() == 1 and torch.isfinite(params[1]).all()
+    assert state["step"].item() == (2 if compact else 1) and torch.isfinite(params[1]).all()
     assert not torch.equal(params[1].detach(), bias_before)
     opt.param_groups[1]["lr"] = -0.1
     snapshot = [p.detach().clone() for p in params]
-    with pytest.raises(ValueError, match=r"Invalid learning rate: .*-0\.1 in param group 1"):
+    with pytest.raises(ValueError, match=r"^Invalid learning rate: -0\.1 \(param group 1, checked at step time\)$"):
         opt.step()
     assert all(torch.equal(a, b.detach()) for a, b in zip(snapshot, params))  # nothing moved, group 0 neither
     assert opt.state[params[0]]["step"].item() == 2

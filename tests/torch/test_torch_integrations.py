@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -61,7 +62,10 @@ def test_lightning_configure_optimizers_steps_with_a_closure() -> None:
     assert model.losses[-1] < 0.5 * model.losses[0]
 
 
-def test_transformers_trainer_optimizer_cls_and_kwargs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("decoupled", [False, True], ids=["coupled", "adamw-style"])
+def test_transformers_trainer_optimizer_cls_and_kwargs(tmp_path: Path, decoupled: bool) -> None:
+    """The documented recipe, and its AdamW variant: ``decoupled_weight_decay`` in the kwargs reaches
+    every group the Trainer builds, and the decay groups then shrink the weight by ``1 - lr*wd``."""
     from transformers import Trainer, TrainingArguments
 
     class Regressor(torch.nn.Module):
@@ -81,11 +85,28 @@ def test_transformers_trainer_optimizer_cls_and_kwargs(tmp_path: Path) -> None:
                              learning_rate=0.3, weight_decay=0.01, report_to=[], save_strategy="no",
                              use_cpu=True, disable_tqdm=True, logging_strategy="no")  # fmt: skip
     trainer = Trainer(model=model, args=args, train_dataset=dataset,
-                      optimizer_cls_and_kwargs=(FTML, {"lr": 0.3, "betas": (0.6, 0.999)}))  # fmt: skip
+                      optimizer_cls_and_kwargs=(FTML, {"lr": 0.3, "betas": (0.6, 0.999),
+                                                       "decoupled_weight_decay": decoupled}))  # fmt: skip
     trainer.train()
     opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate may wrap it
     assert isinstance(opt, FTML)
     assert {g["weight_decay"] for g in opt.param_groups} == {0.0, 0.01}  # the Trainer's decay / no-decay groups
+    assert all(g["decoupled_weight_decay"] is decoupled for g in opt.param_groups)
     assert opt.state[model.layer.weight]["step"].item() == 30
     with torch.no_grad():
         assert model(x, y)["loss"].item() < 0.5 * loss_before
+    # One more step with a zero gradient: decoupled, the weight shrinks by exactly 1 - lr*wd; coupled L2
+    # adds wd*w to the gradient instead, which makes an lr-sized FTML step, not that shrink.
+    decay_group = next(g for g in opt.param_groups if g["weight_decay"] == 0.01)
+    w = decay_group["params"][0]
+    before = w.detach().clone()
+    lr = 0.1  # the Trainer's linear schedule has reached 0 after its last step
+    for g in opt.param_groups:
+        g["lr"] = lr
+        for q in g["params"]:
+            q.grad = torch.zeros_like(q)
+    opt.step()
+    if decoupled:
+        torch.testing.assert_close(w.detach(), before * (1 - lr * 0.01), rtol=1e-6, atol=0.0)
+    else:
+        assert not torch.allclose(w.detach(), before * (1 - lr * 0.01), rtol=1e-6, atol=0.0)

@@ -13,7 +13,12 @@ Example:
     >>> opt = FTML(model.parameters(), lr=2.5e-3, betas=(0.6, 0.999), weight_decay=1e-4)
     >>> model(torch.ones(2, 3)).sum().backward()
     >>> opt.step()
-    >>> sorted(opt.state[model.weight])
+    >>> sorted(opt.state[model.weight])  # the compact form: half of Adam's state
+    ['step', 'v']
+    >>> mxnet = FTML(model.parameters(), compact=False)  # MXNet 1.9's three-state form
+    >>> model(torch.ones(2, 3)).sum().backward()
+    >>> mxnet.step()
+    >>> sorted(mxnet.state[model.weight])
     ['d', 'step', 'v', 'z']
 """
 

@@ -6,26 +6,26 @@ only path that supports ``differentiable=True``), the horizontally fused :func:`
 (``torch._foreach_*`` ops per device and dtype), and the dispatching functional :func:`ftml`, which
 also reaches the fused kernels in :mod:`ftmlopt.torch._fused`.
 
-The rule, per element, with torch's conventions (``maximize`` first, then L2 weight decay, then the
-element-wise clip, MXNet 1.9's order):
+The rule is :mod:`ftmlopt.rule`, written once: the for-loop calls :func:`ftmlopt.rule.compact_step`
+(the default, the paper's Theorem 1 form, state ``v``) or :func:`ftmlopt.rule.mxnet_step` (MXNet's
+three-state form, ``compact=False``, state ``d, v, z``) on torch tensors, out of place, and writes
+the results into the parameter and its state; the foreach path runs the same ops in the same order.
+Per element, with :math:`g' = \mathrm{clamp}(\pm g + \lambda w_{t-1}, -c, c)`:
 
 .. math::
 
-    g' &= \mathrm{clamp}\big(\pm g + \lambda w_{t-1},\ -c,\ c\big) \\
-    v_t &= \beta_2 v_{t-1} + (1-\beta_2)\, g'^2 \\
-    d_t &= \frac{1-\beta_1^t}{\eta_t}\Big(\sqrt{v_t/(1-\beta_2^t)} + \epsilon\Big) \\
-    z_t &= \beta_1 z_{t-1} + (1-\beta_1)\, g' - (d_t - \beta_1 d_{t-1})\, w_{t-1} \\
-    w_t &= -z_t / d_t
-
-With ``decoupled_weight_decay=True`` the decay is not added to the gradient; instead ``w`` and ``z``
-are both multiplied by ``1 - lr*wd`` before the step, which keeps ``w = -z/d`` true. With
-``compact=True`` only ``v`` is kept and the paper's Theorem 1 form is used:
-:math:`w_t = w_{t-1} - \eta_t\frac{1-\beta_1}{1-\beta_1^t}\, g'/(\sqrt{v_t/(1-\beta_2^t)}+\epsilon)`.
+    v_t &= \beta_2 v_{t-1} + (1-\beta_2)\, g'^2, \qquad
+    \hat\sigma_t = \sqrt{v_t/(1-\beta_2^t)} + \epsilon \\
+    \text{compact:}\quad w_t &= w_{t-1} - \frac{\eta_t(1-\beta_1)}{1-\beta_1^t}\,\frac{g'}{\hat\sigma_t} \\
+    \text{MXNet:}\quad d_t &= \frac{1-\beta_1^t}{\eta_t}\hat\sigma_t,\quad
+    z_t = \beta_1 z_{t-1} + (1-\beta_1)\, g' - (d_t - \beta_1 d_{t-1})\, w_{t-1},\quad w_t = -z_t/d_t
 """
 
 from __future__ import annotations
 
 import math
+import sys
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast
 
@@ -42,19 +42,23 @@ from torch.optim.optimizer import (
     _view_as_real,
 )
 
-from ftmlopt.core.validation import check_beta, check_bool, check_epsilon, check_finite, check_lr, check_nonnegative
+from ftmlopt import rule
 
 __all__ = ["FTML", "ftml"]
 
-#: dtypes that ``multi_precision=True`` gives a float32 master copy and float32 state.
+#: dtypes that are computed in float32 (``rule.compute_dtype``) and that ``multi_precision=True``
+#: gives a float32 master copy and float32 state.
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
-#: Group flags, with the values given to checkpoints written before a flag existed.
+#: Group flags, with the values given to groups pickled before a flag existed. ``compact`` is False
+#: there: a group written before the flag existed was stepped in the three-state form (its state
+#: has ``d`` and ``z``). ``load_state_dict`` converts such state to the live optimizer's form.
 _FLAG_DEFAULTS: dict[str, Any] = {
     "clip_gradient": None,
     "decoupled_weight_decay": False,
     "compact": False,
     "multi_precision": False,
+    "state_dtype": None,
     "maximize": False,
     "foreach": None,
     "fused": None,
@@ -62,52 +66,47 @@ _FLAG_DEFAULTS: dict[str, Any] = {
     "differentiable": False,
 }
 
+_FLAGS = ("decoupled_weight_decay", "compact", "multi_precision", "maximize", "capturable", "differentiable")
+
 
 # ----------------------------------------------------------------------------- validation
 def _check_lr(lr: Any) -> None:
+    """torch's checks for a tensor lr, then :func:`ftmlopt.rule.check_lr` (finite, >= 0)."""
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
-            raise ValueError(f"Tensor lr must be 1-element, got {lr.numel()} elements")
+            raise ValueError("Tensor lr must be 1-element")
         if not lr.is_floating_point():
             raise TypeError(f"Tensor lr must be floating point, got dtype {lr.dtype}")
-        check_lr(float(lr.detach().reshape(())), "lr")
+        rule.check_lr(float(lr.detach().reshape(())))
     else:
-        check_lr(lr, "lr")
+        rule.check_lr(lr)
 
 
-def _check_betas(betas: Any) -> None:
-    if isinstance(betas, (str, bytes)) or not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise TypeError(f"betas must be a pair (beta1, beta2) of floats, got {betas!r}")
-    for i, beta in enumerate(betas):
-        check_beta(beta, f"beta parameter at index {i}")
-
-
-def _check_clip(clip: Any) -> None:
-    if clip is None:
-        return
-    value = check_finite(clip, "clip_gradient")
-    if value <= 0.0:
-        raise ValueError(f"Invalid clip_gradient: must be None (off) or > 0, got {clip!r}")
+def _check_values(group: Mapping[str, Any]) -> None:
+    """The numeric hyper-parameters present in ``group``, with torch's wording ("Invalid <what>: <value>")."""
+    if "lr" in group:
+        _check_lr(group["lr"])
+    if "betas" in group:
+        rule.check_betas(group["betas"])
+    if "eps" in group:
+        rule.check_eps(group["eps"])
+    if "weight_decay" in group:
+        rule.check_weight_decay(group["weight_decay"])
+    if "clip_gradient" in group:
+        rule.check_clip(group["clip_gradient"], "clip_gradient value")
 
 
 def _check_hyperparameters(group: Mapping[str, Any]) -> None:
     """Validate the hyper-parameters present in ``group`` (a defaults dict or a param group)."""
-    if "lr" in group:
-        _check_lr(group["lr"])
-    if "betas" in group:
-        _check_betas(group["betas"])
-    if "eps" in group:
-        check_epsilon(group["eps"], "epsilon value")
-    if "weight_decay" in group:
-        check_nonnegative(group["weight_decay"], "weight_decay value")
-    if "clip_gradient" in group:
-        _check_clip(group["clip_gradient"])
-    for flag in ("decoupled_weight_decay", "compact", "multi_precision", "maximize", "capturable", "differentiable"):
+    _check_values(group)
+    for flag in _FLAGS:
         if flag in group:
-            check_bool(group[flag], flag)
+            rule.check_bool(group[flag], flag)
     for flag in ("foreach", "fused"):
         if group.get(flag) is not None:
-            check_bool(group[flag], flag)
+            rule.check_bool(group[flag], flag)
+    if "state_dtype" in group:
+        _check_state_dtype(group["state_dtype"])
     fused, foreach = group.get("fused"), group.get("foreach")
     if fused and group.get("differentiable"):
         raise RuntimeError("`fused` does not support `differentiable`")
@@ -115,6 +114,59 @@ def _check_hyperparameters(group: Mapping[str, Any]) -> None:
         raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
     if foreach and isinstance(group.get("lr"), Tensor) and not group.get("capturable"):
         raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+
+
+def _check_group_at_step(group: Mapping[str, Any], index: int) -> None:
+    """Re-check a group's numbers at step time (edited by hand or by a scheduler since construction).
+
+    A handful of float comparisons per group; a tensor lr off the CPU is not read (no host sync).
+    """
+    lr = group["lr"]
+    try:
+        if isinstance(lr, Tensor) and (lr.device.type != "cpu" or lr.requires_grad):
+            _check_values({k: group[k] for k in ("betas", "eps", "weight_decay", "clip_gradient")})
+        else:
+            _check_values(group)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{err} (param group {index}, checked at step time)") from None
+
+
+def _readable_lr(lr: float | Tensor) -> float | None:
+    """The lr as a Python float when reading it costs nothing (no host sync, not traced), else None."""
+    if not isinstance(lr, Tensor):
+        return float(lr)
+    if lr.device.type != "cpu" or lr.requires_grad or torch.compiler.is_compiling():
+        return None
+    return float(lr.item())
+
+
+def _state_dtype(p: Tensor, group: Mapping[str, Any]) -> torch.dtype:
+    """The dtype of ``v`` (``d``, ``z``): :func:`ftmlopt.rule.state_dtype` (float32 for half params unless
+    the group's ``state_dtype`` says otherwise; always float32 under ``multi_precision``); complex
+    params keep their own dtype."""
+    dtype = p.dtype
+    if dtype.is_complex:
+        return dtype
+    if group.get("multi_precision") and dtype in _LOW_PRECISION:
+        return torch.float32
+    requested = group.get("state_dtype")
+    return _STATE_DTYPES.get((dtype, requested)) or _torch_dtype(rule.state_dtype(dtype, requested))
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return cast(torch.dtype, getattr(torch, name))
+
+
+# rule's dtype policy, tabulated for torch's floating dtypes (plain dict lookups also trace cleanly
+# under torch.compile, where a functools cache would warn).
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_COMPUTE_DTYPES = {dt: _torch_dtype(rule.compute_dtype(dt)) for dt in _FLOATS}
+_STATE_DTYPES = {(dt, req): _torch_dtype(rule.state_dtype(dt, req)) for dt in _FLOATS for req in (None, *_FLOATS)}
+
+
+def _check_state_dtype(value: Any) -> None:
+    if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
+        raise TypeError(f"state_dtype must be None or a floating-point torch.dtype, got {value!r}")
 
 
 # ----------------------------------------------------------------------------- the class
@@ -125,35 +177,66 @@ class FTML(Optimizer):
 
         g' &= \mathrm{clamp}(\pm g_t + \lambda w_{t-1}, -c, c) \\
         v_t &= \beta_2 v_{t-1} + (1-\beta_2)\, g'^2 \\
-        d_t &= \tfrac{1-\beta_1^t}{\eta}\big(\sqrt{v_t/(1-\beta_2^t)} + \epsilon\big) \\
-        z_t &= \beta_1 z_{t-1} + (1-\beta_1)\, g' - (d_t - \beta_1 d_{t-1})\, w_{t-1} \\
-        w_t &= -z_t / d_t
+        w_t &= w_{t-1} - \frac{\eta_t (1-\beta_1)}{1-\beta_1^t}\,
+               \frac{g'}{\sqrt{v_t/(1-\beta_2^t)} + \epsilon}
 
-    A drop-in replacement for ``torch.optim.Adam``: param groups, LR schedulers, ``state_dict``,
-    closures, hooks, ``GradScaler`` (fused path), ``torch.compile`` and CUDA graphs (``capturable``).
+    A drop-in replacement for ``torch.optim.Adam``: param groups, LR schedulers (``lr = 0`` is
+    "no step"), ``state_dict``, closures, hooks, ``GradScaler`` (fused path), ``torch.compile``
+    and CUDA graphs (``capturable``). The state is ``step`` and ``v``: half of Adam's.
+
+    **Two forms of one rule.** The default (``compact=True``) is the paper's Theorem 1 form above.
+    ``compact=False`` is MXNet 1.9's ``ftml_update``, which keeps three buffers,
+
+    .. math::
+
+        d_t = \tfrac{1-\beta_1^t}{\eta_t}\big(\sqrt{v_t/(1-\beta_2^t)}+\epsilon\big),\quad
+        z_t = \beta_1 z_{t-1} + (1-\beta_1) g' - (d_t - \beta_1 d_{t-1}) w_{t-1},\quad
+        w_t = -z_t/d_t,
+
+    and gives the same weights in exact arithmetic (to 1e-10 in float64) *while only the optimizer
+    writes the weights*. Where they differ (measured, float32, ``docs/torch.md``):
+
+    * an edit to the weights between steps (``reset_parameters()``, zeroing a layer, a clamp, a
+      weight-only restore) persists in the compact form; the MXNet form remembers the old iterate
+      in ``z`` and pulls the weight back (a 32x32 linear layer zeroed after 30 steps at lr 1e-3
+      jumps back to weights of up to 0.11 on the next step; the compact step moves it by 2e-3);
+    * a jump of the learning rate by orders of magnitude: ``d`` scales with ``1/lr`` and the MXNet
+      step subtracts nearly equal terms (20 steps at lr 1e-10, then lr 1e-2: a step of 17 where the
+      recurrence gives 9e-3); the compact form has no such cancellation;
+    * memory: ``v`` (4 bytes per float32 element) against ``d, v, z`` (12 bytes); Adam keeps 8.
+
+    Choose ``compact=False`` to reproduce MXNet's numbers and state (``d, v, z`` checkpoints) or to
+    keep the pull-back behaviour deliberately.
+
+    **AdamW users.** ``weight_decay`` is coupled L2 (MXNet's; added to the gradient) unless
+    ``decoupled_weight_decay=True``, which is AdamW's decay :math:`w \leftarrow (1-\eta\lambda) w`.
+    Replacing ``AdamW(..., weight_decay=0.1)`` means ``FTML(..., weight_decay=0.1,
+    decoupled_weight_decay=True)``.
 
     Args:
         params: an iterable of tensors, of ``(name, tensor)`` pairs, or of param-group dicts.
-        lr: learning rate :math:`\eta > 0` (a float, or a 1-element tensor). The default 0.0025 is
-            the paper's (and MXNet 2.0's); MXNet 1.9's ``FTML`` defaults to 0.01. FTML divides by lr;
-            a group that a scheduler has brought to lr = 0 is skipped (the lr -> 0 limit leaves the
-            weights where they are), a negative lr at step time is an error.
+        lr: learning rate :math:`\eta \ge 0` (a float, or a 1-element tensor). The default 0.0025 is
+            the paper's (and MXNet 2.0's); MXNet 1.9's ``FTML`` defaults to 0.01. ``lr = 0`` is "no
+            step": the weights stay; the compact form still folds the gradient into ``v`` and counts
+            the step (as Adam does), the MXNet form changes nothing (see :mod:`ftmlopt.rule`).
         betas: :math:`(\beta_1, \beta_2)`, each in ``[0, 1)``; the paper's (0.6, 0.999).
         eps: :math:`\epsilon \ge 0`, added *outside* the square root.
         weight_decay: :math:`\lambda \ge 0`. By default MXNet 1.9's coupled L2 decay, added to the
             gradient before clipping.
         clip_gradient: ``None`` (off) or :math:`c > 0`: clamp :math:`g'` element-wise to ``[-c, c]``
             after the weight decay is added (MXNet's rule).
-        decoupled_weight_decay: apply the decay to the weight, AdamW style:
-            :math:`w \leftarrow (1-\eta\lambda) w` and :math:`z \leftarrow (1-\eta\lambda) z` before
-            the step (scaling ``z`` too keeps :math:`w = -z/d`).
-        compact: keep only ``v`` (a third of the state) and step with the paper's Theorem 1 form
-            :math:`w_t = w_{t-1} - \eta\frac{1-\beta_1}{1-\beta_1^t} g'/(\sqrt{v_t/(1-\beta_2^t)}+\epsilon)`.
-            Identical in exact arithmetic while only the optimizer changes the weights; edits made to
-            the weights outside the optimizer persist, where the three-state form pulls the weight
-            back towards the iterate that ``z`` remembers.
+        decoupled_weight_decay: AdamW's decay, :math:`w \leftarrow (1-\eta\lambda) w` before the
+            step (the MXNet form scales ``z`` too, which keeps :math:`w = -z/d`).
+        compact: True (default): the Theorem 1 form, state ``step`` and ``v``. False: MXNet's
+            three-state form, state ``step``, ``d``, ``v``, ``z``.
         multi_precision: give float16/bfloat16 parameters a float32 master copy (state key
-            ``"master"``) and float32 state; the parameter is rewritten from the master each step.
+            ``"master"``); the parameter is rewritten from the master each step. (Without it, half
+            parameters are still *computed* in float32 and rounded once per step.)
+        state_dtype: the dtype of ``v`` (``d``, ``z``). ``None`` (default): float32 for
+            float16/bfloat16 params (in bfloat16, ``0.999 * v`` rounds back to ``v`` and ``v``
+            never decays), the param's dtype otherwise (:func:`ftmlopt.rule.state_dtype`). Give
+            ``torch.bfloat16`` to halve that memory at that cost. Ignored under ``multi_precision``
+            (float32) and for complex params.
         maximize: maximize the objective (the gradient is negated first).
         foreach: use the ``torch._foreach_*`` implementation (default: on CUDA).
         fused: use the fused kernels of :mod:`ftmlopt.torch._fused` (Numba on CPU, Triton on CUDA;
@@ -162,8 +245,12 @@ class FTML(Optimizer):
             the step can be captured in a CUDA graph.
         differentiable: let autograd run through the step (for-loop implementation only).
 
+    Every hyper-parameter is checked at construction, in ``add_param_group`` and again at each
+    step (values edited in ``param_groups`` by hand), before anything is changed.
+
     State per parameter: ``step`` (a 0-dim float32 tensor, on the CPU unless capturable or fused),
-    ``d``, ``v``, ``z`` (``compact``: ``step`` and ``v``), plus ``master`` under ``multi_precision``.
+    ``v`` (``compact=False``: ``d``, ``v``, ``z``) in ``state_dtype``, plus ``master`` under
+    ``multi_precision``.
 
     Example:
         >>> import torch
@@ -181,6 +268,8 @@ class FTML(Optimizer):
         ...     opt.step()
         >>> loss.item() < first
         True
+        >>> sorted(opt.state[model.weight])
+        ['step', 'v']
     """
 
     def __init__(
@@ -193,8 +282,9 @@ class FTML(Optimizer):
         *,
         clip_gradient: float | None = None,
         decoupled_weight_decay: bool = False,
-        compact: bool = False,
+        compact: bool = True,
         multi_precision: bool = False,
+        state_dtype: torch.dtype | None = None,
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -210,6 +300,7 @@ class FTML(Optimizer):
             "decoupled_weight_decay": decoupled_weight_decay,
             "compact": compact,
             "multi_precision": multi_precision,
+            "state_dtype": state_dtype,
             "maximize": maximize,
             "foreach": foreach,
             "fused": fused,
@@ -250,36 +341,77 @@ class FTML(Optimizer):
                     )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a ``state_dict()``; float32 master copies and states of low-precision params stay float32.
+        """Load a ``state_dict()``, converting its state to this optimizer's form where it differs.
 
-        ``torch.optim.Optimizer.load_state_dict`` casts every floating state tensor to its parameter's
-        dtype, which would round the float32 state of ``multi_precision`` float16/bfloat16 params. Their
-        tensors are therefore taken from ``state_dict`` as they are (moved to the param's device,
-        float32) after the base class has loaded everything else.
+        The checkpoint's hyper-parameters replace the live ones, as in ``torch.optim``, except
+        ``compact``: the form is the one this optimizer was built with. A group saved in the other
+        form (or saved before the ``compact`` flag existed, which means the MXNet form) is converted
+        exactly, with a warning:
+
+        * MXNet form -> compact: ``d`` and ``z`` are dropped. ``v`` and ``step`` are the same in both
+          forms, and so is every later step while only the optimizer writes the weights.
+        * compact -> MXNet form: ``d = (1 - b1^t)/lr * (sqrt(v/(1 - b2^t)) + eps)`` with the
+          checkpoint's lr, and ``z = -d w`` with the current weights. The next MXNet step depends on
+          the old ``d`` and ``z`` only through ``z + d w`` (0 here), so it continues the compact
+          trajectory exactly (in exact arithmetic) whatever lr the checkpoint holds.
+
+        Float32 master copies and states of ``multi_precision`` float16/bfloat16 params stay float32
+        (``torch.optim.Optimizer.load_state_dict`` would cast them to the param's dtype).
         """
         _check_state_dict(self, state_dict)
-        saved_groups = state_dict.get("param_groups", [])
-        saved_state = state_dict.get("state", {})
-        keep: list[tuple[Tensor, dict[str, Tensor]]] = []
+        saved_groups = list(state_dict["param_groups"])
+        saved_state = dict(state_dict["state"])
+        to_mxnet: list[tuple[dict[str, Any], Any]] = []  # (live group, saved param ids) to rebuild d, z for
+        converted = []
+        for i, (live, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            saved_compact = bool(saved.get("compact", False))
+            if saved_compact != live["compact"]:
+                converted.append(f"group {i}: {_form_name(saved_compact)} -> {_form_name(live['compact'])}")
+                if live["compact"]:
+                    for pid in saved["params"]:
+                        if pid in saved_state:
+                            saved_state[pid] = {k: v for k, v in saved_state[pid].items() if k not in ("d", "z")}
+                else:
+                    to_mxnet.append((live, saved["params"]))
+            saved_groups[i] = {**saved, "compact": live["compact"]}
+        if converted:
+            warnings.warn(
+                "FTML.load_state_dict: the checkpoint's state is converted to this optimizer's form ("
+                + "; ".join(converted) + "). Build FTML(compact=...) to match the checkpoint to keep its form.",
+                UserWarning,
+                stacklevel=2,
+            )
+        state_dict = {**state_dict, "param_groups": saved_groups, "state": saved_state}
+
+        # torch's loader casts floating state to the param's dtype; where this optimizer keeps state in
+        # another dtype (float32 for half params), the saved tensors are cast to that dtype instead.
+        saved_tensors: dict[int, dict[str, Tensor]] = {}
         for group, saved_group in zip(self.param_groups, saved_groups):
-            # The loaded group's flags replace the live ones, so the checkpoint's multi_precision decides.
-            multi_precision = saved_group.get("multi_precision", False)
-            for p, pid in zip(group["params"], saved_group.get("params", [])):
-                wants_master = multi_precision and p.dtype in _LOW_PRECISION
+            for p, pid in zip(group["params"], saved_group["params"]):
                 entry = saved_state.get(pid)
-                if wants_master and entry:
-                    keep.append((p, {k: v for k, v in entry.items() if k != "step" and torch.is_tensor(v)}))
+                if entry and p.dtype in _LOW_PRECISION:
+                    saved_tensors[id(p)] = {k: v for k, v in entry.items() if k != "step" and torch.is_tensor(v)}
         super().load_state_dict(state_dict)
-        for p, tensors in keep:
-            state = self.state[p]
-            for key, value in tensors.items():
-                state[key] = value.to(device=p.device, dtype=torch.float32, copy=True)
-            if "master" not in state:  # a checkpoint written without multi_precision
-                state["master"] = p.detach().to(torch.float32, copy=True)
-        for group in self.param_groups:  # masters are only kept where they are used
-            if not group["multi_precision"]:
-                for p in group["params"]:
-                    self.state.get(p, {}).pop("master", None)
+        for group in self.param_groups:  # the loaded groups: the checkpoint's flags decide
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state:
+                    continue
+                wanted = _state_dtype(p, group)
+                for key, value in saved_tensors.get(id(p), {}).items():
+                    dtype = torch.float32 if key == "master" else wanted
+                    if dtype != p.dtype:
+                        state[key] = value.to(device=p.device, dtype=dtype, copy=True)
+                if group["multi_precision"] and p.dtype in _LOW_PRECISION:
+                    if "master" not in state:  # a checkpoint written without multi_precision
+                        state["master"] = p.detach().to(torch.float32, copy=True)
+                else:  # masters are only kept where they are used
+                    state.pop("master", None)
+        for group, _ in to_mxnet:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state:
+                    _mxnet_state_from_compact(p, state, group)
 
     def _init_group(
         self,
@@ -323,14 +455,9 @@ class FTML(Optimizer):
                 if use_master:
                     master = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
                     like = state["master"] = master
-                keys = ("v",) if compact else ("d", "v", "z")
-                for key in keys:
-                    state[key] = torch.zeros_like(like, memory_format=torch.preserve_format)
-            elif not compact and "d" not in state:
-                raise RuntimeError(
-                    "this FTML state was created with compact=True (it has no 'd' and 'z'); "
-                    "keep compact=True for this param group or start from a fresh optimizer"
-                )
+                dtype = _state_dtype(p, group)
+                for key in ("v",) if compact else ("d", "v", "z"):
+                    state[key] = torch.zeros_like(like, dtype=dtype, memory_format=torch.preserve_format)
             if group["differentiable"] and state["step"].requires_grad:
                 raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
 
@@ -350,8 +477,11 @@ class FTML(Optimizer):
         return has_complex
 
     @_use_grad_for_differentiable
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step.
+
+        Every group's hyper-parameters, every gradient and every existing state are checked first,
+        so that an error leaves all params and state as they were.
 
         Args:
             closure: a callable that re-evaluates the model and returns the loss (run once, with
@@ -366,21 +496,27 @@ class FTML(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        # Checked for every group before any is stepped, so that an error leaves everything as it was.
-        active = [_lr_is_positive(group, i) for i, group in enumerate(self.param_groups)]
         if not torch.compiler.is_compiling():
-            for group in self.param_groups:
+            for i, group in enumerate(self.param_groups):
+                _check_group_at_step(group, i)
+                # the common case (the state has the param's dtype, default flags) costs one comparison
+                plain = group.get("state_dtype") is None and not group["multi_precision"] and group["compact"]
                 for p in group["params"]:
-                    if p.grad is None:
+                    grad = p.grad
+                    if grad is None:
                         continue
-                    if p.grad.is_sparse:
+                    if grad.is_sparse:
                         raise RuntimeError("FTML does not support sparse gradients")
                     if not (p.is_floating_point() or p.is_complex()):
                         raise TypeError(f"FTML needs floating-point or complex parameters, got one of dtype {p.dtype}")
-        for group, is_active in zip(self.param_groups, active):
-            if not is_active:
-                # Nothing moves, but missing state is created (zeros and step 0, the same as no state):
-                # torch.distributed.checkpoint's get_state_dict relies on it for a fresh optimizer.
+                    state = self.state.get(p)
+                    if state and not (plain and state["v"].dtype == p.dtype):
+                        _check_state(p, state, group)
+        for group in self.param_groups:
+            if not group["compact"] and _readable_lr(group["lr"]) == 0.0:
+                # The MXNet form has no step at lr 0 (d_t would be infinite): nothing moves and the
+                # step is not counted. Missing state is still created (zeros and step 0, the same as
+                # no state): torch.distributed.checkpoint's get_state_dict relies on it.
                 self._init_group(group, [], [], [], [], [], [], [])
                 continue
             params: list[Tensor] = []
@@ -419,6 +555,48 @@ class FTML(Optimizer):
             for p, master in masters:
                 p.detach().copy_(master)
         return loss
+
+
+def _form_name(compact: bool) -> str:
+    return "compact" if compact else "MXNet three-state"
+
+
+def _check_state(p: Tensor, state: Mapping[str, Any], group: Mapping[str, Any]) -> None:
+    """The existing state fits the group's form and the param's current dtype (raises RuntimeError)."""
+    if not group["compact"] and "d" not in state:
+        raise RuntimeError(
+            "this FTML state was created with compact=True (it has no 'd' and 'z'); keep compact=True for "
+            "this param group, or convert it with opt.load_state_dict(state_dict) into an FTML(compact=False)"
+        )
+    v = state.get("v")
+    expected = _state_dtype(p, group)
+    if isinstance(v, Tensor) and v.dtype != expected:
+        raise RuntimeError(
+            f"FTML state 'v' is {v.dtype} but this {p.dtype} parameter needs {expected} state: the parameter's "
+            "dtype changed after its state was created (model.double(), model.half()?). Re-create the optimizer "
+            "after the change, or cast the state with opt.load_state_dict(opt.state_dict())"
+        )
+
+
+def _mxnet_state_from_compact(p: Tensor, state: dict[str, Any], group: Mapping[str, Any]) -> None:
+    """Give a compact state ``d`` and ``z`` (in place): ``d`` from ``v``, ``step`` and lr; ``z = -d w``."""
+    v = state["v"]
+    t = float(state["step"])
+    lr = float(group["lr"])
+    if t < 1 or lr == 0.0:
+        d = torch.zeros_like(v)  # z = -d w = 0: the next step is the compact step exactly
+    else:
+        beta1, beta2 = group["betas"]
+        c = rule.constants(lr, t, beta1, beta2, group["eps"])
+        real_v = torch.view_as_real(v) if v.is_complex() else v
+        d_real = (torch.sqrt(real_v / c.bias2) + c.eps) * c.d_scale
+        d = torch.view_as_complex(d_real) if v.is_complex() else d_real
+    w = state.get("master", p.detach())
+    if w.is_complex():
+        z = torch.view_as_complex(-torch.view_as_real(d) * torch.view_as_real(w.to(d.dtype)))
+    else:
+        z = -d * w.to(d.dtype)
+    state["d"], state["z"] = d, z
 
 
 def _check_state_dict(opt: FTML, state_dict: Any) -> None:
@@ -467,23 +645,6 @@ def _check_state_dict(opt: FTML, state_dict: Any) -> None:
                                      f"{tuple(p.shape)}, got {desc}")
 
 
-def _lr_is_positive(group: dict[str, Any], index: int) -> bool:
-    """Whether the group steps: ``lr > 0`` steps, ``lr == 0`` is skipped, ``lr < 0`` is an error.
-
-    FTML divides by lr (``d_t = (1-beta1^t)/lr * ...``). As lr -> 0 the step leaves the weight where it
-    is, so a group at lr = 0 (the first step of a warmup schedule, the end of a cosine one) is left
-    untouched, state included. A tensor lr on an accelerator is not read back (no host sync).
-    """
-    lr = group["lr"]
-    if isinstance(lr, Tensor):
-        if lr.device.type != "cpu" or torch.compiler.is_compiling() or lr.requires_grad:
-            return True
-        lr = lr.item()
-    if not lr >= 0.0:  # also catches NaN
-        raise ValueError(f"Invalid learning rate: lr must be >= 0 at step time, got {lr!r} in param group {index}")
-    return lr > 0.0
-
-
 def _graph_capture_health_check(opt: Optimizer) -> None:
     # Renamed in torch 2.13 (the old name remains as a deprecated alias there).
     check = getattr(opt, "_accelerator_graph_capture_health_check", None)
@@ -501,22 +662,32 @@ def _check_fused_param(p: Tensor) -> None:
 
 
 # ----------------------------------------------------------------------------- the math
-def _step_scalars(
-    step_t: Tensor, *, lr: float | Tensor, beta1: float, beta2: float, tensor_math: bool
-) -> tuple[float | Tensor, float | Tensor, float | Tensor]:
-    r"""``(d_scale, bias2, neg_step_size)`` for one param at the (already incremented) ``step_t``.
+def _lr_for_math(lr: float | Tensor, tensor_math: bool) -> float | Tensor:
+    """A CPU tensor lr is read for free (keeping the float64 scalar math) unless the step stays in tensors."""
+    if isinstance(lr, Tensor) and not tensor_math and lr.device.type == "cpu" and not lr.requires_grad:
+        return float(lr.item())
+    return lr
 
-    ``d_scale = (1-\beta_1^t)/\eta``, ``bias2 = 1-\beta_2^t`` and
-    ``neg_step_size = -\eta(1-\beta_1)/(1-\beta_1^t)`` (compact form). Python floats in float64
-    from ``step_t.item()``; tensors when ``tensor_math`` (capturable, differentiable) or compiling,
-    so that nothing syncs with the host.
+
+def _constants(
+    lr: float | Tensor, t: float | Tensor, *, beta1: float, beta2: float, eps: float, weight_decay: float,
+    clip_gradient: float | None, decoupled_weight_decay: bool, maximize: bool, compact: bool,
+) -> rule.Constants:  # fmt: skip
+    """:func:`ftmlopt.rule.constants` for one step count (a Python float, or a tensor under tensor math).
+
+    For a tensor lr in the MXNet form, ``d_scale`` divides by ``lr`` where it is nonzero and by 1 where
+    it is 0: that step is masked out anyway (``where``), and this keeps inf/NaN out of both branches.
     """
-    step = step_t if tensor_math else _get_value(step_t)
-    if not tensor_math and isinstance(lr, Tensor) and lr.device.type == "cpu":
-        lr = _get_value(lr)  # a CPU tensor lr is read for free: keep the float64 scalar math
-    bias1 = 1 - beta1**step
-    bias2 = 1 - beta2**step
-    return bias1 / lr, bias2, -(lr * (1 - beta1)) / bias1
+    c = rule.constants(lr, t, beta1, beta2, eps, weight_decay=weight_decay, decoupled=decoupled_weight_decay,
+                       clip=clip_gradient, maximize=maximize)  # fmt: skip
+    if not compact and isinstance(lr, Tensor):
+        c = c._replace(d_scale=c.bias1 / torch.where(lr == 0, torch.ones_like(lr), lr))
+    return c
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """:func:`ftmlopt.rule.compute_dtype` as a torch dtype (float32 for float16/bfloat16)."""
+    return _COMPUTE_DTYPES.get(dtype) or _torch_dtype(rule.compute_dtype(dtype))
 
 
 def _check_capturable_devices(params: list[Tensor], state_steps: list[Tensor]) -> None:
@@ -556,89 +727,62 @@ def _single_tensor_ftml(
 ) -> None:
     """The readable for-loop FTML step, one param at a time (the ground truth for the fast paths).
 
-    float16/bfloat16 tensors are computed in float32 and rounded once on the way out (float16's
-    epsilon would otherwise underflow to 0 and turn zero-gradient elements into 0/0 = NaN).
+    Each step is :func:`ftmlopt.rule.compact_step` or :func:`ftmlopt.rule.mxnet_step` on torch
+    tensors (out of place, so autograd can run through it), whose results are then written into the
+    param and its state. float16/bfloat16 tensors are computed in float32 (:func:`ftmlopt.rule.compute_dtype`)
+    and rounded once on the way out. The per-step constants are Python floats (float64) from the CPU
+    step count; tensors under ``capturable``, ``differentiable`` and ``torch.compile``.
+
+    lr = 0: the compact step leaves ``w`` as it is and advances ``v`` and ``step``; the MXNet form
+    changes nothing (a Python lr returns at once; a tensor lr is masked with ``torch.where``, and
+    ``step`` advances by ``lr != 0``).
     """
     if grad_scale is not None or found_inf is not None:
         raise AssertionError("grad_scale and found_inf are only supported by fused=True")
     if capturable:
         _check_capturable_devices(params, state_steps)
+    tensor_math = capturable or differentiable or torch.compiler.is_compiling()
+    lr = _lr_for_math(lr, tensor_math)
+    masked = not compact and isinstance(lr, Tensor)  # the MXNet form at a tensor lr that may be 0
+    if not compact and not isinstance(lr, Tensor) and not rule.counts_step(lr, compact):
+        return  # the MXNet form at lr 0: nothing changes, the step is not counted
     hyper = dict(
-        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, clip_gradient=clip_gradient,
-        decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, differentiable=differentiable,
+        beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, clip_gradient=clip_gradient,
+        decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, compact=compact,
     )  # fmt: skip
+    cache: dict[float, rule.Constants] = {}
     for i, param in enumerate(params):
         step_t = state_steps[i]
-        step_t += 1
-        scalars = _step_scalars(step_t, lr=lr, beta1=beta1, beta2=beta2, tensor_math=capturable or differentiable)
-        grad, v = grads[i], vs[i]
-        d, z = (None, None) if compact else (ds[i], zs[i])
+        if masked:
+            t: float | Tensor = step_t + 1
+            step_t += cast(Tensor, lr).ne(0).to(step_t.dtype)
+        else:
+            step_t += 1
+            t = step_t
+        if tensor_math:
+            c = _constants(lr, t, **hyper)  # type: ignore[arg-type]
+        else:
+            t = _get_value(t)
+            c = cache.get(t) or cache.setdefault(t, _constants(lr, t, **hyper))  # type: ignore[arg-type]
+
+        tensors = [param, grads[i], vs[i]] + ([] if compact else [ds[i], zs[i]])
         if torch.is_complex(param):  # every real coordinate is its own FTML problem
-            param, grad, v = torch.view_as_real(param), torch.view_as_real(grad), torch.view_as_real(v)
-            if d is not None and z is not None:
-                d, z = torch.view_as_real(d), torch.view_as_real(z)
-        if param.dtype in _LOW_PRECISION:
-            w32, d32, v32, z32 = (None if t is None else t.float() for t in (param, d, v, z))
-            _ftml_tensor(w32, grad.float(), d32, v32, z32, scalars, **hyper)
-            for dst, src in ((param, w32), (d, d32), (v, v32), (z, z32)):
-                if dst is not None:
-                    dst.copy_(src)
+            tensors = [torch.view_as_real(x) for x in tensors]
+        compute = _compute_dtype(tensors[0].dtype)
+        inputs = [x.to(compute) for x in tensors]
+        if differentiable:  # the writes below would modify tensors autograd has saved
+            inputs = [x.clone() for x in inputs]
+        if compact:
+            w, g, v = inputs
+            results: list[Tensor] = list(rule.compact_step(w, g, v, c, sqrt=torch.sqrt, clip=torch.clamp))
+            targets = [tensors[0], tensors[2]]
         else:
-            _ftml_tensor(param, grad, d, v, z, scalars, **hyper)
-
-
-def _ftml_tensor(
-    param: Tensor,
-    grad: Tensor,
-    d: Tensor | None,
-    v: Tensor,
-    z: Tensor | None,
-    scalars: tuple[float | Tensor, float | Tensor, float | Tensor],
-    *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    clip_gradient: float | None,
-    decoupled_weight_decay: bool,
-    maximize: bool,
-    differentiable: bool,
-) -> None:
-    """One FTML step of one real tensor, in place (``d`` and ``z`` are None in the compact form).
-
-    Intermediates are computed out of place where an in-place op would overwrite a value that
-    autograd saved, so the same code serves ``differentiable=True``.
-    """
-    d_scale, bias2, neg_step_size = scalars
-    if maximize:
-        grad = -grad
-    if weight_decay != 0:
-        if decoupled_weight_decay:
-            decay = 1 - lr * weight_decay
-            param.mul_(decay)
-            if z is not None:
-                z.mul_(decay)  # keeps w = -z/d
-        else:
-            grad = grad.add(param, alpha=weight_decay)
-    if clip_gradient is not None:
-        grad = grad.clamp(-clip_gradient, clip_gradient)
-
-    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    denom = torch.sqrt(v / bias2) + eps
-    if d is None or z is None:  # compact: w <- w - lr (1-beta1)/(1-beta1^t) g' / denom
-        if isinstance(neg_step_size, Tensor):
-            param.addcdiv_(grad, denom / neg_step_size)
-        else:
-            param.addcdiv_(grad, denom, value=neg_step_size)
-        return
-
-    d_t = denom * d_scale
-    w_prev = param.clone() if differentiable else param  # autograd saves it; param is rewritten below
-    # z <- beta1 z + (1 - beta1) g' - (d_t - beta1 d) w, written as + (beta1 d - d_t) w
-    z.mul_(beta1).add_(grad, alpha=1 - beta1).addcmul_(d.mul(beta1).sub_(d_t), w_prev)
-    d.copy_(d_t)
-    param.copy_(z / d_t).neg_()
+            w, g, v, d, z = inputs
+            results = list(rule.mxnet_step(w, g, d, v, z, c, sqrt=torch.sqrt, clip=torch.clamp,
+                                           where=torch.where if masked else None))  # fmt: skip
+            targets = [tensors[0], tensors[3], tensors[2], tensors[4]]  # w, d, v, z
+        for dst, src in zip(targets, results):
+            dst.copy_(src)
 
 
 def _multi_tensor_ftml(
@@ -666,9 +810,8 @@ def _multi_tensor_ftml(
 ) -> None:
     """The same step as :func:`_single_tensor_ftml` with ``torch._foreach_*`` ops per (device, dtype).
 
-    Op for op the arithmetic of the for-loop, so both round alike. Peak extra memory: one
-    param-sized list for ``d_t`` (plus one for the gradient under maximize, weight decay or clipping,
-    and float32 copies of float16/bfloat16 groups).
+    Op for op the arithmetic of :func:`ftmlopt.rule.compact_step` / :func:`ftmlopt.rule.mxnet_step`
+    in the same order, so on the CPU both paths round identically (tested bit for bit).
     """
     if not params:
         return
@@ -680,9 +823,13 @@ def _multi_tensor_ftml(
         raise RuntimeError("lr as a Tensor is not supported for capturable=False and foreach=True")
     if capturable:
         _check_capturable_devices(params, state_steps)
+    if not compact and not isinstance(lr, Tensor) and not rule.counts_step(lr, compact):
+        return  # the MXNet form at lr 0: nothing changes, the step is not counted
+    tensor_math = capturable or torch.compiler.is_compiling()
+    masked = not compact and isinstance(lr, Tensor)
     hyper = dict(
-        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, clip_gradient=clip_gradient,
-        decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
+        beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, clip_gradient=clip_gradient,
+        decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, compact=compact,
     )  # fmt: skip
 
     params, grads, ds, vs, zs = _local_shards(params, grads, ds, vs, zs)
@@ -694,94 +841,108 @@ def _multi_tensor_ftml(
         if has_complex:
             _view_as_real(dev_params, dev_grads, dev_vs, *((dev_ds, dev_zs) if not compact else ()))
 
-        # Steps on the CPU would make foreach loop over t.add(1), wrapping 1 each time.
-        if not torch.compiler.is_compiling() and dev_steps[0].is_cpu:
-            torch._foreach_add_(dev_steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
+        ts: list[Any]
+        if masked:
+            ts = list(torch._foreach_add(dev_steps, 1))
+            torch._foreach_add_(dev_steps, cast(Tensor, lr).ne(0).to(dev_steps[0].dtype))
         else:
-            torch._foreach_add_(dev_steps, 1)
-        scalars = [_step_scalars(s, lr=lr, beta1=beta1, beta2=beta2, tensor_math=capturable) for s in dev_steps]
-        d_scales, bias2s, neg_step_sizes = (list(x) for x in zip(*scalars))
+            # Steps on the CPU would make foreach loop over t.add(1), wrapping 1 each time.
+            if not torch.compiler.is_compiling() and dev_steps[0].is_cpu:
+                torch._foreach_add_(dev_steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
+            else:
+                torch._foreach_add_(dev_steps, 1)
+            ts = dev_steps if tensor_math else [_get_value(s) for s in dev_steps]
+        cache: dict[Any, rule.Constants] = {}
+        consts = []
+        for t in ts:
+            key = id(t) if tensor_math else t
+            c = cache.get(key) or cache.setdefault(key, _constants(lr, t, **hyper))  # type: ignore[arg-type]
+            consts.append(c)
 
-        if dev_params[0].dtype in _LOW_PRECISION:  # computed in float32, as in the for-loop
-            stored = [dev_params, dev_ds, dev_vs, dev_zs]
-            up = [[t.float() for t in lst] for lst in stored]
-            grads32 = [g.float() for g in dev_grads]
-            _foreach_ftml(up[0], grads32, up[1], up[2], up[3], d_scales, bias2s, neg_step_sizes, **hyper)
-            for dst, src in zip(stored, up):
+        stored = [dev_params, dev_vs, dev_ds, dev_zs]
+        compute = _compute_dtype(dev_params[0].dtype)
+        if compute != dev_params[0].dtype:  # computed in float32, as in the for-loop
+            work = [[t.to(compute) for t in lst] for lst in stored]
+            dev_grads = [g.to(compute) for g in dev_grads]
+        else:
+            work = stored
+        old = [[t.clone() for t in lst] for lst in work] if masked else None
+        _foreach_step(work[0], dev_grads, work[1], work[2], work[3], consts)
+        if old is not None:
+            frozen = cast(Tensor, lr).eq(0)
+            for lst, before in zip(work, old):
+                if lst:
+                    torch._foreach_copy_(lst, [torch.where(frozen, b, a) for a, b in zip(lst, before)])
+        if work is not stored:
+            for dst, src in zip(stored, work):
                 if dst:
                     torch._foreach_copy_(dst, src)
-        else:
-            _foreach_ftml(dev_params, dev_grads, dev_ds, dev_vs, dev_zs, d_scales, bias2s, neg_step_sizes, **hyper)
 
 
-def _foreach_ftml(
-    params: list[Tensor],
-    grads: list[Tensor],
-    ds: list[Tensor],
-    vs: list[Tensor],
-    zs: list[Tensor],
-    d_scales: list[Any],
-    bias2s: list[Any],
-    neg_step_sizes: list[Any],
-    *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    clip_gradient: float | None,
-    decoupled_weight_decay: bool,
-    maximize: bool,
-) -> None:
-    """:func:`_ftml_tensor` over lists of real tensors of one device and dtype (``ds == zs == []``: compact)."""
+def _foreach_step(
+    params: list[Tensor], grads: list[Tensor], vs: list[Tensor], ds: list[Tensor], zs: list[Tensor],
+    consts: list[rule.Constants],
+) -> None:  # fmt: skip
+    """The rule's step over lists of real tensors of one device and dtype, in place (``ds == zs == []``: compact).
+
+    ``consts[i]`` are tensor ``i``'s constants; the hyper-parameters proper (betas, eps, wd, clip,
+    lr) are the same for all of them, only the bias corrections depend on each tensor's step.
+    """
+    c = consts[0]
     compact = not ds
+    # rule.compact_step / rule.mxnet_step: decoupled decay first
+    if c.decay is not None:
+        torch._foreach_mul_(params, c.decay)
+        if not compact:
+            torch._foreach_mul_(zs, c.decay)
+    # rule.gradient: g' = clip(sign * g + w * wd)
     owned = False  # whether grads is our intermediate (then it may be modified in place)
-    if maximize:
+    if c.sign < 0:
         grads, owned = list(torch._foreach_neg(grads)), True
-    if weight_decay != 0:
-        if decoupled_weight_decay:
-            decay = 1 - lr * weight_decay
-            torch._foreach_mul_(params, decay)
-            if not compact:
-                torch._foreach_mul_(zs, decay)  # keeps w = -z/d
-        elif owned:
-            torch._foreach_add_(grads, params, alpha=weight_decay)
-        else:
-            grads, owned = list(torch._foreach_add(grads, params, alpha=weight_decay)), True
-    if clip_gradient is not None:
+    if c.wd is not None:
+        wd_w = torch._foreach_mul(params, c.wd)
         if owned:
-            torch._foreach_clamp_min_(grads, -clip_gradient)
+            torch._foreach_add_(grads, wd_w)
         else:
-            grads = list(torch._foreach_clamp_min(grads, -clip_gradient))
-        torch._foreach_clamp_max_(grads, clip_gradient)
-
-    torch._foreach_mul_(vs, beta2)
-    torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
-    denom = list(torch._foreach_div(vs, bias2s))
+            grads, owned = list(torch._foreach_add(grads, wd_w)), True
+        del wd_w
+    if c.clip is not None:
+        if owned:
+            torch._foreach_clamp_min_(grads, -c.clip)
+        else:
+            grads = list(torch._foreach_clamp_min(grads, -c.clip))
+        torch._foreach_clamp_max_(grads, c.clip)
+    # rule.second_moment: v = v * beta2 + (g' * g') * (1 - beta2)
+    torch._foreach_mul_(vs, c.beta2)
+    sq = torch._foreach_mul(grads, grads)
+    torch._foreach_mul_(sq, c.one_minus_beta2)
+    torch._foreach_add_(vs, sq)
+    del sq
+    # denom = sqrt(v / bias2) + eps
+    denom = list(torch._foreach_div(vs, [x.bias2 for x in consts]))
     torch._foreach_sqrt_(denom)
-    torch._foreach_add_(denom, eps)
+    torch._foreach_add_(denom, c.eps)
     if compact:
-        if isinstance(neg_step_sizes[0], Tensor):
-            torch._foreach_div_(denom, neg_step_sizes)
-            torch._foreach_addcdiv_(params, grads, denom)
-        else:
-            torch._foreach_addcdiv_(params, grads, denom, neg_step_sizes)
+        # w = w - (g' * step_size) / denom
+        update = torch._foreach_mul(grads, [x.step_size for x in consts])
+        torch._foreach_div_(update, denom)
+        torch._foreach_sub_(params, update)
         return
-
+    # d_t = denom * d_scale;  z = z * beta1 + g' * (1 - beta1) - (d_t - d * beta1) * w;  w = -z / d_t
     d_t = denom
-    torch._foreach_mul_(d_t, d_scales)
-    # z <- beta1 z + (1 - beta1) g' + (beta1 d - d_t) w; the old d is not needed afterwards.
-    torch._foreach_mul_(zs, beta1)
-    torch._foreach_add_(zs, grads, alpha=1 - beta1)
+    torch._foreach_mul_(d_t, [x.d_scale for x in consts])
+    torch._foreach_mul_(zs, c.beta1)
+    torch._foreach_add_(zs, torch._foreach_mul(grads, c.one_minus_beta1))
     del grads
-    torch._foreach_mul_(ds, beta1)
-    torch._foreach_sub_(ds, d_t)
-    torch._foreach_addcmul_(zs, ds, params)
+    torch._foreach_mul_(ds, c.beta1)
+    diff = torch._foreach_sub(d_t, ds)
+    torch._foreach_mul_(diff, params)
+    torch._foreach_sub_(zs, diff)
+    del diff
     torch._foreach_copy_(ds, d_t)
-    # w <- -z / d_t
     torch._foreach_copy_(params, zs)
-    torch._foreach_div_(params, d_t)
     torch._foreach_neg_(params)
+    torch._foreach_div_(params, d_t)
 
 
 def _local_shards(*lists: list[Tensor]) -> list[list[Tensor]]:
@@ -791,8 +952,6 @@ def _local_shards(*lists: list[Tensor]) -> list[list[Tensor]]:
     so stepping each rank's shard is exact; this also avoids foreach ops that have no DTensor
     sharding rule (``_foreach_copy_``) and hands the fused kernel real tensors, not wrappers.
     """
-    import sys
-
     if "torch.distributed.tensor" not in sys.modules:  # no DTensor can exist
         return list(lists)
     from torch.distributed.tensor import DTensor
@@ -802,9 +961,17 @@ def _local_shards(*lists: list[Tensor]) -> list[list[Tensor]]:
 
 def _fused_ftml(params: list[Tensor], grads: list[Tensor], ds: list[Tensor], vs: list[Tensor],
                 zs: list[Tensor], state_steps: list[Tensor], **kwargs: Any) -> None:  # fmt: skip
-    """Forward to :func:`ftmlopt.torch._fused._fused_ftml` (looked up at call time)."""
+    """Forward to :func:`ftmlopt.torch._fused._fused_ftml` (looked up at call time).
+
+    The kernels' MXNet form divides by lr; at lr 0 that form changes nothing and does not count the
+    step (:func:`ftmlopt.rule.counts_step`), so the call is not made. A tensor lr on an accelerator
+    is read for this (one host sync, MXNet form only).
+    """
     from ftmlopt.torch import _fused
 
+    lr = kwargs["lr"]
+    if not kwargs["compact"] and float(lr) == 0.0:
+        return
     params, grads, ds, vs, zs = _local_shards(params, grads, ds, vs, zs)
     _fused._fused_ftml(params, grads, ds, vs, zs, state_steps, **kwargs)
 
@@ -850,7 +1017,9 @@ def ftml(
     r"""Functional FTML: one step over lists of tensors, in place (see :class:`FTML` for the math).
 
     ``state_steps`` are 0-dim float tensors holding the number of steps taken so far; each is
-    incremented here. With ``compact=True``, ``ds`` and ``zs`` are empty lists.
+    incremented here (MXNet form at lr 0: not incremented). ``compact=False`` (the default of this
+    low-level function, whose caller hands it the state lists) is MXNet's three-state form; with
+    ``compact=True`` (the default of :class:`FTML`), ``ds`` and ``zs`` are empty lists.
 
     Implementation choice: ``fused`` / ``foreach`` when given; otherwise fused on the CPU when the
     fused kernel is available, foreach on CUDA, and the for-loop elsewhere (and whenever
@@ -875,8 +1044,8 @@ def ftml(
                 foreach = False
     if not torch.compiler.is_compiling() and not all(isinstance(t, Tensor) for t in state_steps):
         raise RuntimeError("API has changed, `state_steps` argument must contain a list of singleton tensors")
-    if clip_gradient is not None and not (math.isfinite(clip_gradient) and clip_gradient > 0):
-        raise ValueError(f"Invalid clip_gradient: must be None (off) or > 0, got {clip_gradient!r}")
+    if clip_gradient is not None and not torch.compiler.is_compiling():
+        rule.check_clip(clip_gradient, "clip_gradient value")
 
     if fused:
         func: Callable[..., None] = _fused_ftml
