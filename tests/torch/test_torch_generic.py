@@ -491,8 +491,8 @@ def test_bad_param_group_is_rejected_before_it_is_added() -> None:
 def test_group_at_lr_zero_does_not_step_and_negative_lr_is_rejected(impl: str, compact: bool) -> None:
     """Warmup schedules start at lr = 0, which is "no step" (ftmlopt.rule): the weights stay, bit for bit.
 
-    Compact: ``v`` and ``step`` advance (as Adam's state does at lr 0). MXNet form: nothing changes;
-    the state exists but is the zero state (step 0), which DCP's get_state_dict needs.
+    Both forms: ``v`` and ``step`` advance (as Adam's state does at lr 0); the MXNet form keeps
+    ``d`` and ``z`` (zero here), so ``z = -d w`` holds and the next step is the compact one.
     """
     params, loss_fn = _regression()
     opt = FTML([{"params": params[:1]}, {"params": params[1:]}], lr=0.01, compact=compact, **IMPL_KWARGS[impl])
@@ -504,17 +504,16 @@ def test_group_at_lr_zero_does_not_step_and_negative_lr_is_rejected(impl: str, c
     opt.step()
     state = opt.state[params[1]]
     assert torch.equal(params[1].detach(), bias_before)
-    if compact:
-        assert state["step"].item() == 1
-        torch.testing.assert_close(state["v"], (1 - 0.999) * grad * grad, rtol=1e-6, atol=0.0)
-    else:
-        assert state["step"].item() == 0 and all(not state[k].any() for k in ("d", "v", "z"))
+    assert state["step"].item() == 1
+    torch.testing.assert_close(state["v"], (1 - 0.999) * grad * grad, rtol=1e-6, atol=0.0)
+    if not compact:
+        assert not state["d"].any() and not state["z"].any()
     assert opt.state[params[0]]["step"].item() == 1
     sched.step()
     opt.zero_grad()
     loss_fn().backward()
     opt.step()
-    assert state["step"].item() == (2 if compact else 1) and torch.isfinite(params[1]).all()
+    assert state["step"].item() == 2 and torch.isfinite(params[1]).all()
     assert not torch.equal(params[1].detach(), bias_before)
     opt.param_groups[1]["lr"] = -0.1
     snapshot = [p.detach().clone() for p in params]

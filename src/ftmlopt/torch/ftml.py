@@ -131,15 +131,6 @@ def _check_group_at_step(group: Mapping[str, Any], index: int) -> None:
         raise type(err)(f"{err} (param group {index}, checked at step time)") from None
 
 
-def _readable_lr(lr: float | Tensor) -> float | None:
-    """The lr as a Python float when reading it costs nothing (no host sync, not traced), else None."""
-    if not isinstance(lr, Tensor):
-        return float(lr)
-    if lr.device.type != "cpu" or lr.requires_grad or torch.compiler.is_compiling():
-        return None
-    return float(lr.item())
-
-
 def _state_dtype(p: Tensor, group: Mapping[str, Any]) -> torch.dtype:
     """The dtype of ``v`` (``d``, ``z``): :func:`ftmlopt.rule.state_dtype` (float32 for half params unless
     the group's ``state_dtype`` says otherwise; always float32 under ``multi_precision``); complex
@@ -513,12 +504,6 @@ class FTML(Optimizer):
                     if state and not (plain and state["v"].dtype == p.dtype):
                         _check_state(p, state, group)
         for group in self.param_groups:
-            if not group["compact"] and _readable_lr(group["lr"]) == 0.0:
-                # The MXNet form has no step at lr 0 (d_t would be infinite): nothing moves and the
-                # step is not counted. Missing state is still created (zeros and step 0, the same as
-                # no state): torch.distributed.checkpoint's get_state_dict relies on it.
-                self._init_group(group, [], [], [], [], [], [], [])
-                continue
             params: list[Tensor] = []
             grads: list[Tensor] = []
             ds: list[Tensor] = []
@@ -733,9 +718,8 @@ def _single_tensor_ftml(
     and rounded once on the way out. The per-step constants are Python floats (float64) from the CPU
     step count; tensors under ``capturable``, ``differentiable`` and ``torch.compile``.
 
-    lr = 0: the compact step leaves ``w`` as it is and advances ``v`` and ``step``; the MXNet form
-    changes nothing (a Python lr returns at once; a tensor lr is masked with ``torch.where``, and
-    ``step`` advances by ``lr != 0``).
+    lr = 0 (:mod:`ftmlopt.rule`): ``w`` stays, ``v`` takes the gradient and ``step`` advances in both
+    forms; the MXNet form keeps ``d`` and ``z`` (a tensor lr is masked with ``torch.where``).
     """
     if grad_scale is not None or found_inf is not None:
         raise AssertionError("grad_scale and found_inf are only supported by fused=True")
@@ -744,8 +728,6 @@ def _single_tensor_ftml(
     tensor_math = capturable or differentiable or torch.compiler.is_compiling()
     lr = _lr_for_math(lr, tensor_math)
     masked = not compact and isinstance(lr, Tensor)  # the MXNet form at a tensor lr that may be 0
-    if not compact and not isinstance(lr, Tensor) and not rule.counts_step(lr, compact):
-        return  # the MXNet form at lr 0: nothing changes, the step is not counted
     hyper = dict(
         beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, clip_gradient=clip_gradient,
         decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, compact=compact,
@@ -753,12 +735,8 @@ def _single_tensor_ftml(
     cache: dict[float, rule.Constants] = {}
     for i, param in enumerate(params):
         step_t = state_steps[i]
-        if masked:
-            t: float | Tensor = step_t + 1
-            step_t += cast(Tensor, lr).ne(0).to(step_t.dtype)
-        else:
-            step_t += 1
-            t = step_t
+        step_t += 1
+        t: float | Tensor = step_t
         if tensor_math:
             c = _constants(lr, t, **hyper)  # type: ignore[arg-type]
         else:
@@ -823,8 +801,6 @@ def _multi_tensor_ftml(
         raise RuntimeError("lr as a Tensor is not supported for capturable=False and foreach=True")
     if capturable:
         _check_capturable_devices(params, state_steps)
-    if not compact and not isinstance(lr, Tensor) and not rule.counts_step(lr, compact):
-        return  # the MXNet form at lr 0: nothing changes, the step is not counted
     tensor_math = capturable or torch.compiler.is_compiling()
     masked = not compact and isinstance(lr, Tensor)
     hyper = dict(
@@ -841,17 +817,12 @@ def _multi_tensor_ftml(
         if has_complex:
             _view_as_real(dev_params, dev_grads, dev_vs, *((dev_ds, dev_zs) if not compact else ()))
 
-        ts: list[Any]
-        if masked:
-            ts = list(torch._foreach_add(dev_steps, 1))
-            torch._foreach_add_(dev_steps, cast(Tensor, lr).ne(0).to(dev_steps[0].dtype))
+        # Steps on the CPU would make foreach loop over t.add(1), wrapping 1 each time.
+        if not torch.compiler.is_compiling() and dev_steps[0].is_cpu:
+            torch._foreach_add_(dev_steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
         else:
-            # Steps on the CPU would make foreach loop over t.add(1), wrapping 1 each time.
-            if not torch.compiler.is_compiling() and dev_steps[0].is_cpu:
-                torch._foreach_add_(dev_steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
-            else:
-                torch._foreach_add_(dev_steps, 1)
-            ts = dev_steps if tensor_math else [_get_value(s) for s in dev_steps]
+            torch._foreach_add_(dev_steps, 1)
+        ts: list[Any] = dev_steps if tensor_math else [_get_value(s) for s in dev_steps]
         cache: dict[Any, rule.Constants] = {}
         consts = []
         for t in ts:
@@ -866,12 +837,13 @@ def _multi_tensor_ftml(
             dev_grads = [g.to(compute) for g in dev_grads]
         else:
             work = stored
-        old = [[t.clone() for t in lst] for lst in work] if masked else None
+        # at a tensor lr of 0 the MXNet form keeps w, d and z (v takes the gradient): masked below
+        old = [[t.clone() for t in lst] if k != 1 else [] for k, lst in enumerate(work)] if masked else None
         _foreach_step(work[0], dev_grads, work[1], work[2], work[3], consts)
         if old is not None:
             frozen = cast(Tensor, lr).eq(0)
             for lst, before in zip(work, old):
-                if lst:
+                if lst and before:
                     torch._foreach_copy_(lst, [torch.where(frozen, b, a) for a, b in zip(lst, before)])
         if work is not stored:
             for dst, src in zip(stored, work):
@@ -918,6 +890,8 @@ def _foreach_step(
     torch._foreach_mul_(sq, c.one_minus_beta2)
     torch._foreach_add_(vs, sq)
     del sq
+    if not isinstance(c.lr, Tensor) and c.lr == 0:
+        return  # lr 0 (rule.py): the weights stay; the MXNet form keeps d and z
     # denom = sqrt(v / bias2) + eps
     denom = list(torch._foreach_div(vs, [x.bias2 for x in consts]))
     torch._foreach_sqrt_(denom)
@@ -963,14 +937,21 @@ def _fused_ftml(params: list[Tensor], grads: list[Tensor], ds: list[Tensor], vs:
                 zs: list[Tensor], state_steps: list[Tensor], **kwargs: Any) -> None:  # fmt: skip
     """Forward to :func:`ftmlopt.torch._fused._fused_ftml` (looked up at call time).
 
-    The kernels' MXNet form divides by lr; at lr 0 that form changes nothing and does not count the
-    step (:func:`ftmlopt.rule.counts_step`), so the call is not made. A tensor lr on an accelerator
-    is read for this (one host sync, MXNet form only).
+    The kernels' MXNet form divides by lr; at lr 0 that form only folds the gradient into ``v`` and
+    counts the step (:mod:`ftmlopt.rule`), which the foreach path does instead. A tensor lr on an
+    accelerator is read for this (one host sync, MXNet form only).
     """
     from ftmlopt.torch import _fused
 
     lr = kwargs["lr"]
     if not kwargs["compact"] and float(lr) == 0.0:
+        grad_scale, found_inf = kwargs.pop("grad_scale"), kwargs.pop("found_inf")
+        if found_inf is not None and bool(found_inf):
+            return  # GradScaler skips this step
+        if grad_scale is not None:
+            grads = list(torch._foreach_div(grads, grad_scale))
+        kwargs["lr"] = 0.0
+        _multi_tensor_ftml(params, grads, ds, vs, zs, state_steps, grad_scale=None, found_inf=None, **kwargs)
         return
     params, grads, ds, vs, zs = _local_shards(params, grads, ds, vs, zs)
     _fused._fused_ftml(params, grads, ds, vs, zs, state_steps, **kwargs)
