@@ -141,7 +141,9 @@ def test_module_imports_and_reports_unavailable_without_llvmlite() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["ftmlopt.kernels.numba_cpu", "ftmlopt.kernels.cpu", "ftmlopt.kernels.triton_cuda", "ftmlopt.torch._fused", "ftmlopt.bench"]
+    "name",
+    ["ftmlopt.kernels.numba_cpu", "ftmlopt.kernels.cpu", "ftmlopt.kernels.triton_cuda", "ftmlopt.torch._fused",
+     "ftmlopt.bench"],
 )
 def test_docstring_examples(name: str) -> None:
     import doctest

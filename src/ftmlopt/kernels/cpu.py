@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib
+import itertools
 import os
 import sys
 import threading
@@ -163,7 +164,7 @@ def available_dtypes() -> tuple[str, ...]:
     return DTYPES if _TARGET[1] else ("float32", "float64", "bfloat16")
 
 
-def _codegen(spec: Spec) -> str:  # noqa: C901 - one straight-line description of the element
+def _codegen(spec: Spec) -> str:
     """LLVM IR of ``run(n_pieces, ptrs, counts, coefs, k)`` for ``spec`` (see :func:`kernel`)."""
     assert _LLVM is not None
     ir = _LLVM[1]
@@ -405,7 +406,7 @@ def run(
     calls = [
         (hi - lo, ptrs.ctypes.data + 48 * lo, counts.ctypes.data + 8 * lo, coefs.ctypes.data + 2 * item * lo,
          k.ctypes.data)
-        for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo
+        for lo, hi in itertools.pairwise(bounds) if hi > lo
     ]  # fmt: skip
     if len(calls) == 1:
         fn(*calls[0])

@@ -157,7 +157,7 @@ def _fused_ftml(
     else:
         p_, g_, d_, v_, z_ = lists
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
-    _op()(
+    _OP(
         p_, g_, d_, v_, z_, state_steps, grad_scale, found_inf, lr_tensor,
         0.0 if lr_tensor is not None else float(lr), beta1, beta2, eps, weight_decay, clip_gradient,
         decoupled_weight_decay, compact, maximize,
@@ -165,13 +165,8 @@ def _fused_ftml(
 
 
 # ============================================================================ the registered op
-_OP: list[Any] = []
-
-
-def _op() -> Any:
-    """``torch.ops.ftmlopt.fused_ftml_`` (registered on first use, so torch loads lazily)."""
-    if _OP:
-        return _OP[0]
+def _register() -> Any:
+    """Register ``torch.ops.ftmlopt.fused_ftml_`` (at import: registration cannot run under a tracer)."""
     import torch
 
     # list[Tensor] arguments need real annotations at registration time (no postponed strings).
@@ -198,12 +193,14 @@ def _op() -> Any:
         "ftmlopt::fused_ftml_", impl, mutates_args=("params", "grads", "ds", "vs", "zs", "steps")
     )
 
-    @op.register_fake  # type: ignore[untyped-decorator,misc]
+    @op.register_fake
     def _fake(*args: Any) -> None:
         return None
 
-    _OP.append(op)
     return op
+
+
+_OP = _register()
 
 
 def _step(
