@@ -318,7 +318,10 @@ def _cpu_group(
     fn = cpu.kernel(spec)
 
     torch._foreach_add_(steps, 1)
-    t_all = torch.stack([s.reshape(()) for s in steps]).to(torch.float64).numpy()
+    try:
+        t_all = torch.stack(steps).to(torch.float64).numpy().reshape(-1)  # 0-dim counters (the usual case)
+    except RuntimeError:  # one-element counters of other shapes
+        t_all = torch.cat([s.reshape(-1) for s in steps]).to(torch.float64).numpy()
     per = np.empty((len(steps), 2), dtype=np.float64)
     c = None
     for t in np.unique(t_all).tolist():
