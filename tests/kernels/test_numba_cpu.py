@@ -143,7 +143,7 @@ def test_module_imports_and_reports_unavailable_without_llvmlite() -> None:
 @pytest.mark.parametrize(
     "name",
     ["ftmlopt.kernels.numba_cpu", "ftmlopt.kernels.cpu", "ftmlopt.kernels.triton_cuda", "ftmlopt.torch._fused",
-     "ftmlopt.bench"],
+     "ftmlopt.bench", "ftmlopt.bench.floors", "ftmlopt.bench.gpu_check"],
 )
 def test_docstring_examples(name: str) -> None:
     import doctest
