@@ -160,3 +160,26 @@ def test_the_kernels_vectorize_and_do_not_contract_to_fma() -> None:
     asm = cpu.assembly(cpu.Spec("compact", "float32", "float32", coupled_wd=True, clip=True))
     assert "sqrtps" in asm  # packed square roots: the loop is vectorized
     assert "vfmadd" not in asm and "vfmsub" not in asm and "vfnmadd" not in asm  # no FMA: rule order kept
+
+
+def test_kernels_import_only_the_rule_from_ftmlopt() -> None:
+    """Statically: every runtime import of ftmlopt in kernels/ is ftmlopt.rule or kernels/ itself."""
+    import ast
+    from pathlib import Path
+
+    import ftmlopt.kernels
+
+    found = set()
+    for path in Path(ftmlopt.kernels.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        type_checking = [n for n in ast.walk(tree) if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test)]
+        skip = {id(x) for block in type_checking for x in ast.walk(block)}
+        for node in ast.walk(tree):
+            if id(node) in skip:
+                continue
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ftmlopt"):
+                found |= {f"{node.module}.{a.name}" if node.module == "ftmlopt" else node.module for a in node.names}
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names if a.name.startswith("ftmlopt")}
+    assert found, "the scan found no ftmlopt import at all"
+    assert {m for m in found if not m.startswith("ftmlopt.kernels")} == {"ftmlopt.rule"}, found
