@@ -26,7 +26,7 @@ contiguous copies that are written back; complex tensors are processed as their 
 from __future__ import annotations
 
 from operator import attrgetter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
@@ -197,12 +197,13 @@ def _register() -> Any:
         _step(params, grads, ds, vs, zs, steps, grad_scale, found_inf, lr_tensor if lr_tensor is not None else lr,
               beta1, beta2, eps, weight_decay, clip_gradient, decoupled_weight_decay, compact, maximize)  # fmt: skip
 
+    # typing.Optional rather than `X | None`: what the schema inference of every torch >= 2.4 reads
+    tensors, maybe_tensor, maybe_float = list[torch.Tensor], Optional[torch.Tensor], Optional[float]  # noqa: UP045
     for name, annotation in {
-        "params": list[torch.Tensor], "grads": list[torch.Tensor], "ds": list[torch.Tensor],
-        "vs": list[torch.Tensor], "zs": list[torch.Tensor], "steps": list[torch.Tensor],
-        "grad_scale": torch.Tensor | None, "found_inf": torch.Tensor | None, "lr_tensor": torch.Tensor | None,
+        "params": tensors, "grads": tensors, "ds": tensors, "vs": tensors, "zs": tensors, "steps": tensors,
+        "grad_scale": maybe_tensor, "found_inf": maybe_tensor, "lr_tensor": maybe_tensor,
         "lr": float, "beta1": float, "beta2": float, "eps": float, "weight_decay": float,
-        "clip_gradient": float | None, "decoupled_weight_decay": bool, "compact": bool, "maximize": bool,
+        "clip_gradient": maybe_float, "decoupled_weight_decay": bool, "compact": bool, "maximize": bool,
         "return": None,
     }.items():  # fmt: skip
         impl.__annotations__[name] = annotation
