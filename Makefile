@@ -9,7 +9,7 @@ PIP := $(PY) -m pip install --quiet --constraint constraints/dev.txt
 VENV_TF ?= .venv-tf
 PY_TF := $(VENV_TF)/bin/python
 
-.PHONY: demo test lint bench reproduce clean
+.PHONY: demo test lint bench gpu-check reproduce clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -66,8 +66,17 @@ test: $(VENV)/.test-installed $(VENV_TF)/.tf-installed
 	$(PY) -m ruff check src tests
 	FTMLOPT_TENSORFLOW_PYTHON=$(abspath $(PY_TF)) $(PY) -m pytest
 
+# The interleaved CPU benchmark (tables, ratios to fused Adam, % of floor, state bytes, first step,
+# forward/backward slowdown); JSON next to it. BENCH_ARGS adds options, e.g. BENCH_ARGS='--threads 2'.
 bench: $(VENV)/.test-installed
-	$(PY) -m ftmlopt bench
+	$(PY) -m ftmlopt bench $(BENCH_ARGS)
+
+# On a CUDA machine with its own python3 (PyTorch with CUDA, Triton): no venv, nothing installed.
+# Correctness of the compiled Triton kernel, CUDA graph capture, torch.compile, 16M-param benchmark;
+# under 5 minutes; writes $(GPU_CHECK_OUT)/gpu_check.md and gpu_check.json.
+GPU_CHECK_OUT ?= gpu-check-out
+gpu-check:
+	PYTHONPATH=src python3 -m ftmlopt.bench.gpu_check --out $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf $(VENV) $(VENV_TF) build dist src/*.egg-info .pytest_cache .ruff_cache .hypothesis

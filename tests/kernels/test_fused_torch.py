@@ -8,7 +8,7 @@ import pytest
 import torch
 from _ftml_torch_reference import HYPER, OPTIONS, SHAPES, Pair, _grads, _make
 
-from ftmlopt.kernels import numba_cpu
+from ftmlopt.kernels import cpu
 from ftmlopt.torch._fused import _fused_ftml, fused_supported
 
 
@@ -17,7 +17,7 @@ from ftmlopt.torch._fused import _fused_ftml, fused_supported
 @pytest.mark.parametrize("opt_index", range(len(OPTIONS)))
 def test_fused_matches_reference_every_step(dtype, compact, opt_index, monkeypatch) -> None:
     if opt_index % 2:  # these workloads are small: force the multi-threaded path in half the cases
-        monkeypatch.setattr(numba_cpu, "PARALLEL_MIN", 0)
+        monkeypatch.setattr(cpu, "PARALLEL_MIN", 0)
     gen = torch.Generator().manual_seed(100 * opt_index + compact)
     pair = Pair(_make(SHAPES, dtype, None, gen, transpose_every=2), compact=compact)
     kw = {**HYPER, **OPTIONS[opt_index]}

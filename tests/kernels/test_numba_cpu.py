@@ -1,4 +1,4 @@
-"""The Numba operator kernel is bit-identical to the NumPy kernel and to MXNet's vectors."""
+"""The compiled operator kernel (``numba_cpu.operator_kernel``) is bit-identical to the NumPy kernel and to MXNet."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from ftmlopt import ftml_update
-from ftmlopt.kernels import numba_cpu
+from ftmlopt.kernels import cpu, numba_cpu
 from ftmlopt.mxnet import operator as op
 from ftmlopt.mxnet.operator import _numpy_kernel, prepare_scalars
 
 
-def test_numba_is_available_in_the_test_install() -> None:
-    assert numba_cpu.AVAILABLE
+def test_compiled_kernel_is_available_in_the_test_install() -> None:
+    assert numba_cpu.AVAILABLE and cpu.AVAILABLE
 
 
 def _arrays(rng: np.random.Generator, shape: tuple[int, ...], dtype: type, specials: bool) -> list[np.ndarray]:
@@ -43,7 +43,7 @@ def _arrays(rng: np.random.Generator, shape: tuple[int, ...], dtype: type, speci
 @pytest.mark.parametrize("out_mode", ["none", "inplace", "separate"])
 def test_operator_kernel_bit_identical_to_numpy(dtype, shape, hyper, out_mode, monkeypatch) -> None:
     if out_mode == "separate":  # small arrays run on one thread; force all threads here
-        monkeypatch.setattr(numba_cpu, "PARALLEL_MIN", 0)
+        monkeypatch.setattr(cpu, "PARALLEL_MIN", 0)
     rng = np.random.default_rng(hash((shape, out_mode)) % 2**32)
     base = _arrays(rng, shape, dtype, specials=True)
     s = prepare_scalars(dtype, **hyper)
@@ -121,9 +121,9 @@ def test_operator_kernel_reproduces_mxnet_vectors_bit_for_bit(vectors, name: str
             assert got.tobytes() == expected.tobytes(), (name, step["step"], key)
 
 
-def test_module_imports_and_reports_unavailable_without_numba() -> None:
+def test_module_imports_and_reports_unavailable_without_llvmlite() -> None:
     code = (
-        "import sys; sys.modules['numba'] = None\n"
+        "import sys; sys.modules['llvmlite'] = sys.modules['llvmlite.binding'] = sys.modules['numba'] = None\n"
         "import numpy as np\n"
         "from ftmlopt.kernels import numba_cpu\n"
         "assert numba_cpu.AVAILABLE is False\n"
@@ -137,11 +137,13 @@ def test_module_imports_and_reports_unavailable_without_numba() -> None:
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    assert "raised numba is not installed" in res.stdout
+    assert "raised the CPU kernels need llvmlite" in res.stdout
 
 
 @pytest.mark.parametrize(
-    "name", ["ftmlopt.kernels.numba_cpu", "ftmlopt.kernels.triton_cuda", "ftmlopt.torch._fused", "ftmlopt.bench"]
+    "name",
+    ["ftmlopt.kernels.numba_cpu", "ftmlopt.kernels.cpu", "ftmlopt.kernels.triton_cuda", "ftmlopt.torch._fused",
+     "ftmlopt.bench", "ftmlopt.bench.floors", "ftmlopt.bench.gpu_check"],
 )
 def test_docstring_examples(name: str) -> None:
     import doctest

@@ -1,11 +1,14 @@
 """Fused FTML kernels: one pass over memory per step.
 
-* :mod:`ftmlopt.kernels.numba_cpu` -- CPU kernels compiled by Numba (``parallel=True``, no
-  fastmath): MXNet's operator bit for bit (used by :func:`ftmlopt.ftml_update`), and a
-  multi-tensor step over a table of addresses (used by ``ftmlopt.torch.FTML(fused=True)``).
+* :mod:`ftmlopt.kernels.cpu` -- CPU kernels written as LLVM IR and compiled through llvmlite (which
+  Numba installs) in milliseconds; vectorized, no fastmath, run on ``torch.get_num_threads()``
+  threads without touching any process-wide setting: MXNet's operator bit for bit (used by
+  :func:`ftmlopt.ftml_update`) and the multi-tensor torch step (``ftmlopt.torch.FTML(fused=True)``).
+* :mod:`ftmlopt.kernels.numba_cpu` -- the operator kernel under its historical name.
 * :mod:`ftmlopt.kernels.triton_cuda` -- the CUDA multi-tensor kernel written in Triton, one
-  launch per (device, dtype) group, registered as a ``torch.library`` op.
+  launch per (device, dtype) group.
 
-Both modules import without their optional dependency and then report ``AVAILABLE = False``;
-nothing here is imported by ``import ftmlopt``.
+The kernels import only :mod:`ftmlopt.rule` from ftmlopt. Every module imports without its optional
+dependency and then reports ``AVAILABLE = False``; nothing here is imported by ``import ftmlopt``.
+The benchmark's traffic floors live in :mod:`ftmlopt.bench.floors`, not here.
 """

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 # No `from __future__ import annotations` here: triton_op reads the op's annotations at runtime.
 
-__all__ = ["AVAILABLE", "BLOCK", "CHUNK", "compile_ptx", "floor_step", "multi_tensor_step"]
+__all__ = ["AVAILABLE", "BLOCK", "CHUNK", "compile_ptx", "multi_tensor_step"]
 
 AVAILABLE: bool = importlib.util.find_spec("triton") is not None
 
@@ -59,7 +59,7 @@ def _build() -> dict[str, Any]:
     from torch.library import triton_op, wrap_triton
 
     @triton.jit
-    def ftml_block(
+    def ftml_block(  # type: ignore[no-untyped-def]
         w_ptr, g_ptr, d_ptr, v_ptr, z_ptr, offs, n, coef, bias2, eps, wd, clip, decay, b1m, omb1, b2m, omb2, scale,
         COMPACT: tl.constexpr, MAXIMIZE: tl.constexpr, COUPLED_WD: tl.constexpr, DECOUPLED_WD: tl.constexpr,
         HAS_CLIP: tl.constexpr, HAS_SCALE: tl.constexpr, MT: tl.constexpr, MASKED: tl.constexpr,
@@ -100,7 +100,7 @@ def _build() -> dict[str, Any]:
     globals()["ftml_block"] = ftml_block
 
     @triton.jit
-    def ftml_kernel(
+    def ftml_kernel(  # type: ignore[no-untyped-def]
         table, sizes, chunk_tensor, chunk_start, n_tensors, lr_ptr, found_inf_ptr, scale_ptr, hyper,
         p_like, s_like, step_like,
         COMPACT: tl.constexpr, MAXIMIZE: tl.constexpr, COUPLED_WD: tl.constexpr, DECOUPLED_WD: tl.constexpr,
@@ -184,35 +184,7 @@ def _build() -> dict[str, Any]:
             MT=tl.float64 if p_like.dtype == torch.float64 else tl.float32, ALIGNED=aligned, CHUNK=CHUNK, BLOCK=BLOCK,
         )  # fmt: skip
 
-    @triton.jit
-    def floor_kernel(table, sizes, chunk_tensor, chunk_start, n_tensors, like, CHUNK: tl.constexpr,
-                     BLOCK: tl.constexpr, ALIGNED: tl.constexpr):  # fmt: skip
-        # The benchmark's traffic floor: read w, g, d, v, z; write w, d, v, z (a rotation).
-        c = tl.program_id(0)
-        i = tl.load(chunk_tensor + c)
-        lo = tl.multiple_of(tl.load(chunk_start + c), CHUNK)
-        n = tl.load(sizes + i)
-        w_ptr = tl.load(table + i).to(like.dtype)
-        g_ptr = tl.load(table + n_tensors + i).to(like.dtype)
-        d_ptr = tl.load(table + 2 * n_tensors + i).to(like.dtype)
-        v_ptr = tl.load(table + 3 * n_tensors + i).to(like.dtype)
-        z_ptr = tl.load(table + 4 * n_tensors + i).to(like.dtype)
-        if ALIGNED:
-            w_ptr = tl.multiple_of(w_ptr, 16)
-            g_ptr = tl.multiple_of(g_ptr, 16)
-            d_ptr = tl.multiple_of(d_ptr, 16)
-            v_ptr = tl.multiple_of(v_ptr, 16)
-            z_ptr = tl.multiple_of(z_ptr, 16)
-        for off in tl.range(0, CHUNK, BLOCK):
-            offs = lo + off + tl.arange(0, BLOCK)
-            m = offs < n
-            old_d = tl.load(d_ptr + offs, mask=m)
-            tl.store(w_ptr + offs, tl.load(g_ptr + offs, mask=m), mask=m)
-            tl.store(d_ptr + offs, tl.load(v_ptr + offs, mask=m), mask=m)
-            tl.store(v_ptr + offs, tl.load(z_ptr + offs, mask=m), mask=m)
-            tl.store(z_ptr + offs, old_d, mask=m)
-
-    _STATE.update(op=ftml_multi_tensor_, kernel=ftml_kernel, floor=floor_kernel)
+    _STATE.update(op=ftml_multi_tensor_, kernel=ftml_kernel)
     return _STATE
 
 
@@ -244,19 +216,19 @@ def compile_ptx(arch: int = 90, param_dtype: str = "fp32", state_dtype: str = "f
     switches.update(flags)
     consts = {**switches, "MT": tl.float64 if param_dtype == "fp64" else tl.float32, "CHUNK": CHUNK, "BLOCK": BLOCK}
     source = ASTSource(fn=kernel, signature={**pointers, **dict.fromkeys(consts, "constexpr")}, constexprs=consts)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32)).asm["ptx"]
+    return str(triton.compile(source, target=GPUTarget("cuda", arch, 32)).asm["ptx"])
 
 
-def _tables(rows: "list[list[Tensor]]", device: Any) -> "tuple[Tensor, Tensor, Tensor, Tensor, bool]":
+def _tables(rows: "list[list[Tensor | None]]", device: Any) -> "tuple[Tensor, Tensor, Tensor, Tensor, bool]":
     """Device address table, sizes, chunk descriptors and 16-byte alignment, cached by address."""
     import torch
 
     key = (device, tuple(tuple(t.data_ptr() if t is not None else 0 for t in row) for row in rows),
-           tuple(t.numel() for t in rows[0]))  # fmt: skip
-    hit = _TABLES.get(key)
+           tuple(t.numel() if t is not None else 0 for t in rows[0]))  # fmt: skip
+    hit: Any = _TABLES.get(key)
     if hit is not None:
         _TABLES.move_to_end(key)
-        return hit
+        return hit  # type: ignore[no-any-return]
     sizes = list(key[2])
     owner, start = [], []
     for i, n in enumerate(sizes):
@@ -273,41 +245,18 @@ def _tables(rows: "list[list[Tensor]]", device: Any) -> "tuple[Tensor, Tensor, T
 
 
 def _hyper(device: Any, *values: float) -> "Tensor":
-    """(beta1, beta2, eps, wd, clip, ln beta1, ln beta2) as a float64 device tensor, cached (capturable)."""
+    """``values`` as a float64 device tensor, cached by value (built before a CUDA graph capture, reused in it)."""
     import torch
 
-    key = (device, *map(float, values))
-    hit = _TABLES.get(key)
+    key = ("hyper", device, *map(float, values))
+    hit: Any = _TABLES.get(key)
     if hit is None:
-        b1, b2 = values[0], values[1]
-        logs = [math.log(b) if b > 0 else -math.inf for b in (b1, b2)]
-        hit = torch.tensor([*values, *logs], dtype=torch.float64).to(device)
+        hit = torch.tensor([float(x) for x in values], dtype=torch.float64).to(device)
         _TABLES[key] = hit
         if len(_TABLES) > _TABLES_MAX:
             _TABLES.popitem(last=False)
-    return hit
-
-
-def floor_step(lists: "list[list[Tensor]]") -> None:
-    """The benchmark's traffic floor on CUDA: one launch that moves FTML's bytes, no arithmetic.
-
-    ``lists`` is ``[w, g, d, v, z]``: contiguous tensors of one dtype on one device.
-
-    Example:
-        >>> import torch
-        >>> from ftmlopt.kernels import triton_cuda
-        >>> arrays = [torch.full((4,), float(k), device="cuda") for k in range(5)]  # doctest: +SKIP
-        >>> triton_cuda.floor_step([[a] for a in arrays])  # doctest: +SKIP
-    """
-    import torch
-
-    state = _build()
-    device = lists[0][0].device
-    table, sizes, chunk_tensor, chunk_start, aligned = _tables([*lists, [None] * len(lists[0])], device)
-    if chunk_tensor.numel():
-        like = torch.empty(0, dtype=lists[0][0].dtype, device=device)
-        state["floor"][(chunk_tensor.numel(),)](table, sizes, chunk_tensor, chunk_start, sizes.numel(), like,
-                                                CHUNK=CHUNK, BLOCK=BLOCK, ALIGNED=aligned)  # fmt: skip
+    out: Tensor = hit
+    return out
 
 
 def multi_tensor_step(
@@ -362,19 +311,28 @@ def multi_tensor_step(
                 lst[i] = copy
     if any(s.dtype != torch.float32 or s.device != device for s in steps):
         raise RuntimeError("fused FTML on CUDA needs float32 step tensors on the parameters' device")
+    none: list[Tensor | None] = [None] * len(work[0])
+    rows: list[list[Tensor | None]]
     if compact:
         w, g, v = work
-        ds = zs = []
-        rows = [w, g, [None] * len(w), v, [None] * len(w), steps]
+        ds: list[Tensor] = []
+        zs: list[Tensor] = []
+        rows = [[*w], [*g], none, [*v], none, [*steps]]
     else:
         w, g, ds, v, zs = work
-        rows = [w, g, ds, v, zs, steps]
+        rows = [[*w], [*g], [*ds], [*v], [*zs], [*steps]]
     table, sizes, chunk_tensor, chunk_start, aligned = _tables(rows, device)
-    lr_t = lr if isinstance(lr, torch.Tensor) else torch.tensor(lr, dtype=torch.float64)
-    lr_t = lr_t.to(device=device, dtype=torch.float64)
-    hyper = _hyper(device, beta1, beta2, eps, weight_decay, math.inf if clip_gradient is None else clip_gradient)
+    # A float lr becomes a cached device scalar: created on the first (warm-up) step, reused while a
+    # CUDA graph is captured (no host-to-device copy inside the capture), as torch bakes a float lr.
+    lr_t = lr.to(device=device, dtype=torch.float64) if isinstance(lr, torch.Tensor) else _hyper(device, lr)
+    hyper = _hyper(device, beta1, beta2, eps, weight_decay, math.inf if clip_gradient is None else clip_gradient,
+                   *(math.log(b) if b > 0 else -math.inf for b in (beta1, beta2)))
     likes = [torch.empty(0, dtype=dt, device=device) for dt in (p_dtype, s_dtype, torch.float32)]
-    torch._foreach_add_(steps, 1)
+    if found_inf is None:
+        torch._foreach_add_(steps, 1)
+    else:  # a skipped step is not counted: add (found_inf == 0), on the device, no host sync
+        inc = (found_inf.to(device) == 0).to(torch.float32)
+        torch._foreach_add_(steps, [inc] * len(steps))
     state["op"](
         w, g, ds, v, zs, table, sizes, chunk_tensor, chunk_start, lr_t,
         None if found_inf is None else found_inf.to(device), None if grad_scale is None else grad_scale.to(device),
@@ -382,8 +340,6 @@ def multi_tensor_step(
         [compact, maximize, weight_decay != 0 and not decoupled_weight_decay,
          weight_decay != 0 and decoupled_weight_decay, clip_gradient is not None, aligned],
     )  # fmt: skip
-    if found_inf is not None:
-        torch._foreach_sub_(steps, found_inf.to(device=device, dtype=torch.float32))
     for original, copy, write_back in staged:
         if write_back:
             original.copy_(copy)

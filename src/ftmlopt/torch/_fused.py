@@ -1,46 +1,47 @@
-r"""The fused FTML step behind ``ftmlopt.torch.FTML(fused=True)``: one kernel call per group.
+r"""The fused FTML step behind ``ftmlopt.torch.FTML(fused=True)``: one registered op per step.
 
-Tensors are grouped by (device, dtype); each group makes one call into a multi-tensor kernel:
+:func:`_fused_ftml` checks its arguments and makes one call to the custom operator
+``torch.ops.ftmlopt.fused_ftml_`` (:func:`torch.library.custom_op`, declared mutations), so
+``torch.compile`` (``fullgraph=True`` included) and CUDA graphs see a single opaque op; the op
+groups the tensors by (device, dtype) and makes one kernel call per group:
 
-* CPU: :func:`ftmlopt.kernels.numba_cpu.multi_tensor_step`, handed a table of raw addresses
-  of the tensors themselves (zero-copy; no Python round trip per tensor inside the step);
+* CPU: :mod:`ftmlopt.kernels.cpu`, handed the tensors' own addresses (zero-copy, also for
+  float16/bfloat16 params and state), on ``torch.get_num_threads()`` threads read at each step.
+  No process-wide thread setting is changed.
 * CUDA: :func:`ftmlopt.kernels.triton_cuda.multi_tensor_step`, one Triton launch.
 
-The rule is the torch one (see :mod:`ftmlopt.kernels.numba_cpu` for the per-element lines):
-``maximize`` negates the gradient, ``grad_scale`` divides it (and the unscaled gradient is
-written back, as torch's fused Adam does), L2 weight decay is added to it unless
-``decoupled_weight_decay`` (then ``w`` and ``z`` are scaled by ``1 - lr*wd`` first), it is
-clamped to ``[-clip_gradient, clip_gradient]``, then the three-state or compact FTML update
-runs. Each ``state_steps`` tensor is incremented here. Where ``found_inf`` is nonzero nothing
-changes: params, state and steps keep their values.
+The rule is the torch one (per-element lines in :mod:`ftmlopt.kernels.cpu`): ``maximize`` negates
+the gradient, ``grad_scale`` divides it (and the unscaled gradient is written back, as torch's
+fused Adam does), L2 weight decay is added to it unless ``decoupled_weight_decay`` (then ``w`` and
+``z`` are scaled by ``1 - lr*wd`` first), it is clamped to ``[-clip_gradient, clip_gradient]``,
+then the three-state or compact FTML update runs with the constants of
+:func:`ftmlopt.rule.constants` for each tensor's own step. Each ``state_steps`` tensor is
+incremented here. Where ``found_inf`` is nonzero nothing changes: params, state and steps keep
+their values.
 
-float16/bfloat16 tensors, tensors of mixed dtypes and non-contiguous tensors are computed in
-float32 (or their own float64) on contiguous staging copies that are written back afterwards;
-complex tensors are processed as their real views.
+Non-contiguous tensors and a gradient whose dtype differs from its parameter's are stepped on
+contiguous copies that are written back; complex tensors are processed as their real views.
 """
 
 from __future__ import annotations
 
-import math
 from operator import attrgetter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Iterable
 
     from torch import Tensor
 
 __all__ = ["fused_supported"]
 
 
-def _numba_available() -> bool:
-    try:
-        from ftmlopt.kernels import numba_cpu
-    except ImportError:  # pragma: no cover - the module itself never fails to import
-        return False
-    return numba_cpu.AVAILABLE
+def _cpu_available() -> bool:
+    from ftmlopt.kernels import cpu
+
+    return cpu.AVAILABLE
 
 
 def _triton_available() -> bool:
@@ -52,8 +53,8 @@ def _triton_available() -> bool:
 def fused_supported(params: Iterable[Tensor]) -> bool:
     """Whether :func:`_fused_ftml` can step these tensors (the default-dispatch test).
 
-    True when every tensor is floating point (or complex) and lives on the CPU with Numba
-    installed, or on a CUDA device with Triton installed.
+    True when every tensor is floating point (or complex) and lives on the CPU with the CPU
+    kernels available (llvmlite, which comes with Numba), or on a CUDA device with Triton.
 
     Example:
         >>> import torch
@@ -68,7 +69,7 @@ def fused_supported(params: Iterable[Tensor]) -> bool:
         if not (p.is_floating_point() or p.is_complex()):
             return False
         kinds.add(p.device.type)
-    checks = {"cpu": _numba_available, "cuda": _triton_available}
+    checks = {"cpu": _cpu_available, "cuda": _triton_available}
     return all(kind in checks and checks[kind]() for kind in kinds)
 
 
@@ -144,56 +145,123 @@ def _fused_ftml(
         raise ValueError(f"clip_gradient must be >= 0 or None, got {clip_gradient!r}")
     if n == 0:
         return
-    if not compact:
-        lists = [params, grads, ds, vs, zs]
-    else:
-        lists = [params, grads, vs]
+    for p in params:
+        if p.device.type not in ("cpu", "cuda"):
+            raise RuntimeError(f"FTML(fused=True) has no kernel for device {p.device.type!r} (CPU and CUDA only)")
+    lists = [params, grads, vs] if compact else [params, grads, ds, vs, zs]
     if has_complex:
         lists = [[torch.view_as_real(t) if t.is_complex() else t for t in lst] for lst in lists]
+    if compact:
+        p_, g_, v_ = lists
+        d_: list[Tensor] = []
+        z_: list[Tensor] = []
+    else:
+        p_, g_, d_, v_, z_ = lists
+    if torch.compiler.is_compiling() or _python_dispatch_active():
+        # Traced (torch.compile, export, a dispatch mode): one opaque registered op with declared mutations.
+        lr_tensor = lr if isinstance(lr, torch.Tensor) else None
+        _OP(
+            p_, g_, d_, v_, z_, state_steps, grad_scale, found_inf, lr_tensor,
+            0.0 if lr_tensor is not None else float(lr), beta1, beta2, eps, weight_decay, clip_gradient,
+            decoupled_weight_decay, compact, maximize,
+        )  # fmt: skip
+        return
+    # Eager: the op's body itself. Going through the dispatcher costs a Python-level version bump and
+    # argument flattening per tensor (about 4 us each: 8 ms for 2,000 tensors); one call does it here.
+    _step(p_, g_, d_, v_, z_, state_steps, grad_scale, found_inf, lr, beta1, beta2, eps, weight_decay,
+          clip_gradient, decoupled_weight_decay, compact, maximize)  # fmt: skip
+    mutated = [*p_, *d_, *v_, *z_, *state_steps, *(g_ if grad_scale is not None else ())]
+    torch.autograd.graph.increment_version(mutated)
 
+
+def _python_dispatch_active() -> bool:
+    """Whether a Python dispatch mode (fake tensors, functionalization, tracing) is active."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return _get_current_dispatch_mode() is not None
+
+
+# ============================================================================ the registered op
+def _register() -> Any:
+    """Register ``torch.ops.ftmlopt.fused_ftml_`` (at import: registration cannot run under a tracer)."""
+    import torch
+
+    # list[Tensor] arguments need real annotations at registration time (no postponed strings).
+    def impl(
+        params: list[torch.Tensor], grads: list[torch.Tensor], ds: list[torch.Tensor], vs: list[torch.Tensor],
+        zs: list[torch.Tensor], steps: list[torch.Tensor], grad_scale: torch.Tensor | None,
+        found_inf: torch.Tensor | None, lr_tensor: torch.Tensor | None, lr: float, beta1: float, beta2: float,
+        eps: float, weight_decay: float, clip_gradient: float | None, decoupled_weight_decay: bool, compact: bool,
+        maximize: bool,
+    ) -> None:  # fmt: skip
+        _step(params, grads, ds, vs, zs, steps, grad_scale, found_inf, lr_tensor if lr_tensor is not None else lr,
+              beta1, beta2, eps, weight_decay, clip_gradient, decoupled_weight_decay, compact, maximize)  # fmt: skip
+
+    # typing.Optional rather than `X | None`: what the schema inference of every torch >= 2.4 reads
+    tensors, maybe_tensor, maybe_float = list[torch.Tensor], Optional[torch.Tensor], Optional[float]  # noqa: UP045
+    for name, annotation in {
+        "params": tensors, "grads": tensors, "ds": tensors, "vs": tensors, "zs": tensors, "steps": tensors,
+        "grad_scale": maybe_tensor, "found_inf": maybe_tensor, "lr_tensor": maybe_tensor,
+        "lr": float, "beta1": float, "beta2": float, "eps": float, "weight_decay": float,
+        "clip_gradient": maybe_float, "decoupled_weight_decay": bool, "compact": bool, "maximize": bool,
+        "return": None,
+    }.items():  # fmt: skip
+        impl.__annotations__[name] = annotation
+    op = torch.library.custom_op(
+        "ftmlopt::fused_ftml_", impl, mutates_args=("params", "grads", "ds", "vs", "zs", "steps")
+    )
+
+    @op.register_fake
+    def _fake(*args: Any) -> None:
+        return None
+
+    return op
+
+
+_OP = _register()
+
+
+def _step(
+    params: list[Tensor], grads: list[Tensor], ds: list[Tensor], vs: list[Tensor], zs: list[Tensor],
+    steps: list[Tensor], grad_scale: Tensor | None, found_inf: Tensor | None, lr: float | Tensor, beta1: float,
+    beta2: float, eps: float, weight_decay: float, clip_gradient: float | None, decoupled_weight_decay: bool,
+    compact: bool, maximize: bool,
+) -> None:  # fmt: skip
+    """The op's body (eager): one kernel call per (device, dtypes) group."""
+    import torch
+
+    lists = [params, grads, vs] if compact else [params, grads, ds, vs, zs]
+    keys = list(zip(map(_DEVICE, params), map(_DTYPE, params), map(_DTYPE, vs), map(_DTYPE, steps)))
+    groups: dict[Any, list[int]] = {}
+    if keys.count(keys[0]) == len(keys):  # the usual case: one group
+        groups[keys[0]] = list(range(len(keys)))
+    else:
+        for i, key in enumerate(keys):
+            groups.setdefault(key, []).append(i)
+    args: dict[str, Any] = dict(
+        grad_scale=grad_scale, found_inf=found_inf, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+        weight_decay=weight_decay, clip_gradient=clip_gradient, decoupled_weight_decay=decoupled_weight_decay,
+        compact=compact, maximize=maximize,
+    )  # fmt: skip
     with torch.no_grad():
-        for idx, device in _groups(lists[0], state_steps):
-            sub = [[lst[i] for i in idx] for lst in lists] if idx is not None else lists
-            steps = [state_steps[i] for i in idx] if idx is not None else state_steps
-            args = dict(
-                grad_scale=grad_scale, found_inf=found_inf, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                weight_decay=weight_decay, clip_gradient=clip_gradient,
-                decoupled_weight_decay=decoupled_weight_decay, compact=compact, maximize=maximize,
-            )  # fmt: skip
+        for (device, *_), idx in groups.items():
+            whole = len(idx) == len(params)
+            sub = lists if whole else [[lst[i] for i in idx] for lst in lists]
+            sub_steps = steps if whole else [steps[i] for i in idx]
             if device.type == "cpu":
-                _cpu_group(sub, steps, **args)
-            elif device.type == "cuda":
+                _cpu_group(sub, sub_steps, **args)
+            else:
                 from ftmlopt.kernels import triton_cuda
 
                 if not triton_cuda.AVAILABLE:
                     raise RuntimeError("FTML(fused=True) on CUDA needs triton: pip install 'ftmlopt[triton]'")
-                triton_cuda.multi_tensor_step(sub, steps, **args)
-            else:
-                raise RuntimeError(f"FTML(fused=True) has no kernel for device {device.type!r} (CPU and CUDA only)")
+                triton_cuda.multi_tensor_step(sub, sub_steps, **args)
 
 
-def _groups(params: Sequence[Tensor], steps: Sequence[Tensor]) -> list[tuple[list[int] | None, Any]]:
-    """Indices per (device, dtype, step dtype); ``None`` when everything is one group (common case)."""
-    keys = [(p.device, p.dtype, s.dtype) for p, s in zip(params, steps)]
-    first = keys[0]
-    if all(k == first for k in keys):
-        return [(None, first[0])]
-    grouped: dict[tuple[Any, ...], list[int]] = {}
-    for i, k in enumerate(keys):
-        grouped.setdefault(k, []).append(i)
-    return [(idx, key[0]) for key, idx in grouped.items()]
-
-
-def _hyper(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-           clip_gradient: float | None, scale: float, maximize: bool) -> np.ndarray:  # fmt: skip
-    from ftmlopt.kernels.numba_cpu import HYPER_FIELDS
-
-    values = {
-        "lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay,
-        "clip": math.inf if clip_gradient is None else clip_gradient, "grad_scale": scale,
-        "sign": -1.0 if maximize else 1.0,
-    }  # fmt: skip
-    return np.array([float(values[k]) for k in HYPER_FIELDS], dtype=np.float64)
+_NP = {"float32": np.float32, "float64": np.float64}
+_DTYPE = attrgetter("dtype")
+_DEVICE = attrgetter("device")
+_IS_CPU = attrgetter("is_cpu")
 
 
 def _cpu_group(
@@ -212,13 +280,14 @@ def _cpu_group(
     compact: bool,
     maximize: bool,
 ) -> None:
-    """Step one CPU (dtype) group with a single Numba call over a table of addresses."""
+    """Step one CPU group (one param dtype, one state dtype) with a single kernel call."""
     import torch
 
-    from ftmlopt.kernels import numba_cpu
+    from ftmlopt import rule
+    from ftmlopt.kernels import cpu
 
-    if not numba_cpu.AVAILABLE:
-        raise RuntimeError("FTML(fused=True) on CPU needs numba: pip install 'ftmlopt[numba]'")
+    if not cpu.AVAILABLE:
+        raise RuntimeError("FTML(fused=True) on CPU needs llvmlite (it comes with numba): pip install 'ftmlopt[numba]'")
     # The kernel writes through raw addresses: refuse anything whose memory is not what it seems.
     plain = {torch.Tensor, torch.nn.Parameter}
     for lst in (*lists, steps):
@@ -232,71 +301,73 @@ def _cpu_group(
             f"fused FTML: parameter {i} has {int(numels[0, i])} elements but its gradient/state tensors have "
             f"{numels[1:, i].tolist()}; the state does not belong to this parameter"
         )
-    if any(t.numel() != 1 for t in steps):
+    if set(map(torch.Tensor.numel, steps)) != {1}:
         raise ValueError("fused FTML: every 'step' state must be a one-element tensor")
-    if found_inf is not None and float(found_inf) != 0.0:
-        return  # an inf/NaN gradient: skip the step entirely (steps are not incremented)
-    write_grad = grad_scale is not None
-    hyper = _hyper(float(lr), beta1, beta2, eps, weight_decay, clip_gradient,
-                   float(grad_scale) if write_grad else 1.0, maximize)  # fmt: skip
-    dtype = lists[0][0].dtype
-    compute = dtype if dtype in (torch.float32, torch.float64) else torch.float32
     step_dtype = steps[0].dtype
     if step_dtype not in (torch.float32, torch.float64) or not all(map(_IS_CPU, steps)):
         raise RuntimeError(f"fused FTML needs float32/float64 CPU step tensors, got {step_dtype}")
+    if found_inf is not None and float(found_inf) != 0.0:
+        return  # an inf/NaN gradient: skip the step entirely (steps are not incremented)
+    lr_value = float(lr)
+    if not compact and lr_value == 0.0:
+        return  # the three-state form cannot take a step at lr 0 (rule.counts_step): nothing changes
+    scale = float(grad_scale) if grad_scale is not None else None
 
-    # Zero-copy where possible; otherwise a contiguous staging copy in the compute dtype. (map() keeps
-    # the per-tensor checks in C: with thousands of small tensors they are most of a step's cost.)
-    flags = [
-        list(map(torch.Tensor.is_contiguous, lst)) if set(map(_DTYPE, lst)) == {compute}
-        else [t.dtype == compute and t.is_contiguous() for t in lst]
-        for lst in lists
-    ]  # fmt: skip
-    direct = list(map(all, zip(*flags)))
+    names = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+    usable = cpu.available_dtypes()
+    p_dtype, s_dtype = lists[0][0].dtype, lists[2 if compact else 3][0].dtype
+    want_p = p_dtype if names.get(p_dtype) in usable else torch.float32
+    want_s = s_dtype if names.get(s_dtype) in usable else torch.float32
+    # Zero-copy where the tensor is contiguous and of the group's dtype, else a staging copy.
     staged: list[tuple[Tensor, Tensor, bool]] = []  # (original, copy, write back)
-    work = [list(lst) for lst in lists] if not all(direct) else lists
-    for i, ok in enumerate(direct):
-        if ok:
+    work = lists
+    for pos, lst in enumerate(lists):
+        want = want_p if pos < 2 else want_s
+        if set(map(_DTYPE, lst)) == {want} and all(map(torch.Tensor.is_contiguous, lst)):
             continue
-        for pos, lst in enumerate(work):
-            t = lst[i]
-            if t.dtype != compute or not t.is_contiguous():
-                copy = torch.empty(t.shape, dtype=compute, device=t.device).copy_(t)
-                staged.append((t, copy, pos != 1 or write_grad))
-                lst[i] = copy
-    dummy = [0] * len(steps)  # d and z of the compact form: never read
-    rows = [work[0], work[1], dummy, work[2], dummy, steps] if compact else [*work, steps]
-    table = np.array([row if row is dummy else list(map(torch.Tensor.data_ptr, row)) for row in rows], dtype=np.int64)
-    sizes = numels[0]
-    numba_cpu.multi_tensor_step(
-        table, sizes, _NUMPY[compute], _NUMPY[step_dtype], hyper, compact=compact,
+        if work is lists:
+            work = [list(x) for x in lists]
+        for i, t in enumerate(lst):
+            if t.dtype != want or not t.is_contiguous():
+                copy = torch.empty(t.shape, dtype=want, device=t.device).copy_(t)
+                staged.append((t, copy, pos != 1 or scale is not None))
+                work[pos][i] = copy
+    spec = cpu.Spec(
+        "compact" if compact else "mxnet", names[want_p], names[want_s], maximize=maximize,
         coupled_wd=weight_decay != 0 and not decoupled_weight_decay,
-        decoupled_wd=weight_decay != 0 and decoupled_weight_decay, write_grad=write_grad,
+        decoupled_wd=weight_decay != 0 and decoupled_weight_decay, clip=clip_gradient is not None,
+        scale=scale is not None, write_grad=scale is not None,
     )  # fmt: skip
+    compute = _NP[spec.compute]
+    fn = cpu.kernel(spec)
+
+    # the counters are incremented and read in one call through their addresses (checked above: one
+    # element each, float32/float64, on the CPU)
+    t_all = cpu.bump_counters(np.fromiter(map(torch.Tensor.data_ptr, steps), np.int64, len(steps)),
+                              names[step_dtype])  # fmt: skip
+    per = np.empty((len(steps), 2), dtype=np.float64)
+    c = None
+    for t in np.unique(t_all).tolist():
+        c = rule.constants(
+            lr_value, int(t), beta1, beta2, eps, weight_decay=weight_decay, decoupled=decoupled_weight_decay,
+            clip=clip_gradient, maximize=maximize,
+        )  # fmt: skip
+        per[t_all == t] = (c.step_size if compact else c.d_scale, c.bias2)
+    assert c is not None
+    k = cpu.k_vector(c, compute, scale=1.0 if scale is None else scale)
+
+    w, g = work[0], work[1]
+    v = work[2] if compact else work[3]
+    d = v if compact else work[2]
+    z = v if compact else work[4]
+    ptr = torch.Tensor.data_ptr
+    addresses = np.array([list(map(ptr, row)) for row in (w, g, d, v, z)], dtype=np.int64)
+    addresses = np.ascontiguousarray(np.vstack([addresses, addresses[:1]]).T)
+    sizes = numels[0]
+    p_size, s_size = w[0].element_size(), v[0].element_size()
+    ptrs, counts, coefs = cpu.pieces(addresses, sizes, [p_size, p_size, s_size, s_size, s_size, p_size],
+                                     per.astype(compute))  # fmt: skip
+    cpu.run(fn, ptrs, counts, coefs, k, torch.get_num_threads())
     for original, copy, write_back in staged:
         if write_back:
             original.copy_(copy)
-    # The kernel wrote through raw pointers: tell autograd these tensors changed in place.
-    touched = [t for pos, lst in enumerate(lists) if pos != 1 or write_grad for t in lst]
-    torch.autograd.graph.increment_version([*touched, *steps])
-
-
-_IS_CPU = attrgetter("is_cpu")
-_DTYPE = attrgetter("dtype")
-
-
-def _numpy_dtypes() -> dict[Any, Any]:
-    import torch
-
-    return {torch.float32: np.float32, torch.float64: np.float64}
-
-
-class _LazyDtypes(dict):  # type: ignore[type-arg]
-    """torch dtype -> numpy dtype, filled on first use so that torch is imported lazily."""
-
-    def __missing__(self, key: Any) -> Any:
-        self.update(_numpy_dtypes())
-        return dict.__getitem__(self, key)
-
-
-_NUMPY = _LazyDtypes()

@@ -958,8 +958,14 @@ def _fused_ftml(params: list[Tensor], grads: list[Tensor], ds: list[Tensor], vs:
 
 
 def _fused_is_default(params: list[Tensor], differentiable: bool) -> bool:
-    """Fused is the default on the CPU when the kernel says it can step these params."""
-    if differentiable or not params or torch.jit.is_scripting() or torch.compiler.is_compiling():
+    """Fused is the default on the CPU when the kernel says it can step these params.
+
+    The CPU kernel changes no process-wide thread setting, runs on ``torch.get_num_threads()``
+    threads and compiles in milliseconds (no cache), and its step is one registered op that
+    ``torch.compile`` keeps opaque, so it is the default in eager and compiled code alike.
+    CUDA keeps torch's choice (foreach) unless ``fused=True``.
+    """
+    if differentiable or not params or torch.jit.is_scripting():
         return False
     if not all(type(p) in (Tensor, torch.nn.Parameter) and p.device.type == "cpu" for p in params):
         return False

@@ -1,0 +1,604 @@
+r"""CPU FTML kernels: LLVM IR built here, compiled in milliseconds, run on the caller's thread budget.
+
+Why not Numba's ``parallel=True``: its OpenMP threading layer changes the process's thread
+settings (``torch.get_num_threads()`` went from 1 to 2 after one step, and ``OMP_NUM_THREADS``
+was overridden), and a new process paid 1-7 s of JIT before its first step. This module instead
+
+* writes each kernel as a plain scalar loop in LLVM IR (:mod:`llvmlite.ir`, which ships with
+  Numba) and lets LLVM's loop vectorizer widen it for the host CPU. No ``fastmath``: no
+  reassociation, no contraction of ``a*b + c`` into an FMA, so every element is computed with
+  exactly the operations, in exactly the order, of :func:`ftmlopt.rule.compact_step` /
+  :func:`ftmlopt.rule.mxnet_step` (float64 results are bit-identical to the rule's). Compiling
+  one variant takes tens of milliseconds, there is no cache to fill, and nothing is written to disk;
+* runs a step on ``threads`` threads (the caller passes ``torch.get_num_threads()``): the calling
+  thread plus ``threads - 1`` workers of a private pool that block on a queue between steps
+  (no spinning, no OpenMP, no process-global setting touched). Small steps run on the calling
+  thread alone.
+
+Storage types: parameters and gradients (``P``) and state (``S``) may each be float32,
+float64, float16 or bfloat16; the arithmetic runs in float64 when either is float64 and in
+float32 otherwise (:func:`ftmlopt.rule.compute_dtype`), and half types are converted in
+registers (bfloat16 rounds to nearest even, as torch), so no staging copy is made.
+
+Per element (``k`` are the step's constants from :func:`ftmlopt.rule.constants`, rounded once to
+the compute type; ``coef`` is ``step_size`` (compact) or ``d_scale`` (three-state) of the
+tensor's own step)::
+
+    g <- g / scale (written back when asked: torch's GradScaler protocol);  g <- -g  (maximize)
+    w <- w * decay, z <- z * decay                       (decoupled weight decay)
+    g <- g + w * wd                                      (coupled weight decay)
+    g <- clip(g, -c, c)                                  (NaN passes through)
+    v <- v * b2 + (g * g) * (1 - b2);  root = sqrt(v / bias2) + eps
+    compact:      w <- w - (g * coef) / root
+    three-state:  d_t = root * coef;  z <- z * b1 + g * (1 - b1) - (d_t - d * b1) * w;
+                  d <- d_t;  w <- -z / d_t
+
+:func:`operator_kernel` is MXNet 1.9.1's ``ftml_update`` in the order of
+:func:`ftmlopt.mxnet.operator._numpy_kernel` (bit-identical to it).
+
+Example:
+    >>> import numpy as np
+    >>> from ftmlopt import rule
+    >>> from ftmlopt.kernels import cpu
+    >>> w, g, v = np.array([1.0, -2.0]), np.array([0.5, 0.0]), np.zeros(2)
+    >>> c = rule.constants(lr=0.1, t=1, beta1=0.6, beta2=0.999, eps=1e-8)
+    >>> if cpu.AVAILABLE:
+    ...     cpu.step_arrays([w], [g], [v], c, compact=True)
+    ... else:
+    ...     w[0] = 0.9
+    >>> [round(float(x), 6) for x in w]
+    [0.9, -2.0]
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import itertools
+import os
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+
+from ftmlopt import rule
+
+if TYPE_CHECKING:
+    from ftmlopt.mxnet.operator import Scalars
+
+__all__ = [
+    "AVAILABLE", "CHUNK", "DTYPES", "PARALLEL_MIN", "Spec", "available_dtypes", "bump_counters", "default_threads",
+    "kernel",
+    "operator_kernel", "run", "step_arrays",
+]  # fmt: skip
+
+
+def _load_llvmlite() -> tuple[Any, Any] | None:
+    try:
+        llvm = importlib.import_module("llvmlite.binding")
+        llvm_ir = importlib.import_module("llvmlite.ir")
+    except ImportError:
+        return None
+    if not hasattr(llvm, "create_pass_builder"):  # llvmlite < 0.44: no new pass manager
+        return None
+    return llvm, llvm_ir
+
+
+_LLVM = _load_llvmlite()
+#: whether the kernels can be compiled here (llvmlite >= 0.44 is installed; it comes with Numba)
+AVAILABLE: bool = _LLVM is not None
+
+#: storage dtypes the kernels read and write
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+
+#: below this many elements a step runs on the calling thread alone (waking workers costs more)
+PARALLEL_MIN = 1 << 16
+
+#: large tensors are cut into pieces of this many elements to spread them over threads
+CHUNK = 1 << 16
+
+#: scalar slots of the ``k`` vector every kernel takes, in this order
+K_FIELDS = ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "wd", "clip", "scale", "decay")
+
+
+class Spec(NamedTuple):
+    """One compiled variant: the form, the storage types and the options that change the loop body.
+
+    ``form`` is ``"compact"``, ``"mxnet"`` (three states, torch semantics) or ``"operator"``
+    (MXNet's ``ftml_update``: ``g * rescale_grad``, L2 always added, ``out`` may differ from ``w``).
+    """
+
+    form: str
+    param: str
+    state: str
+    maximize: bool = False
+    coupled_wd: bool = False
+    decoupled_wd: bool = False
+    clip: bool = False
+    #: divide the gradient by ``k.scale`` (torch's grad_scale); the operator multiplies instead
+    scale: bool = False
+    #: store the unscaled gradient back (torch's fused protocol)
+    write_grad: bool = False
+    #: the operator's ``out`` is another array than ``w``
+    separate_out: bool = False
+
+    @property
+    def compute(self) -> str:
+        return "float64" if "float64" in (self.param, self.state) else "float32"
+
+
+# ============================================================================ code generation
+_ENGINE_LOCK = threading.Lock()
+_KERNELS: dict[Spec, Callable[..., None]] = {}
+_KEEP: list[Any] = []  # execution engines: their code lives as long as they do
+_TARGET: list[Any] = []
+_SIGNATURE = ctypes.CFUNCTYPE(None, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
+
+
+def _target_machine() -> Any:
+    if not _TARGET:
+        assert _LLVM is not None
+        llvm = _LLVM[0]
+        llvm.initialize_native_target()
+        llvm.initialize_native_asmprinter()
+        target = llvm.Target.from_default_triple()
+        features = llvm.get_host_cpu_features().flatten()
+        _TARGET.append(target.create_target_machine(cpu=llvm.get_host_cpu_name(), features=features, opt=3))
+        _TARGET.append("+f16c" in features.split(","))
+    return _TARGET[0]
+
+
+def available_dtypes() -> tuple[str, ...]:
+    """The storage dtypes this CPU can use without staging (float16 needs the F16C instructions).
+
+    Example:
+        >>> from ftmlopt.kernels import cpu
+        >>> "float32" in cpu.available_dtypes() if cpu.AVAILABLE else True
+        True
+    """
+    if not AVAILABLE:
+        return ()
+    _target_machine()
+    return DTYPES if _TARGET[1] else ("float32", "float64", "bfloat16")
+
+
+def _codegen(spec: Spec) -> str:
+    """LLVM IR of ``run(n_pieces, ptrs, counts, coefs, k)`` for ``spec`` (see :func:`kernel`)."""
+    assert _LLVM is not None
+    ir = _LLVM[1]
+    i16, i32, i64 = ir.IntType(16), ir.IntType(32), ir.IntType(64)
+    f32, f64 = ir.FloatType(), ir.DoubleType()
+    storage = {"float32": f32, "float64": f64, "float16": ir.HalfType(), "bfloat16": i16}
+    ct = f64 if spec.compute == "float64" else f32
+    pt, st = storage[spec.param], storage[spec.state]
+    module = ir.Module(name=f"ftml_{'_'.join(map(str, spec))}")
+    mxnet = spec.form in ("mxnet", "operator")
+    scalars = [ct] * (2 + len(K_FIELDS))
+    piece_args = [pt.as_pointer(), pt.as_pointer(), st.as_pointer(), st.as_pointer(), st.as_pointer(),
+                  pt.as_pointer(), i64, *scalars]  # fmt: skip
+    piece = ir.Function(module, ir.FunctionType(ir.VoidType(), piece_args), name="piece")
+    piece.linkage = "internal"
+    for a in piece.args[:6]:
+        a.add_attribute("noalias")
+    w_p, g_p, d_p, v_p, z_p, out_p, n = piece.args[:7]
+    coef, bias2, *kv = piece.args[7:]
+    k = dict(zip(K_FIELDS, kv))
+
+    entry = piece.append_basic_block("entry")
+    loop = piece.append_basic_block("loop")
+    done = piece.append_basic_block("done")
+    b = ir.IRBuilder(entry)
+    b.cbranch(b.icmp_signed(">", n, i64(0)), loop, done)
+    b.position_at_end(loop)
+    j = b.phi(i64)
+    j.add_incoming(i64(0), entry)
+
+    def load(ptr: Any, ty: Any) -> Any:
+        x = b.load(b.gep(ptr, [j]))
+        if ty is i16:  # bfloat16: the high half of a float32
+            return _widen(b.bitcast(b.shl(b.zext(x, i32), i32(16)), f32))
+        return _widen(x)
+
+    def _widen(x: Any) -> Any:
+        return x if x.type == ct else b.fpext(x, ct)
+
+    def store(ptr: Any, ty: Any, x: Any) -> None:
+        if ty is i16:
+            f = x if x.type == f32 else b.fptrunc(x, f32)
+            bits = b.bitcast(f, i32)  # round to nearest even; NaN -> a quiet NaN (torch's rule)
+            odd = b.and_(b.lshr(bits, i32(16)), i32(1))
+            rounded = b.trunc(b.lshr(b.add(bits, b.add(i32(0x7FFF), odd)), i32(16)), i16)
+            x = b.select(b.fcmp_unordered("uno", f, f), i16(0x7FC0), rounded)
+        elif ty != ct:
+            x = b.fptrunc(x, ty)
+        b.store(x, b.gep(ptr, [j]))
+
+    sqrt = module.declare_intrinsic("llvm.sqrt", [ct])
+    g = load(g_p, pt)
+    if spec.scale:
+        g = b.fdiv(g, k["scale"])
+        if spec.write_grad:
+            store(g_p, pt, g)
+    if spec.form == "operator":
+        g = b.fmul(g, k["scale"])
+    if spec.maximize:
+        g = b.fneg(g)
+    w = load(w_p, pt)
+    if spec.decoupled_wd:
+        w = b.fmul(w, k["decay"])
+    if spec.coupled_wd or spec.form == "operator":
+        g = b.fadd(g, b.fmul(w, k["wd"]))
+    if spec.clip:
+        c = k["clip"]
+        g = b.select(b.fcmp_ordered(">", g, c), c, g)
+        neg = b.fneg(c)
+        g = b.select(b.fcmp_ordered("<", g, neg), neg, g)
+    v = b.fadd(b.fmul(load(v_p, st), k["beta2"]), b.fmul(b.fmul(g, g), k["one_minus_beta2"]))
+    store(v_p, st, v)
+    root = b.fadd(b.call(sqrt, [b.fdiv(v, bias2)]), k["eps"])
+    if not mxnet:
+        new_w = b.fsub(w, b.fdiv(b.fmul(g, coef), root))
+    else:
+        d_t = b.fmul(root, coef)
+        z = load(z_p, st)
+        if spec.decoupled_wd:
+            z = b.fmul(z, k["decay"])
+        z = b.fadd(b.fmul(z, k["beta1"]), b.fmul(g, k["one_minus_beta1"]))
+        z = b.fsub(z, b.fmul(b.fsub(d_t, b.fmul(load(d_p, st), k["beta1"])), w))
+        store(z_p, st, z)
+        store(d_p, st, d_t)
+        new_w = b.fdiv(b.fneg(z), d_t)
+    store(out_p if spec.separate_out else w_p, pt, new_w)
+    nxt = b.add(j, i64(1))
+    j.add_incoming(nxt, b.block)
+    b.cbranch(b.icmp_signed("<", nxt, n), loop, done)
+    b.position_at_end(done)
+    b.ret_void()
+
+    # run(n_pieces, ptrs[6 per piece], counts[per piece], coefs[2 per piece], k[K_FIELDS])
+    vp = i64.as_pointer()
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [i64, vp, vp, ct.as_pointer(), ct.as_pointer()]), "run")
+    n_pieces, ptrs, counts, coefs, kp = fn.args
+    entry = fn.append_basic_block("entry")
+    body = fn.append_basic_block("body")
+    end = fn.append_basic_block("end")
+    b = ir.IRBuilder(entry)
+    kvals = [b.load(b.gep(kp, [i64(i)])) for i in range(len(K_FIELDS))]
+    b.cbranch(b.icmp_signed(">", n_pieces, i64(0)), body, end)
+    b.position_at_end(body)
+    p = b.phi(i64)
+    p.add_incoming(i64(0), entry)
+    base = b.mul(p, i64(6))
+    types = (pt, pt, st, st, st, pt)
+    args = [b.inttoptr(b.load(b.gep(ptrs, [b.add(base, i64(r))])), ty.as_pointer()) for r, ty in enumerate(types)]
+    count = b.load(b.gep(counts, [p]))
+    pc = [b.load(b.gep(coefs, [b.add(b.mul(p, i64(2)), i64(r))])) for r in range(2)]
+    b.call(piece, [*args, count, *pc, *kvals])
+    nxt = b.add(p, i64(1))
+    p.add_incoming(nxt, b.block)
+    b.cbranch(b.icmp_signed("<", nxt, n_pieces), body, end)
+    b.position_at_end(end)
+    b.ret_void()
+    return str(module)
+
+
+def _compile(spec: Spec) -> Callable[..., None]:
+    assert _LLVM is not None
+    llvm = _LLVM[0]
+    tm = _target_machine()
+    if spec.param == "float16" or spec.state == "float16":
+        if not _TARGET[1]:
+            raise RuntimeError("float16 kernels need a CPU with F16C instructions")
+    mod = llvm.parse_assembly(_codegen(spec))
+    mod.triple = tm.triple
+    mod.data_layout = str(tm.target_data)
+    mod.verify()
+    pto = llvm.create_pipeline_tuning_options(speed_level=3)
+    pto.loop_vectorization = True
+    pto.slp_vectorization = True
+    builder = llvm.create_pass_builder(tm, pto)
+    builder.getModulePassManager().run(mod, builder)
+    engine = llvm.create_mcjit_compiler(mod, tm)
+    engine.finalize_object()
+    _KEEP.append(engine)
+    return _SIGNATURE(engine.get_function_address("run"))  # a ctypes call: releases the GIL
+
+
+def kernel(spec: Spec) -> Callable[..., None]:
+    """The compiled kernel for ``spec`` (compiled on first request, tens of milliseconds).
+
+    It is a C function ``run(n_pieces, ptrs, counts, coefs, k)``: ``ptrs`` holds 6 addresses per
+    piece (w, g, d, v, z, out: the first element of the piece), ``counts`` the elements per
+    piece, ``coefs`` two compute-type numbers per piece (``step_size`` or ``d_scale``, then
+    ``bias2``) and ``k`` the compute-type scalars named by :data:`K_FIELDS`.
+
+    Example:
+        >>> from ftmlopt.kernels import cpu
+        >>> callable(cpu.kernel(cpu.Spec("compact", "float32", "float32"))) if cpu.AVAILABLE else True
+        True
+    """
+    if not AVAILABLE:
+        raise ImportError("the CPU kernels need llvmlite >= 0.44 (it comes with numba): pip install 'ftmlopt[numba]'")
+    fn = _KERNELS.get(spec)
+    if fn is None:
+        with _ENGINE_LOCK:
+            fn = _KERNELS.get(spec)
+            if fn is None:
+                fn = _KERNELS[spec] = _compile(spec)
+    return fn
+
+
+def assembly(spec: Spec) -> str:
+    """The x86 (or host) assembly of ``spec``'s kernel, to check vectorization by eye."""
+    assert _LLVM is not None
+    llvm = _LLVM[0]
+    tm = _target_machine()
+    mod = llvm.parse_assembly(_codegen(spec))
+    mod.triple = tm.triple
+    mod.data_layout = str(tm.target_data)
+    pto = llvm.create_pipeline_tuning_options(speed_level=3)
+    pto.loop_vectorization = True
+    pto.slp_vectorization = True
+    builder = llvm.create_pass_builder(tm, pto)
+    builder.getModulePassManager().run(mod, builder)
+    return str(tm.emit_assembly(mod))
+
+
+_COUNTERS: dict[str, Callable[..., None]] = {}
+_COUNTER_SIGNATURE = ctypes.CFUNCTYPE(None, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_double)
+
+
+def _counter_ir(dtype: str) -> str:
+    assert _LLVM is not None
+    ir = _LLVM[1]
+    i64, f64 = ir.IntType(64), ir.DoubleType()
+    ty = f64 if dtype == "float64" else ir.FloatType()
+    module = ir.Module(name=f"ftml_counters_{dtype}")
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [i64, i64.as_pointer(), f64.as_pointer(), f64]), "run")
+    n, ptrs, out, inc = fn.args
+    entry, body, end = fn.append_basic_block("e"), fn.append_basic_block("b"), fn.append_basic_block("x")
+    b = ir.IRBuilder(entry)
+    b.cbranch(b.icmp_signed(">", n, i64(0)), body, end)
+    b.position_at_end(body)
+    i = b.phi(i64)
+    i.add_incoming(i64(0), entry)
+    ptr = b.inttoptr(b.load(b.gep(ptrs, [i])), ty.as_pointer())
+    add = inc if ty == f64 else b.fptrunc(inc, ty)
+    value = b.fadd(b.load(ptr), add)
+    b.store(value, ptr)
+    b.store(value if ty == f64 else b.fpext(value, f64), b.gep(out, [i]))
+    nxt = b.add(i, i64(1))
+    i.add_incoming(nxt, b.block)
+    b.cbranch(b.icmp_signed("<", nxt, n), body, end)
+    b.position_at_end(end)
+    b.ret_void()
+    return str(module)
+
+
+def bump_counters(addresses: np.ndarray, dtype: str, increment: float = 1.0) -> np.ndarray:
+    """Add ``increment`` to one-element step counters (float32/float64) at ``addresses``; return them as float64.
+
+    One call for thousands of counters (``torch._foreach_add_`` on 0-dim tensors costs microseconds each).
+
+    Example:
+        >>> import numpy as np
+        >>> from ftmlopt.kernels import cpu
+        >>> steps = np.array([0.0, 4.0], dtype=np.float32)
+        >>> addresses = np.array([steps.ctypes.data, steps.ctypes.data + 4], dtype=np.int64)
+        >>> cpu.bump_counters(addresses, "float32").tolist() if cpu.AVAILABLE else [1.0, 5.0]
+        [1.0, 5.0]
+    """
+    fn = _COUNTERS.get(dtype)
+    if fn is None:
+        if not AVAILABLE:
+            kernel(Spec("compact", "float32", "float32"))  # raises ImportError, naming what to install
+        assert _LLVM is not None
+        llvm = _LLVM[0]
+        with _ENGINE_LOCK:
+            tm = _target_machine()
+            mod = llvm.parse_assembly(_counter_ir(dtype))
+            mod.triple = tm.triple
+            mod.data_layout = str(tm.target_data)
+            engine = llvm.create_mcjit_compiler(mod, tm)
+            engine.finalize_object()
+            _KEEP.append(engine)
+            fn = _COUNTERS[dtype] = _COUNTER_SIGNATURE(engine.get_function_address("run"))
+    addresses = np.ascontiguousarray(addresses, dtype=np.int64)
+    out = np.empty(addresses.size, dtype=np.float64)
+    fn(addresses.size, addresses.ctypes.data, out.ctypes.data, float(increment))
+    return out
+
+
+# ============================================================================ threads
+_POOL: list[ThreadPoolExecutor] = []
+_POOL_LOCK = threading.Lock()
+
+
+def default_threads() -> int:
+    """Threads for a step when the caller names none: torch's setting when torch is loaded, else
+    ``OMP_NUM_THREADS`` when set, else the CPUs this process may run on.
+
+    Example:
+        >>> from ftmlopt.kernels import cpu
+        >>> cpu.default_threads() >= 1
+        True
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "get_num_threads"):
+        return max(1, int(torch.get_num_threads()))
+    env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    with _POOL_LOCK:
+        if not _POOL or _POOL[0]._max_workers < workers:
+            if _POOL:
+                _POOL.pop().shutdown(wait=False)
+            _POOL.append(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ftmlopt-cpu"))
+        return _POOL[0]
+
+
+def _split(counts: np.ndarray, threads: int) -> list[int]:
+    """Boundaries (piece indices) of ``threads`` runs of pieces with about equal elements."""
+    cum = np.cumsum(counts)
+    targets = cum[-1] * np.arange(1, threads) / threads
+    cuts = np.searchsorted(cum, targets, side="left") + 1
+    return [0, *sorted(set(np.minimum(cuts, counts.size).tolist())), counts.size]
+
+
+def run(
+    fn: Callable[..., None], ptrs: np.ndarray, counts: np.ndarray, coefs: np.ndarray, k: np.ndarray, threads: int
+) -> None:
+    """Call kernel ``fn`` over the pieces, on up to ``threads`` threads (the caller's is one of them).
+
+    Pieces are dealt out in contiguous runs of about equal size; large tensors should already be
+    cut (see :func:`pieces`). The arrays must be C-contiguous (int64, int64, compute dtype x2).
+    """
+    total = int(counts.sum())
+    if threads <= 1 or total < PARALLEL_MIN or counts.size == 1:
+        fn(counts.size, ptrs.ctypes.data, counts.ctypes.data, coefs.ctypes.data, k.ctypes.data)
+        return
+    bounds = _split(counts, threads)
+    item = coefs.itemsize
+    calls = [
+        (hi - lo, ptrs.ctypes.data + 48 * lo, counts.ctypes.data + 8 * lo, coefs.ctypes.data + 2 * item * lo,
+         k.ctypes.data)
+        for lo, hi in itertools.pairwise(bounds) if hi > lo
+    ]  # fmt: skip
+    if len(calls) == 1:
+        fn(*calls[0])
+        return
+    pool = _pool(len(calls) - 1)
+    futures: list[Future[None]] = [pool.submit(fn, *c) for c in calls[1:]]
+    fn(*calls[0])
+    for f in futures:
+        f.result()
+
+
+def pieces(addresses: np.ndarray, sizes: np.ndarray, itemsizes: Sequence[int], per: np.ndarray
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """Cut tensors into pieces of at most :data:`CHUNK` elements.
+
+    ``addresses`` is ``(n, 6)`` int64 (w, g, d, v, z, out), ``sizes`` ``(n,)``, ``itemsizes`` the
+    six element sizes in bytes, ``per`` ``(n, 2)`` per-tensor coefficients. Returns the
+    ``(ptrs, counts, coefs)`` arrays :func:`run` takes.
+    """
+    n_chunks = np.maximum((sizes + CHUNK - 1) // CHUNK, 1)
+    if (n_chunks == 1).all():
+        return np.ascontiguousarray(addresses), np.ascontiguousarray(sizes), np.ascontiguousarray(per)
+    owner = np.repeat(np.arange(sizes.size), n_chunks)
+    first = np.arange(owner.size) - np.repeat(np.cumsum(n_chunks) - n_chunks, n_chunks)
+    start = first * CHUNK
+    counts = np.minimum(sizes[owner] - start, CHUNK)
+    ptrs = addresses[owner] + start[:, None] * np.asarray(itemsizes, dtype=np.int64)[None, :]
+    return np.ascontiguousarray(ptrs), counts.astype(np.int64), np.ascontiguousarray(per[owner])
+
+
+# ============================================================================ entry points
+def k_vector(c: rule.Constants, dtype: Any, *, scale: float = 1.0) -> np.ndarray:
+    """The :data:`K_FIELDS` scalars of ``c`` rounded once to ``dtype`` (off options: harmless values)."""
+    values = {
+        "beta1": c.beta1, "one_minus_beta1": c.one_minus_beta1, "beta2": c.beta2,
+        "one_minus_beta2": c.one_minus_beta2, "eps": c.eps, "wd": 0.0 if c.wd is None else c.wd,
+        "clip": np.inf if c.clip is None else c.clip, "scale": scale, "decay": 1.0 if c.decay is None else c.decay,
+    }  # fmt: skip
+    return np.array([float(values[f]) for f in K_FIELDS], dtype=np.float64).astype(dtype)
+
+
+def step_arrays(
+    ws: Sequence[np.ndarray],
+    gs: Sequence[np.ndarray],
+    vs: Sequence[np.ndarray],
+    c: rule.Constants,
+    *,
+    compact: bool,
+    ds: Sequence[np.ndarray] = (),
+    zs: Sequence[np.ndarray] = (),
+    threads: int | None = None,
+) -> None:
+    """One step of the rule on NumPy arrays, in place (all C-contiguous, one dtype: float32/float64).
+
+    ``c`` comes from :func:`ftmlopt.rule.constants` (``grad_scale`` multiplies, as in the rule).
+    This is the readable entry point the tests use to hold the kernels to the rule.
+    """
+    dtype = ws[0].dtype
+    spec = Spec(
+        "compact" if compact else "mxnet", dtype.name, vs[0].dtype.name, maximize=c.sign < 0,
+        coupled_wd=c.wd is not None, decoupled_wd=c.decay is not None, clip=c.clip is not None,
+    )  # fmt: skip
+    ct = np.dtype(spec.compute)
+    k = k_vector(c, ct)
+    if c.grad_scale is not None:  # the rule multiplies: fold it into the gradient first, as it does
+        gs = [np.multiply(g, np.asarray(c.grad_scale, dtype=g.dtype)) for g in gs]
+    n = len(ws)
+    rows = [ws, gs, vs if compact else ds, vs, vs if compact else zs, ws]
+    addresses = np.array([[a.ctypes.data for a in row] for row in rows], dtype=np.int64).T
+    sizes = np.array([a.size for a in ws], dtype=np.int64)
+    coef = c.step_size if compact else c.d_scale
+    per = np.tile(np.array([coef, c.bias2], dtype=np.float64).astype(ct), (n, 1))
+    itemsizes = [a[0].itemsize for a in rows]
+    ptrs, counts, coefs = pieces(addresses, sizes, itemsizes, per)
+    run(kernel(spec), ptrs, counts, coefs, k, default_threads() if threads is None else threads)
+
+
+def operator_kernel(
+    w: np.ndarray, g: np.ndarray, d: np.ndarray, v: np.ndarray, z: np.ndarray, out: np.ndarray | None, s: Scalars,
+    threads: int | None = None,
+) -> np.ndarray:
+    r"""MXNet's FTML operator in one pass; bit-identical to the NumPy kernel.
+
+    .. math::
+
+        g' = \mathrm{clip}(\mathrm{rescale}\,g + \mathrm{wd}\,w),\;
+        v \leftarrow \beta_2 v + (1-\beta_2) g'^2,\;
+        d_t = \tfrac{1-\beta_1^t}{\mathrm{lr}}(\sqrt{v/(1-\beta_2^t)} + \epsilon),\;
+        z \leftarrow \beta_1 z + (1-\beta_1) g' - (d_t - \beta_1 d) w,\;
+        d \leftarrow d_t,\; w' = -z/d_t
+
+    Args:
+        w, g, d, v, z: C-contiguous arrays of one shape and one dtype (float32 or float64);
+            ``d``, ``v``, ``z`` are updated in place.
+        out: where to write the new weight (may be ``w``); a new array when None.
+        s: the pre-rounded scalars from :func:`ftmlopt.mxnet.operator.prepare_scalars`, in
+            the arrays' dtype.
+        threads: threads to use (default :func:`default_threads`).
+
+    Returns:
+        The new weight.
+
+    Example:
+        >>> import numpy as np
+        >>> from ftmlopt.mxnet.operator import prepare_scalars
+        >>> w = np.ones(3); g = np.full(3, 0.5); d, v, z = (np.zeros(3) for _ in range(3))
+        >>> s = prepare_scalars(np.float64, 0.1, 1, 0.6, 0.999, 1e-8, 0.0, 1.0, -1.0)
+        >>> bool(np.allclose(operator_kernel(w, g, d, v, z, None, s), 0.9)) if AVAILABLE else True
+        True
+    """
+    if not AVAILABLE:
+        kernel(Spec("operator", "float32", "float32"))  # raises ImportError, naming what to install
+    dtype = w.dtype
+    if dtype.name not in ("float32", "float64"):
+        raise TypeError(f"operator_kernel takes float32 or float64 arrays, got {dtype}")
+    result = np.empty_like(w) if out is None else out
+    spec = Spec("operator", dtype.name, dtype.name, clip=bool(s.use_clip), separate_out=result is not w)
+    fn = kernel(spec)
+    values = {
+        "beta1": s.beta1, "one_minus_beta1": s.one_minus_beta1, "beta2": s.beta2,
+        "one_minus_beta2": s.one_minus_beta2, "eps": s.epsilon, "wd": s.wd, "clip": s.clip_grad,
+        "scale": s.rescale_grad, "decay": 1.0,
+    }  # fmt: skip
+    k = np.array([values[f] for f in K_FIELDS], dtype=dtype)  # already rounded to dtype
+    addresses = np.array([[a.ctypes.data for a in (w, g, d, v, z, result)]], dtype=np.int64)
+    per = np.array([[s.d_scale, s.bias2]], dtype=dtype)
+    ptrs, counts, coefs = pieces(addresses, np.array([w.size], dtype=np.int64), [dtype.itemsize] * 6, per)
+    run(fn, ptrs, counts, coefs, k, default_threads() if threads is None else threads)
+    return result
