@@ -79,3 +79,24 @@ def test_fused_step_keeps_thread_settings_and_uses_torchs_count(setting, omp, ex
         assert out["workers"], "a 1M-element step with several threads should use the worker pool"
     assert not out["numba_loaded"]  # no Numba threading layer (OpenMP) is started by the fused path
     assert out["finite"]
+
+
+def test_a_forked_child_steps_with_its_own_workers() -> None:
+    code = r"""
+import os, sys, torch
+torch.set_num_threads(2)
+from ftmlopt.torch import FTML
+p = torch.nn.Parameter(torch.randn(1 << 19)); p.grad = torch.randn(1 << 19)
+opt = FTML([p], fused=True)
+opt.step()  # the parent's worker pool exists now
+pid = os.fork()
+if pid == 0:
+    opt.step()  # would wait forever on the parent's (absent) worker threads
+    import numpy as np  # (not a torch op: torch's own OpenMP regions are not fork-safe)
+    os._exit(0 if bool(np.isfinite(p.detach().numpy()).all()) else 3)
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == "0"

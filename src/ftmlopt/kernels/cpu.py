@@ -415,6 +415,7 @@ def bump_counters(addresses: np.ndarray, dtype: str, increment: float = 1.0) -> 
 # ============================================================================ threads
 _POOL: list[ThreadPoolExecutor] = []
 _POOL_LOCK = threading.Lock()
+_POOL_PID = [0]
 
 
 def default_threads() -> int:
@@ -440,10 +441,13 @@ def default_threads() -> int:
 
 def _pool(workers: int) -> ThreadPoolExecutor:
     with _POOL_LOCK:
+        if _POOL and _POOL_PID[0] != os.getpid():  # a forked child: the parent's worker threads are not here
+            _POOL.clear()
         if not _POOL or _POOL[0]._max_workers < workers:
             if _POOL:
                 _POOL.pop().shutdown(wait=False)
             _POOL.append(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ftmlopt-cpu"))
+            _POOL_PID[0] = os.getpid()
         return _POOL[0]
 
 
