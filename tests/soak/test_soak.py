@@ -48,15 +48,11 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(autouse=True)
-def _one_numba_thread() -> Iterator[None]:
-    import numba
-
-    before = numba.get_num_threads()
-    numba.set_num_threads(1)
+def _one_thread() -> Iterator[None]:
+    # the CPU kernels use torch.get_num_threads() threads at each step
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
-    numba.set_num_threads(before)
     torch.set_num_threads(torch_threads)
 
 

@@ -11,7 +11,7 @@ program takes one chunk of ``CHUNK`` elements. Nothing about a step is read on t
 * ``found_inf`` (when given) masks every load and store, and the step increment is reverted
   afterwards (``_foreach_sub_``), so a skipped step changes nothing;
 * the arithmetic runs in float32 (float64 for float64 tensors), fp16/bf16 are loaded and
-  stored in their own precision. The rule is the one of :mod:`ftmlopt.kernels.numba_cpu`.
+  stored in their own precision. The rule is :mod:`ftmlopt.rule`'s (as in :mod:`ftmlopt.kernels.cpu`).
 
 With a fixed set of tensors the launch is capturable in a CUDA graph (the tables are built
 before capture and reused). The launch goes through ``torch.library.triton_op``

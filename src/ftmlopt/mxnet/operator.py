@@ -21,8 +21,8 @@ epsilon is added outside the square root, and ``d``, ``v``, ``z`` are updated in
 computed in float32 and rounded once on the way out (a deliberate difference from MXNet,
 whose half-precision epsilon underflows to 0 and turns zero-gradient elements into NaN).
 
-The arithmetic lives in one place per backend: :func:`_numpy_kernel` here, and the Numba
-kernel in :mod:`ftmlopt.kernels.numba_cpu` when Numba is installed; both take the same
+The arithmetic lives in one place per backend: :func:`_numpy_kernel` here, and the compiled
+kernel in :mod:`ftmlopt.kernels.numba_cpu` (llvmlite) when it is installed; both take the same
 pre-rounded :class:`Scalars`.
 """
 
@@ -256,7 +256,7 @@ Kernel = Callable[
 
 
 def _select_kernel(arrays: tuple[np.ndarray, ...]) -> Kernel:
-    """The Numba kernel when it is installed and the arrays are contiguous, else NumPy's."""
+    """The compiled CPU kernel when llvmlite is installed and the arrays are contiguous, else NumPy's."""
     if os.environ.get("FTMLOPT_DISABLE_NUMBA", "") not in ("", "0"):
         return _numpy_kernel
     if not all(a.flags.c_contiguous for a in arrays):
