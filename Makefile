@@ -59,11 +59,14 @@ clean: clean-bare
 clean-bare:
 	rm -rf $(VENV_BARE)
 
+# ruff, then mypy over src/ (flags in pyproject.toml [tool.mypy]).
 lint: $(VENV)/.test-installed
 	$(PY) -m ruff check src tests
+	$(PY) -m mypy
 
 test: $(VENV)/.test-installed $(VENV_TF)/.tf-installed
 	$(PY) -m ruff check src tests
+	$(PY) -m mypy
 	FTMLOPT_TENSORFLOW_PYTHON=$(abspath $(PY_TF)) $(PY) -m pytest
 
 # The interleaved CPU benchmark (tables, ratios to fused Adam, % of floor, state bytes, first step,
