@@ -17,11 +17,11 @@ EXPECTED = {
     "ftml for-loop", "ftml foreach", "ftml foreach compact", "ftml fused", "ftml fused compact",
     "ftml_update compiled", "ftml_update numpy", "adam for-loop", "adam foreach", "adam fused", "floor",
     "floor compact", "floor adam",
-}  # fmt: skip
+}
 EXPECTED_HALF = {
     "ftml fused", "ftml fused compact", "ftml fused mp", "ftml fused compact mp", "ftml foreach",
     "ftml foreach compact", "adam foreach", "adam fused", "floor", "floor compact", "floor adam",
-}  # fmt: skip
+}
 
 
 def test_parse_sizes() -> None:
@@ -37,7 +37,7 @@ def test_bench_end_to_end_writes_json_and_table(tmp_path, capsys) -> None:
     out = tmp_path / "bench.json"
     # 2 x 100,000: large tensors cut into pieces over threads; 30 x 7: the many-small path
     argv = ["--sizes", "2x100000,30x7", "--rounds", "2", "--warmup", "1", "--json", str(out), "--quiet",
-            "--dtype", "float32", "--no-extras"]  # fmt: skip
+            "--dtype", "float32", "--no-extras"]
     assert main(argv) == 0
     report = json.loads(out.read_text())
     assert report["rounds"] == 2 and report["dtypes"] == ["float32"] and report["command"].startswith("ftmlopt bench")
@@ -72,7 +72,7 @@ def test_bench_end_to_end_writes_json_and_table(tmp_path, capsys) -> None:
 def test_bench_half_dtypes_run_fused_without_staging_and_report_state(tmp_path) -> None:
     out = tmp_path / "half.json"
     argv = ["--sizes", "2x100000", "--rounds", "1", "--warmup", "0", "--json", str(out), "--quiet",
-            "--dtype", "bfloat16,float16", "--no-extras"]  # fmt: skip
+            "--dtype", "bfloat16,float16", "--no-extras"]
     assert main(argv) == 0
     report = json.loads(out.read_text())
     got = [(w["workload"], w["dtype"]) for w in report["workloads"]]
@@ -112,7 +112,7 @@ def test_json_is_strict(tmp_path) -> None:
 def test_bench_through_the_cli_with_only_and_float64(tmp_path, capsys) -> None:
     out = tmp_path / "b.json"
     argv = ["bench", "--sizes", "3x50", "--rounds", "1", "--warmup", "0", "--dtype", "float64", "--no-extras",
-            "--only", "ftml fused,adam fused", "--json", str(out), "--quiet"]  # fmt: skip
+            "--only", "ftml fused,adam fused", "--json", str(out), "--quiet"]
     assert cli.main(argv) == 0
     rows = json.loads(out.read_text())["workloads"][0]["results"]
     assert [r["name"] for r in rows] == ["ftml fused", "adam fused"]
@@ -166,7 +166,7 @@ def test_mxnet_option_drives_another_interpreter_round_by_round(tmp_path) -> Non
 def test_mxnet_missing_is_reported_not_fatal(tmp_path) -> None:
     out = tmp_path / "b.json"
     assert main(["--sizes", "1x10", "--rounds", "1", "--warmup", "0", "--only", "adam fused", "--dtype", "float32",
-                 "--mxnet", sys.executable, "--json", str(out), "--quiet", "--no-extras"]) == 0  # fmt: skip
+                 "--mxnet", sys.executable, "--json", str(out), "--quiet", "--no-extras"]) == 0
     rows = {r["name"]: r for r in json.loads(out.read_text())["workloads"][0]["results"]}
     assert "MXNet is not importable" in rows["mxnet ftml_update"]["error"]
 

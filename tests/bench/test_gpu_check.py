@@ -16,7 +16,7 @@ def test_dry_run_runs_every_section_and_writes_strict_json_and_markdown(tmp_path
     out = tmp_path / "gc"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-m", "ftmlopt.bench.gpu_check", "--out", str(out), "--cpu-dry-run"],
-                         capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
+                         capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stdout + res.stderr
     text = (out / "gpu_check.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
@@ -103,7 +103,7 @@ def test_render_markdown_tables() -> None:
                  "ratio_to_fused_adam": 1.2, "percent_of_floor": 90.0, "state_bytes_per_param": 12.0,
                  "peak_extra_bytes": 0},
                 {"name": "floor", "error": "no"}]}]}},
-        "cuda_graph": {"ok": False, "seconds": 2.0, "result": {"compact": {"ok": False}}}}}  # fmt: skip
+        "cuda_graph": {"ok": False, "seconds": 2.0, "result": {"compact": {"ok": False}}}}}
     md = gpu_check.render_markdown(report)
     assert "| ftml fused | 0.500 | 3000 | 75 | 1.20 | 90 | 12 | 0 |" in md
     assert "| floor | not run: no |" in md

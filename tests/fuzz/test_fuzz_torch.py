@@ -27,7 +27,7 @@ IMPLS = {"loop": {"foreach": False, "fused": False}, "foreach": {"foreach": True
 def _params(seed: int, dtype: torch.dtype = torch.float32) -> list[torch.nn.Parameter]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.nn.Parameter(torch.randn(3, 2, generator=gen, dtype=dtype)),
-            torch.nn.Parameter(torch.randn(5, generator=gen, dtype=dtype))]  # fmt: skip
+            torch.nn.Parameter(torch.randn(5, generator=gen, dtype=dtype))]
 
 
 def _set_grads(params: list[torch.Tensor], seed: int) -> None:
@@ -38,7 +38,7 @@ def _set_grads(params: list[torch.Tensor], seed: int) -> None:
 
 def _fingerprint(params: list[torch.Tensor], opt: torch.optim.Optimizer) -> tuple:
     state = {i: {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
-             for i, p in enumerate(params)}  # fmt: skip
+             for i, p in enumerate(params)}
     groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     return [p.detach().clone() for p in params], state, copy.deepcopy(groups)
 
@@ -123,7 +123,7 @@ NUMERIC = ["lr", "eps", "weight_decay", "clip_gradient", "beta1", "beta2"]
 
 @FUZZ
 @given(data=st.data(), name=st.sampled_from(NUMERIC), impl=st.sampled_from(list(IMPLS)),
-       compact=st.booleans())  # fmt: skip
+       compact=st.booleans())
 def test_bad_values_edited_into_param_groups_are_refused_at_step(
     data: st.DataObject, name: str, impl: str, compact: bool
 ) -> None:
@@ -269,11 +269,11 @@ def _corrupt(sd: dict[str, Any], case: str) -> dict[str, Any]:
 
 
 COMMON_CASES = ["adam", "missing_v", "missing_step", "extra_key", "not_a_tensor", "group_count", "group_size",
-                "nan_lr", "beta_one", "negative_step"]  # fmt: skip
+                "nan_lr", "beta_one", "negative_step"]
 #: (case, compact): the MXNet form's d and z, and a compact checkpoint that carries them anyway
 STATE_CASES = [(c, compact) for c in COMMON_CASES for compact in (True, False)] + [
     ("missing_d", False), ("misshaped_d", False), ("misshaped_z_numel", False), ("compact_with_d", True),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("case", "compact"), STATE_CASES)
@@ -327,7 +327,7 @@ def test_fused_refuses_devices_without_a_kernel() -> None:
 
 @FUZZ
 @given(seed=st.integers(0, 2**16), dtypes=st.lists(st.sampled_from([torch.float32, torch.float64]), min_size=2,
-                                                   max_size=2))  # fmt: skip
+                                                   max_size=2))
 def test_mixed_dtypes_step_each_group_like_alone(seed: int, dtypes: list[torch.dtype]) -> None:
     """Params of several dtypes in one group: each steps exactly as it would alone (per-dtype groups)."""
     gen = torch.Generator().manual_seed(seed)

@@ -53,12 +53,12 @@ def test_float64_kernel_is_bit_identical_to_the_rule(compact, opt, threads, monk
         for i, g in enumerate(gs):
             if compact:
                 want["w"][i], want["v"][i] = rule.compact_step(want["w"][i], g, want["v"][i], c, sqrt=np.sqrt,
-                                                               clip=np.clip)  # fmt: skip
+                                                               clip=np.clip)
             else:
                 want["w"][i], want["d"][i], want["v"][i], want["z"][i] = rule.mxnet_step(
                     want["w"][i], g, want["d"][i], want["v"][i], want["z"][i], c, sqrt=np.sqrt, clip=np.clip)
         cpu.step_arrays(got["w"], gs, got["v"], c, compact=compact, ds=got.get("d", ()), zs=got.get("z", ()),
-                        threads=threads)  # fmt: skip
+                        threads=threads)
         for key in got:
             for a, b in zip(got[key], want[key]):
                 assert a.tobytes() == b.tobytes(), (key, t)
@@ -73,25 +73,25 @@ def test_float32_kernel_follows_the_float64_rule_one_step_at_a_time(compact) -> 
         c = rule.constants(1e-2, t, **HYPER, weight_decay=0.01, clip=0.5)
         before = {k: [a.astype(np.float64) for a in v] for k, v in arrays.items()}
         cpu.step_arrays(arrays["w"], gs, arrays["v"], c, compact=compact, ds=arrays.get("d", ()),
-                        zs=arrays.get("z", ()), threads=2)  # fmt: skip
+                        zs=arrays.get("z", ()), threads=2)
         for i, g in enumerate(gs):
             g64 = g.astype(np.float64)
             if compact:
                 ref = dict(zip("wv", rule.compact_step(before["w"][i], g64, before["v"][i], c, sqrt=np.sqrt,
-                                                       clip=np.clip)))  # fmt: skip
+                                                       clip=np.clip)))
             else:
                 ref = dict(zip("wdvz", rule.mxnet_step(before["w"][i], g64, before["d"][i], before["v"][i],
-                                                       before["z"][i], c, sqrt=np.sqrt, clip=np.clip)))  # fmt: skip
+                                                       before["z"][i], c, sqrt=np.sqrt, clip=np.clip)))
             for key, value in ref.items():
                 # z (and w = -z/d) comes from a sum whose terms are far larger than it: the absolute
                 # error scales with the terms, so the tolerance has a part relative to the array's scale
                 scale = float(np.abs(value).max()) if value.size else 0.0
                 np.testing.assert_allclose(arrays[key][i], value, rtol=3e-6, atol=1e-6 * scale + 1e-7,
-                                           err_msg=f"{key} step {t}")  # fmt: skip
+                                           err_msg=f"{key} step {t}")
 
 
 DTYPES = [(torch.float64, torch.float64), (torch.float32, torch.float32), (torch.bfloat16, torch.float32),
-          (torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)]  # fmt: skip
+          (torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)]
 TOL = {torch.float64: (0, 0), torch.float32: (3e-6, 1e-7), torch.bfloat16: (8e-3, 1e-4), torch.float16: (1e-3, 1e-5)}
 
 
@@ -103,7 +103,7 @@ def test_torch_fused_step_against_the_rule(p_dtype, s_dtype, compact, case) -> N
     gen = torch.Generator().manual_seed(hash((case, compact)) % 1000)
     opts = {"plain": {}, "wd+clip": dict(weight_decay=0.02, clip_gradient=0.4),
             "decoupled+maximize": dict(weight_decay=0.1, decoupled_weight_decay=True, maximize=True),
-            "grad_scale": {}, "found_inf": {}}[case]  # fmt: skip
+            "grad_scale": {}, "found_inf": {}}[case]
     kw = dict(weight_decay=0.0, clip_gradient=None, decoupled_weight_decay=False, maximize=False)
     kw.update(opts)
     sizes = [5, 70_001]
@@ -116,13 +116,13 @@ def test_torch_fused_step_against_the_rule(p_dtype, s_dtype, compact, case) -> N
         scale = 8.0 if case == "grad_scale" else None
         gs = [(torch.randn(n, generator=gen) * (scale or 1.0)).to(p_dtype) for n in sizes]
         before = [{k: x.double().numpy().copy() for k, x in [("w", ws[i]), *((k, state[k][i]) for k in keys)]}
-                  for i in range(len(sizes))]  # fmt: skip
+                  for i in range(len(sizes))]
         g_before = [g.double().numpy().copy() for g in gs]  # copies: .double() of a float64 tensor is itself
         found_inf = torch.ones(()) if case == "found_inf" and t == 2 else None
         _fused_ftml(ws, gs, state.get("d", []), state["v"], state.get("z", []), steps,
                     grad_scale=None if scale is None else torch.tensor(scale), found_inf=found_inf, lr=1e-2,
                     beta1=0.6, beta2=0.999, eps=1e-8, compact=compact, has_complex=False, capturable=False,
-                    differentiable=False, **kw)  # fmt: skip
+                    differentiable=False, **kw)
         if found_inf is not None:
             for i in range(len(sizes)):
                 for key, value in before[i].items():
@@ -133,14 +133,14 @@ def test_torch_fused_step_against_the_rule(p_dtype, s_dtype, compact, case) -> N
         step_t = int(float(steps[0]))
         c = rule.constants(1e-2, step_t, 0.6, 0.999, 1e-8, weight_decay=kw["weight_decay"],
                            decoupled=kw["decoupled_weight_decay"], clip=kw["clip_gradient"], maximize=kw["maximize"],
-                           grad_scale=None if scale is None else 1.0 / scale)  # fmt: skip
+                           grad_scale=None if scale is None else 1.0 / scale)
         for i in range(len(sizes)):
             b = before[i]
             if compact:
                 ref = dict(zip("wv", rule.compact_step(b["w"], g_before[i], b["v"], c, sqrt=np.sqrt, clip=np.clip)))
             else:
                 ref = dict(zip("wdvz", rule.mxnet_step(b["w"], g_before[i], b["d"], b["v"], b["z"], c, sqrt=np.sqrt,
-                                                       clip=np.clip)))  # fmt: skip
+                                                       clip=np.clip)))
             for key, value in ref.items():
                 x = ws[i] if key == "w" else state[key][i]
                 rtol, atol = TOL[x.dtype]
@@ -150,7 +150,7 @@ def test_torch_fused_step_against_the_rule(p_dtype, s_dtype, compact, case) -> N
                 np.testing.assert_allclose(x.double().numpy(), value, rtol=rtol, atol=atol, err_msg=f"{key} t={t}")
             if scale is not None:  # the unscaled gradient is written back (torch's fused protocol)
                 np.testing.assert_allclose(gs[i].double().numpy(), g_before[i] / scale, rtol=TOL[p_dtype][0],
-                                           atol=TOL[p_dtype][1])  # fmt: skip
+                                           atol=TOL[p_dtype][1])
     # zero-copy: the step wrote into the tensors themselves
     assert addresses == [t.data_ptr() for t in itertools.chain(ws, *state.values())]
     assert all(float(s) == (2.0 if case == "found_inf" else 3.0) for s in steps)

@@ -98,7 +98,7 @@ def test_complex_params_step_as_their_real_views() -> None:
     real = Pair([torch.view_as_real(pc).clone()], compact=False)
     _fused_ftml([pc], [gc.clone()], [st[0]], [st[1]], [st[2]], [step], grad_scale=None, found_inf=None,
                 compact=False, has_complex=True, capturable=False, differentiable=False,
-                **HYPER, **OPTIONS[1])  # fmt: skip
+                **HYPER, **OPTIONS[1])
     real.step([torch.view_as_real(gc).clone()], **HYPER, **OPTIONS[1])
     torch.testing.assert_close(torch.view_as_real(pc), real.ref_p[0])
     torch.testing.assert_close(torch.view_as_real(st[2]), real.ref_states[0]["z"])
@@ -113,7 +113,7 @@ def test_tensor_lr_and_version_counter() -> None:
     _fused_ftml([p], [g], [d], [v], [z], [step], grad_scale=None, found_inf=None, lr=torch.tensor(0.1),
                 beta1=0.6, beta2=0.999, eps=1e-8, weight_decay=0.0, clip_gradient=None,
                 decoupled_weight_decay=False, compact=False, maximize=False, has_complex=False,
-                capturable=False, differentiable=False)  # fmt: skip
+                capturable=False, differentiable=False)
     # step 1 with zero state moves each element by lr * g / (|g| + eps * ...) ~= lr
     torch.testing.assert_close(p.detach(), torch.full((4,), 0.9))
     assert p._version > version
@@ -123,7 +123,7 @@ def test_tensor_lr_and_version_counter() -> None:
 def _call(params, grads, ds, vs, zs, steps, **kw):
     base = dict(grad_scale=None, found_inf=None, weight_decay=0.0, clip_gradient=None,
                 decoupled_weight_decay=False, compact=False, maximize=False, has_complex=False,
-                capturable=False, differentiable=False, **HYPER)  # fmt: skip
+                capturable=False, differentiable=False, **HYPER)
     base.update(kw)
     _fused_ftml(params, grads, ds, vs, zs, steps, **base)
 
@@ -161,5 +161,5 @@ def test_fused_refuses_state_of_another_size_before_writing_anything() -> None:
             [w], [g], [d], [v], [z], [step], grad_scale=None, found_inf=None, lr=0.1, beta1=0.6, beta2=0.999,
             eps=1e-8, weight_decay=0.0, clip_gradient=None, decoupled_weight_decay=False, compact=False,
             maximize=False, has_complex=False, capturable=False, differentiable=False,
-        )  # fmt: skip
+        )
     assert all(torch.equal(a, b) for a, b in zip((w, g, d, v, z, step), before))

@@ -56,7 +56,7 @@ def _run(setting: str, omp: str | None) -> dict:
     if omp is not None:
         env["OMP_NUM_THREADS"] = omp
     res = subprocess.run([sys.executable, "-c", _SCRIPT, setting], capture_output=True, text=True, env=env,
-                         timeout=300)  # fmt: skip
+                         timeout=300)
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout.strip().splitlines()[-1])
 

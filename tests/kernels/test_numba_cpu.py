@@ -99,7 +99,7 @@ def test_ftml_update_dispatches_to_numba_for_contiguous_arrays(monkeypatch: pyte
 V1_CASES = [
     "A_defaults_float32", "B_clip_wd_rescale_float32", "C_clip_wd_rescale_float64", "D_operator_explicit_t",
     "E_factor_scheduler_float32", "F_begin_num_update_float32", "H_weight_overwritten_between_steps",
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("name", V1_CASES)
@@ -114,7 +114,7 @@ def test_operator_kernel_reproduces_mxnet_vectors_bit_for_bit(vectors, name: str
         if step.get("weight_before_step") is not None:
             w = np.array(step["weight_before_step"], dtype=dt)
         s = prepare_scalars(dt, step["lr_used"], step["t"], hp["beta1"], hp["beta2"], hp["epsilon"],
-                            step["wd_used"], hp["rescale_grad"], -1.0 if clip is None else clip)  # fmt: skip
+                            step["wd_used"], hp["rescale_grad"], -1.0 if clip is None else clip)
         numba_cpu.operator_kernel(w, np.array(step["grad"], dtype=dt), d, v, z, w, s)
         for key, got in (("weight", w), ("d", d), ("v", v), ("z", z)):
             expected = np.array(step["expected_mxnet"][key], dtype=dt)

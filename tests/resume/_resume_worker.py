@@ -66,7 +66,7 @@ def _numpy_configs() -> dict[str, tuple[Callable[[], Any], dict[str, Any], bool]
             {"w": np.float32, "b": np.float64, "h": np.float16},
             True,
         ),
-    }  # fmt: skip
+    }
 
 
 def _numpy_step(updater: Any, weights: dict[str, np.ndarray], step: int) -> None:
@@ -173,7 +173,7 @@ def torch_save(root: Path) -> None:
                     {"params": {k: p.detach() for k, p in params.items()}, "optim": opt.state_dict(),
                      "sched": sched.state_dict()},
                     root / f"ckpt-{cfg}-k{step}.pt",
-                )  # fmt: skip
+                )
             _torch_step(params, opt, sched, step)
         save_npz(root / f"uninterrupted-{cfg}.npz", _torch_dump(params, opt))
 
@@ -319,7 +319,7 @@ def _keras_step(variables: dict[str, Any], opt: Any, step: int) -> None:
     from keras import ops
 
     grads = [grad(k, step, ops.convert_to_tensor(v), lambda a: ops.convert_to_tensor(a, "float32"))
-             for k, v in variables.items()]  # fmt: skip
+             for k, v in variables.items()]
     opt.apply_gradients(zip(grads, variables.values()))
 
 

@@ -32,7 +32,7 @@ def _run(phase: str, frontend: str, root: Path, env: dict[str, str]) -> None:
     proc = subprocess.run(
         [sys.executable, str(WORKER), phase, frontend, str(root)],
         env={**os.environ, **env}, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, f"{phase} {frontend} failed:\n{proc.stdout}\n{proc.stderr}"
 
 

@@ -71,7 +71,7 @@ def _problem(dtype: torch.dtype, n: int = 16) -> tuple[torch.Tensor, torch.Tenso
 def _pair(dtype: torch.dtype, compact: bool) -> tuple[list[torch.nn.Parameter], list[FTML], list[torch.Tensor]]:
     params = [torch.nn.Parameter(torch.zeros(16, dtype=dtype)) for _ in range(2)]
     opts = [FTML([params[0]], lr=0.01, weight_decay=1e-4, compact=compact, foreach=False, fused=False),
-            FTML([params[1]], lr=0.01, weight_decay=1e-4, compact=compact, fused=True)]  # fmt: skip
+            FTML([params[1]], lr=0.01, weight_decay=1e-4, compact=compact, fused=True)]
     grads = [torch.empty(16, dtype=dtype) for _ in params]
     for p, g in zip(params, grads):
         p.grad = g
@@ -131,7 +131,7 @@ def test_fused_and_forloop_do_not_drift_and_memory_stays_flat(compact: bool) -> 
         tracemalloc.stop()
     assert now - base < TRACED_SLACK, f"Python allocations grew by {now - base} bytes over {TRACED_STEPS} steps"
     print(f"drift history (step, w rel err, state rel err): {history}; RSS growth {rss_growth} B; "
-          f"traced growth {now - base} B")  # fmt: skip
+          f"traced growth {now - base} B")
 
 
 @pytest.mark.parametrize("compact", [True, False], ids=["compact", "mxnet"])

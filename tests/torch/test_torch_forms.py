@@ -26,7 +26,7 @@ FORMS = {"compact": {}, "mxnet": {"compact": False}}
 
 
 def _compact_reference(w0: np.ndarray, grads: list[np.ndarray], lrs: list[float], *, b1: float = 0.6,
-                       b2: float = 0.999, eps: float = 1e-8) -> list[np.ndarray]:  # fmt: skip
+                       b2: float = 0.999, eps: float = 1e-8) -> list[np.ndarray]:
     """The paper's Theorem 1 recurrence in float64, written out independently of ftmlopt."""
     w, v, out = w0.astype(np.float64), np.zeros_like(w0, dtype=np.float64), []
     for t, (g, lr) in enumerate(zip(grads, lrs), start=1):
@@ -115,7 +115,7 @@ def test_state_memory_is_half_of_adams() -> None:
     """256x256 linear: Adam keeps 526,336 B of moments; FTML's v is 263,168 B (was 789,504 B)."""
     sizes = {}
     for name, make in (("adam", lambda ps: torch.optim.Adam(ps)), ("ftml", lambda ps: FTML(ps)),
-                       ("mxnet", lambda ps: FTML(ps, compact=False))):  # fmt: skip
+                       ("mxnet", lambda ps: FTML(ps, compact=False))):
         torch.manual_seed(0)
         layer = torch.nn.Linear(256, 256)
         opt = make(layer.parameters())
@@ -159,7 +159,7 @@ def _lr_zero_run(impl: dict[str, Any], form: str, lr: Any, capturable: bool = Fa
     torch.manual_seed(1)
     params = [torch.nn.Parameter(torch.randn(3, 2, dtype=torch.float64)), torch.nn.Parameter(torch.randn(2))]
     opt = FTML(params, lr=lr, capturable=capturable, weight_decay=0.1, decoupled_weight_decay=True,
-               **impl, **FORMS[form])  # fmt: skip
+               **impl, **FORMS[form])
     before = [p.detach().clone() for p in params]
     for k in range(3):
         for p in params:
@@ -212,7 +212,7 @@ def test_lr_zero_compiled_fullgraph(form: str, foreach: bool) -> None:
 
     def run() -> None:
         ftml([w], [g], ds, [v], zs, [step], foreach=foreach, capturable=foreach, lr=lr, beta1=0.6, beta2=0.999,
-             eps=1e-8, compact=compact)  # fmt: skip
+             eps=1e-8, compact=compact)
 
     compiled = torch.compile(run, fullgraph=True)
     compiled()

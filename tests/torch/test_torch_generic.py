@@ -177,7 +177,7 @@ def test_group_with_tiny_lr_does_not_move(impl: str, compact: bool) -> None:
     frozen_before = params[1].detach().clone()
     moving_before = params[0].detach().clone()
     opt = FTML([{"params": params[:1]}, {"params": params[1:], "lr": 1e-28}], lr=0.01, compact=compact,
-               **IMPL_KWARGS[impl])  # fmt: skip
+               **IMPL_KWARGS[impl])
     for _ in range(5):
         opt.zero_grad()
         loss_fn().backward()
@@ -224,7 +224,7 @@ def test_zero_gradient_keeps_the_weight_in_the_mxnet_form() -> None:
     d ~ 1e-6 as a subnormal with few bits: the weight drifts by a few percent, but stays finite.
     """
     cases = ((torch.float32, {}, 1e-6), (torch.float16, {"multi_precision": True}, 1e-3), (torch.float16, {}, 1e-3),
-             (torch.float16, {"state_dtype": torch.float16}, None))  # fmt: skip
+             (torch.float16, {"state_dtype": torch.float16}, None))
     for dtype, kwargs, rtol in cases:
         p = torch.nn.Parameter(torch.randn(5).to(dtype))
         before = p.detach().clone()
@@ -402,7 +402,7 @@ def test_float_step_and_older_state_dict_load() -> None:
     sd = copy.deepcopy(old.state_dict())
     sd["state"][0]["step"] = 1.0  # a Python float
     for flag in ("clip_gradient", "decoupled_weight_decay", "compact", "multi_precision", "maximize", "foreach",
-                 "fused", "capturable", "differentiable"):  # fmt: skip
+                 "fused", "capturable", "differentiable"):
         del sd["param_groups"][0][flag]  # written before the flag existed
     q = torch.nn.Parameter(p.detach().clone())
     new = FTML([q], lr=0.01)

@@ -46,7 +46,7 @@ def test_lightning_configure_optimizers_steps_with_a_closure() -> None:
     model = Regressor()
     closures: list[bool] = []
     trainer = L.Trainer(max_epochs=5, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+                        enable_progress_bar=False, enable_model_summary=False)
     x, y = _data()
 
     def record(opt: Any, args: Any, kwargs: Any) -> None:
@@ -83,10 +83,10 @@ def test_transformers_trainer_optimizer_cls_and_kwargs(tmp_path: Path, decoupled
     loss_before = model(x, y)["loss"].item()
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=30, per_device_train_batch_size=16,
                              learning_rate=0.3, weight_decay=0.01, report_to=[], save_strategy="no",
-                             use_cpu=True, disable_tqdm=True, logging_strategy="no")  # fmt: skip
+                             use_cpu=True, disable_tqdm=True, logging_strategy="no")
     trainer = Trainer(model=model, args=args, train_dataset=dataset,
                       optimizer_cls_and_kwargs=(FTML, {"lr": 0.3, "betas": (0.6, 0.999),
-                                                       "decoupled_weight_decay": decoupled}))  # fmt: skip
+                                                       "decoupled_weight_decay": decoupled}))
     trainer.train()
     opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate may wrap it
     assert isinstance(opt, FTML)

@@ -51,7 +51,7 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 def test_matches_ftml_update_over_20_steps(impl: str, hyper: dict[str, Any], dtype: Any, rtol: float) -> None:
     rng = np.random.default_rng(7)
     lr, (b1, b2), wd, clip = (f32(hyper["lr"]), tuple(map(f32, hyper["betas"])), f32(hyper["weight_decay"]),
-                              None if hyper["clip_gradient"] is None else f32(hyper["clip_gradient"]))  # fmt: skip
+                              None if hyper["clip_gradient"] is None else f32(hyper["clip_gradient"]))
     w = rng.standard_normal((6, 5)).astype(dtype)
     d, v, z = (np.zeros_like(w) for _ in range(3))
     p = torch.nn.Parameter(torch.from_numpy(w.copy()))
@@ -62,7 +62,7 @@ def test_matches_ftml_update_over_20_steps(impl: str, hyper: dict[str, Any], dty
         p.grad = torch.from_numpy(g.copy())
         opt.step()
         w = ftml_update(w, g, d, v, z, lr=lr, t=t, beta1=b1, beta2=b2, epsilon=1e-8, wd=wd,
-                        clip_grad=-1.0 if clip is None else clip)  # fmt: skip
+                        clip_grad=-1.0 if clip is None else clip)
         state = opt.state[p]
         for mine, theirs in ((p, w), (state["d"], d), (state["v"], v), (state["z"], z)):
             worst = max(worst, _rel(mine.detach().numpy(), theirs))
@@ -73,7 +73,7 @@ def test_matches_ftml_update_over_20_steps(impl: str, hyper: dict[str, Any], dty
 # ----------------------------------------------------------------------------- MXNet's vectors
 V191 = ["A_defaults_float32", "B_clip_wd_rescale_float32", "C_clip_wd_rescale_float64", "D_operator_explicit_t",
         "E_factor_scheduler_float32", "F_begin_num_update_float32", "G_float16_multi_precision",
-        "H_weight_overwritten_between_steps"]  # fmt: skip
+        "H_weight_overwritten_between_steps"]
 #: Against MXNet's float32 outputs: the float32 scalar rounding of ``FP32_RTOL`` over 3 steps (measured
 #: 5.7e-6 at most), and MXNet adds ``wd*w`` and clips in float32 while torch's ``add(alpha=)`` may fuse
 #: the multiply-add. Case H: after the outside edit, the step-2 weight 0.0347 is the difference of terms
@@ -97,7 +97,7 @@ def test_mxnet_191_vectors(vectors: dict[str, Any], name: str, impl: str) -> Non
     p = torch.nn.Parameter(torch.tensor(case["initial_weight"], dtype=dtype))
     opt = FTML([p], lr=f32(case["steps"][0]["lr_used"]), betas=(f32(hp["beta1"]), f32(hp["beta2"])),
                eps=hp["epsilon"], clip_gradient=None if clip is None else f32(clip),
-               multi_precision=bool(hp.get("multi_precision")), compact=False, **IMPLS[impl])  # fmt: skip
+               multi_precision=bool(hp.get("multi_precision")), compact=False, **IMPLS[impl])
     first_t = case["steps"][0]["t"]
     if first_t != 1:  # begin_num_update: resume from a checkpoint whose step count is t - 1
         sd = opt.state_dict()
@@ -161,7 +161,7 @@ def test_vector_h_compact_keeps_an_outside_edit(vectors: dict[str, Any]) -> None
 
 # ----------------------------------------------------------------------------- closed forms
 def _closed_form_trajectory(w0: np.ndarray, grads: list[np.ndarray], *, lr: float, b1: float, b2: float,
-                            eps: float, wd: float) -> list[np.ndarray]:  # fmt: skip
+                            eps: float, wd: float) -> list[np.ndarray]:
     """Decoupled decay, float64: w_t = (1 - lr wd) w_{t-1} - (1-b1) g_t / d_t (the compact recurrence)."""
     w, v, out = w0.copy(), np.zeros_like(w0), []
     for t, g in enumerate(grads, start=1):
@@ -192,7 +192,7 @@ def test_decoupled_weight_decay_closed_form(impl: str, compact: bool) -> None:
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"weight_decay": 0.1, "clip_gradient": 0.5}, {"maximize": True}],
-                         ids=["plain", "wd-clip", "maximize"])  # fmt: skip
+                         ids=["plain", "wd-clip", "maximize"])
 def test_compact_equals_three_state_form_when_only_the_optimizer_moves_weights(kwargs: dict[str, Any]) -> None:
     rng = np.random.default_rng(12)
     w0 = rng.standard_normal(50)

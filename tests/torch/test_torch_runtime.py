@@ -53,7 +53,7 @@ def _one_step(**kwargs: Any) -> FTML:
     ],
 )
 def test_dispatch(calls: list[str], monkeypatch: pytest.MonkeyPatch, kwargs: dict[str, Any],
-                  kernel_available: bool, expected: str) -> None:  # fmt: skip
+                  kernel_available: bool, expected: str) -> None:
     monkeypatch.setattr(fused_module, "fused_supported", lambda params: kernel_available, raising=False)
     if kwargs.get("fused") and not fused_module.fused_supported([torch.zeros(1)]):
         monkeypatch.setattr(fused_module, "_fused_ftml", lambda *a, **k: None)  # only the choice is under test
@@ -77,9 +77,9 @@ def test_fused_flag_sets_amp_protocol_only_when_fused() -> None:
 
 @pytest.mark.parametrize("foreach", [False, True], ids=["forloop", "foreach"])
 @pytest.mark.parametrize("kwargs", [{"compact": False}, {"weight_decay": 0.1, "decoupled_weight_decay": True}],
-                         ids=["mxnet", "compact-decoupled"])  # fmt: skip
+                         ids=["mxnet", "compact-decoupled"])
 def test_capturable_tensor_math_matches_float_math(monkeypatch: pytest.MonkeyPatch, foreach: bool,
-                                                   kwargs: dict[str, Any]) -> None:  # fmt: skip
+                                                   kwargs: dict[str, Any]) -> None:
     """The capturable branch (bias corrections as tensors, tensor lr on foreach), run on the CPU.
 
     Capturable is meant for CUDA graphs; only its device check is lifted here, so that the tensor
@@ -198,7 +198,7 @@ def test_compiled_step_matches_eager() -> None:
 
 # ----------------------------------------------------------------------------- differentiable
 def _diff_step(p: torch.Tensor, grad: torch.Tensor, d: torch.Tensor, v: torch.Tensor, z: torch.Tensor,
-               lr: torch.Tensor, kwargs: dict[str, Any]) -> tuple[torch.Tensor, ...]:  # fmt: skip
+               lr: torch.Tensor, kwargs: dict[str, Any]) -> tuple[torch.Tensor, ...]:
     p = p.clone()
     p.grad = grad
     opt = FTML([p], lr=lr, differentiable=True, **kwargs)

@@ -91,7 +91,7 @@ _TRAFFIC: dict[str, Callable[[int, int], int]] = {
 
 #: the floor each family is compared with in "% floor"
 _FLOOR_OF = {"ftml": "floor", "mxnet": "floor", "ftml-compact": "floor compact", "adam": "floor adam",
-             "floor": "floor", "floor-compact": "floor compact", "floor-adam": "floor adam"}  # fmt: skip
+             "floor": "floor", "floor-compact": "floor compact", "floor-adam": "floor adam"}
 
 _HYPER = dict(lr=1e-3, beta1=0.6, beta2=0.999, eps=1e-8)
 
@@ -122,7 +122,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device: cpu (default) or cuda[:N]")
     parser.add_argument("--dtype", default="float32,bfloat16,float16",
                         help="param dtypes, comma separated: float32, float64, float16, bfloat16 (default "
-                             "float32,bfloat16,float16; half dtypes run on the 16m workload only)")  # fmt: skip
+                             "float32,bfloat16,float16; half dtypes run on the 16m workload only)")
     parser.add_argument("--sizes", default="16m,resnet18,tiny", help="workloads: 16m, resnet18, tiny or NxM")
     parser.add_argument("--rounds", type=int, default=15, help="timed interleaved rounds (default 15)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (JIT, caches; default 2)")
@@ -130,11 +130,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", default="", help="comma-separated implementation names to run (default: all)")
     parser.add_argument("--json", default="ftmlopt-bench.json", help="write results here ('' for none)")
     parser.add_argument("--no-extras", action="store_true",
-                        help="skip the first-step and forward/backward measurements (fresh interpreters)")  # fmt: skip
+                        help="skip the first-step and forward/backward measurements (fresh interpreters)")
     parser.add_argument(
         "--mxnet", nargs="?", const=sys.executable, default=None, metavar="PYTHON",
         help="also time MXNet's ftml_update in PYTHON (default: this interpreter) where `import mxnet` works",
-    )  # fmt: skip
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -208,14 +208,14 @@ def _torch_impls(device: Any, dtype: Any) -> list[_Impl]:
             _Impl("ftml fused mp", "ftml-mp", optimizer(FTML, fused=True, compact=False, multi_precision=True, **ftml)),
             _Impl("ftml fused compact mp", "ftml-compact-mp",
                   optimizer(FTML, fused=True, compact=True, multi_precision=True, **ftml)),
-        ]  # fmt: skip
+        ]
     impls += [
         _Impl("ftml foreach", "ftml", optimizer(FTML, foreach=True, fused=False, compact=False, **ftml)),
         _Impl("ftml foreach compact", "ftml-compact", optimizer(FTML, foreach=True, fused=False, compact=True, **ftml)),
     ]
     if not half:
         impls.insert(4, _Impl("ftml for-loop", "ftml", optimizer(FTML, foreach=False, fused=False, compact=False,
-                                                                 **ftml)))  # fmt: skip
+                                                                 **ftml)))
         if device.type == "cpu":
             impls += [
                 _Impl("ftml_update compiled", "mxnet", _operator_maker(compiled=True)),
@@ -254,7 +254,7 @@ def _operator_maker(compiled: bool) -> Callable[[list[Any], list[Any]], Callable
             try:
                 for w, g, (d, v, z) in zip(ws, gs, states):
                     ftml_update(w, g, d, v, z, _HYPER["lr"], t[0], _HYPER["beta1"], _HYPER["beta2"],
-                                _HYPER["eps"], out=w)  # fmt: skip
+                                _HYPER["eps"], out=w)
             finally:
                 if old is None:
                     del os.environ["FTMLOPT_DISABLE_NUMBA"]
@@ -319,7 +319,7 @@ def _peak_extra(step: Callable[[], None], device: Any) -> int:
     tracemalloc.start()
     try:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
-                     with_stack=True) as prof:  # fmt: skip
+                     with_stack=True) as prof:
             step()
         _, numpy_peak = tracemalloc.get_traced_memory()  # NumPy (and Python) allocations
     finally:
@@ -372,7 +372,7 @@ class _MXNet:
 
     def __init__(self, python: str, shapes: list[tuple[int, ...]], dtype: str, threads: int) -> None:
         command = [python, "-c", _MXNET_SERVER, repr([list(s) for s in shapes]), dtype,
-                   *(str(_HYPER[k]) for k in ("lr", "beta1", "beta2", "eps"))]  # fmt: skip
+                   *(str(_HYPER[k]) for k in ("lr", "beta1", "beta2", "eps"))]
         # Idle OpenMP threads must sleep, not spin: this process waits while the others are timed.
         env = {**os.environ, "OMP_NUM_THREADS": str(threads or os.cpu_count() or 1), "OMP_WAIT_POLICY": "PASSIVE"}
         self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
@@ -461,7 +461,7 @@ def _summarize(
                 median_ms=med * 1e3, min_ms=min(impl.times) * 1e3, max_ms=max(impl.times) * 1e3,
                 gelem_per_s=numel / med / 1e9, bytes_per_element=traffic, gb_per_s=numel * traffic / med / 1e9,
                 rounds=len(impl.times), times_ms=[t * 1e3 for t in impl.times],
-            )  # fmt: skip
+            )
             if ref is not None and len(ref.times) == len(impl.times):
                 row["ratio_to_fused_adam"] = statistics.median(a / b for a, b in zip(impl.times, ref.times))
                 # bytes moved per second relative to fused Adam's (round by round)
@@ -481,7 +481,7 @@ def _summarize(
 def _table(result: dict[str, Any]) -> str:
     head = f"{result['workload']} {result['dtype']}: {result['tensors']} tensors, {result['elements']:,} elements"
     cols = ["implementation", "median ms", "min-max ms", "GB/s", "x fused Adam", "B/s vs fused Adam", "% floor",
-            "state B/param", "peak extra"]  # fmt: skip
+            "state B/param", "peak extra"]
     lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in result["results"]:
         if "median_ms" not in row:
@@ -496,7 +496,7 @@ def _table(result: dict[str, Any]) -> str:
             row["name"], f"{row['median_ms']:.2f}", f"{row['min_ms']:.2f}-{row['max_ms']:.2f}",
             f"{row['gb_per_s']:.1f}", opt("ratio_to_fused_adam", ".2f"), opt("bandwidth_vs_fused_adam", ".0%"),
             opt("percent_of_floor", ".0f"), opt("state_bytes_per_param", ".0f"), "-" if peak is None else _bytes(peak),
-        ]) + " |")  # fmt: skip
+        ]) + " |")
     return "\n".join(lines)
 
 
@@ -579,7 +579,7 @@ def _extras(args: argparse.Namespace) -> dict[str, Any]:
     """First fused step of new processes, and forward+backward after fused FTML vs fused Adam steps."""
     threads = str(args.threads)
     first = {kind: [_fresh(_FIRST_STEP, kind, threads) for _ in range(2)]
-             for kind in ("ftml fused compact", "ftml fused", "adam fused")}  # fmt: skip
+             for kind in ("ftml fused compact", "ftml fused", "adam fused")}
     fwd: dict[str, list[dict[str, Any]]] = {"adam fused": [], "ftml fused compact": []}
     for _ in range(2):  # alternate fresh processes: A B A B
         for kind in fwd:
@@ -589,7 +589,7 @@ def _extras(args: argparse.Namespace) -> dict[str, Any]:
 
 def _extras_table(extras: dict[str, Any]) -> str:
     lines = ["first step of a new process (1M float32 params; kernel compilation included; two processes)", "",
-             "| optimizer | first step s | second step s | import+setup s |", "|---|---|---|---|"]  # fmt: skip
+             "| optimizer | first step s | second step s | import+setup s |", "|---|---|---|---|"]
     for kind, runs in extras["first_step"].items():
         for r in runs:
             if "error" in r:
@@ -597,7 +597,7 @@ def _extras_table(extras: dict[str, Any]) -> str:
             else:
                 lines.append(f"| {kind} | {r['first_step_s']:.3f} | {r['second_step_s']:.4f} | {r['import_s']:.2f} |")
     lines += ["", "forward+backward of a 4x1024 MLP (batch 256) between optimizer steps, fresh processes A B A B", "",
-              "| optimizer | fwd+bwd ms (median) | torch threads before -> after |", "|---|---|---|"]  # fmt: skip
+              "| optimizer | fwd+bwd ms (median) | torch threads before -> after |", "|---|---|---|"]
     for kind, runs in extras["forward_backward"].items():
         for r in runs:
             if "error" in r:
@@ -620,7 +620,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)  # the bench's own process: the kernels follow torch's count
     plan = [(name, shapes, dt) for dt in dtypes for name, shapes in workloads.items()
-            if dt in ("float32", "float64") or name == "16m" or len(workloads) == 1]  # fmt: skip
+            if dt in ("float32", "float64") or name == "16m" or len(workloads) == 1]
     total = len(plan) * (args.rounds + args.warmup)
     progress: Any = _NoProgress()
     if not args.quiet:
@@ -655,7 +655,7 @@ def run(args: argparse.Namespace) -> int:
         "extras": extras,
     }
     print(f"{report['command']}\n{report['device_name']}, {report['threads']} threads, torch {report['torch']}, "
-          f"load average {load_before} before, {report['load_average_after']} after\n")  # fmt: skip
+          f"load average {load_before} before, {report['load_average_after']} after\n")
     for res in results:
         print(_table(res), end="\n\n")
     if extras is not None:
@@ -716,7 +716,7 @@ def write_json(report: dict[str, Any], path: str) -> None:
 
 def _argv_of(args: argparse.Namespace) -> list[str]:
     out = [f"--device {args.device}", f"--dtype {args.dtype}", f"--sizes {args.sizes}",
-           f"--rounds {args.rounds}", f"--warmup {args.warmup}"]  # fmt: skip
+           f"--rounds {args.rounds}", f"--warmup {args.warmup}"]
     if args.threads:
         out.append(f"--threads {args.threads}")
     if args.only:

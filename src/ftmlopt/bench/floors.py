@@ -52,7 +52,7 @@ def _ir(p_bytes: int, s_bytes: int, form: str) -> str:
     fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [i64, vp, vp, vp, vp]), "run")
     piece = ir.Function(module, ir.FunctionType(ir.VoidType(), [pt.as_pointer(), pt.as_pointer(), st.as_pointer(),
                                                                 st.as_pointer(), st.as_pointer(), i64, i64]),
-                        "piece")  # fmt: skip
+                        "piece")
     piece.linkage = "internal"
     for a in piece.args[:5]:
         a.add_attribute("noalias")
@@ -84,7 +84,7 @@ def _ir(p_bytes: int, s_bytes: int, form: str) -> str:
     p.add_incoming(i64(0), entry)
     base = b.mul(p, i64(6))
     args = [b.inttoptr(b.load(b.gep(ptrs, [b.add(base, i64(r))])), ty.as_pointer())
-            for r, ty in enumerate((pt, pt, st, st, st))]  # fmt: skip
+            for r, ty in enumerate((pt, pt, st, st, st))]
     b.call(piece, [*args, b.load(b.gep(counts, [p])), m])
     nxt = b.add(p, i64(1))
     p.add_incoming(nxt, b.block)
@@ -115,7 +115,7 @@ def _cpu_kernel(p_bytes: int, s_bytes: int, form: str) -> Callable[..., None]:
         engine.finalize_object()
         _KEEP.append(engine)
         sig = ctypes.CFUNCTYPE(None, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                               ctypes.c_void_p)  # fmt: skip
+                               ctypes.c_void_p)
         _CPU[key] = sig(engine.get_function_address("run"))
     return _CPU[key]
 
@@ -123,7 +123,7 @@ def _cpu_kernel(p_bytes: int, s_bytes: int, form: str) -> Callable[..., None]:
 def cpu_floor(
     ws: Sequence[Any], gs: Sequence[Any], ds: Sequence[Any], vs: Sequence[Any], zs: Sequence[Any], *,
     threads: int, form: str = "three",
-) -> None:  # fmt: skip
+) -> None:
     """Move one step's bytes once over NumPy arrays or CPU tensors (see :func:`cpu_floor_step`)."""
     cpu_floor_step(ws, gs, ds, vs, zs, threads=threads, form=form)()
 
@@ -143,7 +143,7 @@ def _size(a: Any) -> int:
 def cpu_floor_step(
     ws: Sequence[Any], gs: Sequence[Any], ds: Sequence[Any], vs: Sequence[Any], zs: Sequence[Any], *,
     threads: int | Callable[[], int], form: str = "three",
-) -> Callable[[], None]:  # fmt: skip
+) -> Callable[[], None]:
     """A callable that runs the CPU floor over these arrays (the address table is built once).
 
     ``form``: ``"three"`` (FTML's three states: d, v, z read and written), ``"compact"`` (v only;
@@ -196,7 +196,7 @@ def cuda_floor(lists: list[list[Any]], compact: bool = False) -> Callable[[], No
 
         @triton.jit
         def floor_kernel(table, sizes, chunk_tensor, chunk_start, n_tensors, p_like, s_like,  # type: ignore[no-untyped-def]
-                         COMPACT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+                         COMPACT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
             c = tl.program_id(0)
             i = tl.load(chunk_tensor + c)
             lo = tl.multiple_of(tl.load(chunk_start + c), CHUNK)
@@ -226,11 +226,11 @@ def cuda_floor(lists: list[list[Any]], compact: bool = False) -> Callable[[], No
     if compact:
         d = z = v
     table, sizes, chunk_tensor, chunk_start, _aligned = triton_cuda._tables([*map(list, (w, g, d, v, z)),
-                                                                             [None] * len(w)], device)  # fmt: skip
+                                                                             [None] * len(w)], device)
     likes = [torch.empty(0, dtype=w[0].dtype, device=device), torch.empty(0, dtype=v[0].dtype, device=device)]
 
     def step() -> None:
         kernel[(chunk_tensor.numel(),)](table, sizes, chunk_tensor, chunk_start, sizes.numel(), *likes,
-                                        COMPACT=compact, CHUNK=triton_cuda.CHUNK, BLOCK=triton_cuda.BLOCK)  # fmt: skip
+                                        COMPACT=compact, CHUNK=triton_cuda.CHUNK, BLOCK=triton_cuda.BLOCK)
 
     return step

@@ -68,7 +68,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budget", type=float, default=270.0, help="seconds for the whole run (default 270)")
     parser.add_argument("--rounds", type=int, default=20, help="benchmark rounds (default 20)")
     parser.add_argument("--sections", default="correctness,cuda_graph,compile,bench",
-                        help="comma-separated sections to run (default: all)")  # fmt: skip
+                        help="comma-separated sections to run (default: all)")
     args = parser.parse_args(argv)
     unknown = {s.strip() for s in args.sections.split(",") if s.strip()} - set(_SECTIONS)
     if unknown:
@@ -90,7 +90,7 @@ def _reference(tensors: dict[str, Any], g: Any, t: int, kw: dict[str, Any], comp
         _HYPER["lr"], t, _HYPER["beta1"], _HYPER["beta2"], _HYPER["eps"], weight_decay=kw["weight_decay"],
         decoupled=kw["decoupled_weight_decay"], clip=kw["clip_gradient"], maximize=kw["maximize"],
         grad_scale=None if scale is None else 1.0 / scale,
-    )  # fmt: skip
+    )
     if compact:
         w, v = rule.compact_step(f64["w"], g64, f64["v"], c, sqrt=np.sqrt, clip=np.clip)
         return {"w": w, "v": v}
@@ -111,7 +111,7 @@ def _close(got: Any, want: np.ndarray, dtype: str) -> float:
 
 def check_correctness(device: str, fused: Callable[..., None], shapes: Sequence[tuple[int, ...]],
                       dtypes: Sequence[tuple[str, str]], steps: int = 3, kernel: str = "registered op",
-                      ) -> list[dict[str, Any]]:  # fmt: skip
+                      ) -> list[dict[str, Any]]:
     """Every (form, option, dtype pair): ``steps`` steps, each checked against the rule, then a found_inf step."""
     import torch
 
@@ -129,7 +129,7 @@ def check_correctness(device: str, fused: Callable[..., None], shapes: Sequence[
                 for t in range(1, steps + 1):
                     scale = opts.get("grad_scale")
                     gs = [(torch.randn(s, generator=gen) * (scale or 1.0)).to(device=device, dtype=p_dt)
-                          for s in shapes]  # fmt: skip
+                          for s in shapes]
                     before = [{"w": w.clone(), **{k: state[k][i].clone() for k in keys}} for i, w in enumerate(ws)]
                     grads_before = [g.clone() for g in gs]
                     fused(ws, gs, state, counters, compact=compact, found_inf=None, **opts)
@@ -148,12 +148,12 @@ def check_correctness(device: str, fused: Callable[..., None], shapes: Sequence[
                 unchanged = all(torch.equal(a, b) for a, b in zip(snapshot, after))
                 rows.append({"kernel": kernel, "form": "compact" if compact else "three-state", "options": oi,
                              "param": p_name, "state": s_name, "worst_error_in_tolerances": worst,
-                             "found_inf_unchanged": unchanged, "ok": worst <= 1.0 and unchanged})  # fmt: skip
+                             "found_inf_unchanged": unchanged, "ok": worst <= 1.0 and unchanged})
     return rows
 
 
 def _fused_via_op(ws: list[Any], gs: list[Any], state: dict[str, list[Any]], counters: list[Any], *, compact: bool,
-                  found_inf: Any, grad_scale: float | None = None, **opts: Any) -> None:  # fmt: skip
+                  found_inf: Any, grad_scale: float | None = None, **opts: Any) -> None:
     """The fused step as ``FTML(fused=True)`` calls it (the registered op; CUDA: the Triton kernel)."""
     import torch
 
@@ -163,11 +163,11 @@ def _fused_via_op(ws: list[Any], gs: list[Any], state: dict[str, list[Any]], cou
     _fused_ftml(ws, gs, state.get("d", []), state["v"], state.get("z", []), counters, grad_scale=scale,
                 found_inf=found_inf, lr=_HYPER["lr"], beta1=_HYPER["beta1"], beta2=_HYPER["beta2"],
                 eps=_HYPER["eps"], compact=compact, has_complex=False, capturable=False, differentiable=False,
-                **opts)  # fmt: skip
+                **opts)
 
 
 def _fused_via_triton(ws: list[Any], gs: list[Any], state: dict[str, list[Any]], counters: list[Any], *,
-                      compact: bool, found_inf: Any, grad_scale: float | None = None, **opts: Any) -> None:  # fmt: skip
+                      compact: bool, found_inf: Any, grad_scale: float | None = None, **opts: Any) -> None:
     """The Triton kernel called directly (the dry run uses it under ``TRITON_INTERPRET=1``)."""
     import torch
 
@@ -177,7 +177,7 @@ def _fused_via_triton(ws: list[Any], gs: list[Any], state: dict[str, list[Any]],
     scale = None if grad_scale is None else torch.full((), grad_scale, device=ws[0].device)
     triton_cuda.multi_tensor_step(lists, counters, grad_scale=scale, found_inf=found_inf, lr=_HYPER["lr"],
                                   beta1=_HYPER["beta1"], beta2=_HYPER["beta2"], eps=_HYPER["eps"], compact=compact,
-                                  **opts)  # fmt: skip
+                                  **opts)
 
 
 # ============================================================================ 2. CUDA graph
@@ -222,7 +222,7 @@ def check_cuda_graph(device: str, replays: int = 5) -> dict[str, Any]:
         worst = max(float((p - q).detach().abs().max()) for p, q in zip(ps, qs))
         steps_equal = all(float(opt.state[p]["step"]) == float(ref.state[q]["step"]) for p, q in zip(ps, qs))
         out["compact" if compact else "three-state"] = {"max_abs_diff": worst, "steps_equal": steps_equal,
-                                                        "ok": worst <= 1e-6 and steps_equal}  # fmt: skip
+                                                        "ok": worst <= 1e-6 and steps_equal}
     return out
 
 
@@ -286,7 +286,7 @@ def copy_bandwidth(device: str, nbytes: int = 1 << 30, repeats: int = 10) -> flo
 
 
 _BENCH_ROWS = ("ftml fused", "ftml fused compact", "ftml fused mp", "ftml fused compact mp", "ftml foreach compact",
-               "adam foreach", "adam fused", "floor", "floor compact")  # fmt: skip
+               "adam foreach", "adam fused", "floor", "floor compact")
 
 
 def run_bench(device: str, sizes: str, dtypes: str, rounds: int, copy_gbs: float) -> list[dict[str, Any]]:
@@ -316,7 +316,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     """
     env = report.get("environment", {})
     lines = ["# ftmlopt GPU check", "", f"device: {report.get('device')}, "
-             + ", ".join(f"{k} {v}" for k, v in env.items()), ""]  # fmt: skip
+             + ", ".join(f"{k} {v}" for k, v in env.items()), ""]
     sections = report.get("sections", {})
     for name, sec in sections.items():
         status = "ok" if sec.get("ok") else "FAILED"
@@ -326,7 +326,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         data = sec.get("result")
         if name == "correctness" and isinstance(data, list):
             lines += ["| kernel | form | options | param | state | worst error / tolerance | found_inf no-op | ok |",
-                      "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                      "|---|---|---|---|---|---|---|---|"]
             for r in data:
                 lines.append(f"| {r['kernel']} | {r['form']} | {r['options']} | {r['param']} | {r['state']} | "
                              f"{r['worst_error_in_tolerances']:.3g} | {r['found_inf_unchanged']} | {r['ok']} |")
@@ -335,7 +335,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             for res in data.get("workloads", []):
                 lines += ["", f"### {res['workload']} {res['dtype']}: {res['elements']:,} elements", "",
                           "| implementation | median ms | GB/s | % copy bandwidth | x fused Adam | % floor | "
-                          "state B/param | peak extra B |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                          "state B/param | peak extra B |", "|---|---|---|---|---|---|---|---|"]
                 for row in res["results"]:
                     if row.get("median_ms") is None:
                         lines.append(f"| {row['name']} | not run: {row.get('error')} | | | | | | |")
@@ -348,7 +348,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                     lines.append(f"| {row['name']} | {fmt('median_ms', '.3f')} | {fmt('gb_per_s', '.0f')} | "
                                  f"{fmt('percent_of_copy_bandwidth', '.0f')} | {fmt('ratio_to_fused_adam', '.2f')} | "
                                  f"{fmt('percent_of_floor', '.0f')} | {fmt('state_bytes_per_param', '.0f')} | "
-                                 f"{fmt('peak_extra_bytes', 'd')} |")  # fmt: skip
+                                 f"{fmt('peak_extra_bytes', 'd')} |")
         elif isinstance(data, dict):
             lines += ["| check | result |", "|---|---|"]
             lines += [f"| {k} | {json.dumps(v)} |" for k, v in data.items()]
@@ -408,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     deadline = time.monotonic() + args.budget
     report: dict[str, Any] = {"device": device if dry else torch.cuda.get_device_name(0), "dry_run": dry,
                               "command": " ".join(["python3 -m ftmlopt.bench.gpu_check", *(argv or sys.argv[1:])]),
-                              "environment": _environment(), "sections": {}}  # fmt: skip
+                              "environment": _environment(), "sections": {}}
     shapes = [(), (1,), (7,), (3, 5), (5000,)] if dry else [(), (1,), (7,), (3, 5), (40_001,), (1 << 20,)]
     pairs = [("float32", "float32"), ("bfloat16", "float32"), ("float16", "float32"), ("bfloat16", "bfloat16")]
 
@@ -430,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else (lambda: check_cuda_graph(device)),
         "compile": lambda: check_compile(device, backend="eager" if dry else "inductor"),
         "bench": bench_section,
-    }  # fmt: skip
+    }
     failed = False
     for name in wanted:
         if time.monotonic() > deadline:

@@ -73,7 +73,7 @@ __all__ = [
     "AVAILABLE", "CHUNK", "DTYPES", "PARALLEL_MIN", "Spec", "available_dtypes", "bump_counters", "default_threads",
     "kernel",
     "operator_kernel", "run", "step_arrays",
-]  # fmt: skip
+]
 
 
 def _load_llvmlite() -> tuple[Any, Any] | None:
@@ -178,7 +178,7 @@ def _codegen(spec: Spec) -> str:
     mxnet = spec.form in ("mxnet", "operator")
     scalars = [ct] * (2 + len(K_FIELDS))
     piece_args = [pt.as_pointer(), pt.as_pointer(), st.as_pointer(), st.as_pointer(), st.as_pointer(),
-                  pt.as_pointer(), i64, *scalars]  # fmt: skip
+                  pt.as_pointer(), i64, *scalars]
     piece = ir.Function(module, ir.FunctionType(ir.VoidType(), piece_args), name="piece")
     piece.linkage = "internal"
     for a in piece.args[:6]:
@@ -477,7 +477,7 @@ def run(
         (hi - lo, ptrs.ctypes.data + 48 * lo, counts.ctypes.data + 8 * lo, coefs.ctypes.data + 2 * item * lo,
          k.ctypes.data)
         for lo, hi in itertools.pairwise(bounds) if hi > lo
-    ]  # fmt: skip
+    ]
     if len(calls) == 1:
         fn(*calls[0])
         return
@@ -489,7 +489,7 @@ def run(
 
 
 def pieces(addresses: np.ndarray, sizes: np.ndarray, itemsizes: Sequence[int], per: np.ndarray
-           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cut tensors into pieces of at most :data:`CHUNK` elements.
 
     ``addresses`` is ``(n, 6)`` int64 (w, g, d, v, z, out), ``sizes`` ``(n,)``, ``itemsizes`` the
@@ -514,7 +514,7 @@ def k_vector(c: rule.Constants, dtype: Any, *, scale: float = 1.0) -> np.ndarray
         "beta1": c.beta1, "one_minus_beta1": c.one_minus_beta1, "beta2": c.beta2,
         "one_minus_beta2": c.one_minus_beta2, "eps": c.eps, "wd": 0.0 if c.wd is None else c.wd,
         "clip": np.inf if c.clip is None else c.clip, "scale": scale, "decay": 1.0 if c.decay is None else c.decay,
-    }  # fmt: skip
+    }
     return np.array([float(values[f]) for f in K_FIELDS], dtype=np.float64).astype(dtype)
 
 
@@ -538,7 +538,7 @@ def step_arrays(
     spec = Spec(
         "compact" if compact else "mxnet", dtype.name, vs[0].dtype.name, maximize=c.sign < 0,
         coupled_wd=c.wd is not None, decoupled_wd=c.decay is not None, clip=c.clip is not None,
-    )  # fmt: skip
+    )
     ct = np.dtype(spec.compute)
     k = k_vector(c, ct)
     if c.grad_scale is not None:  # the rule multiplies: fold it into the gradient first, as it does
@@ -599,7 +599,7 @@ def operator_kernel(
         "beta1": s.beta1, "one_minus_beta1": s.one_minus_beta1, "beta2": s.beta2,
         "one_minus_beta2": s.one_minus_beta2, "eps": s.epsilon, "wd": s.wd, "clip": s.clip_grad,
         "scale": s.rescale_grad, "decay": 1.0,
-    }  # fmt: skip
+    }
     k = np.array([values[f] for f in K_FIELDS], dtype=dtype)  # already rounded to dtype
     addresses = np.array([[a.ctypes.data for a in (w, g, d, v, z, result)]], dtype=np.int64)
     per = np.array([[s.d_scale, s.bias2]], dtype=dtype)

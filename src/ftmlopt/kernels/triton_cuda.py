@@ -63,7 +63,7 @@ def _build() -> dict[str, Any]:
         w_ptr, g_ptr, d_ptr, v_ptr, z_ptr, offs, n, coef, bias2, eps, wd, clip, decay, b1m, omb1, b2m, omb2, scale,
         COMPACT: tl.constexpr, MAXIMIZE: tl.constexpr, COUPLED_WD: tl.constexpr, DECOUPLED_WD: tl.constexpr,
         HAS_CLIP: tl.constexpr, HAS_SCALE: tl.constexpr, MT: tl.constexpr, MASKED: tl.constexpr,
-    ):  # fmt: skip
+    ):
         """The FTML rule on one block of elements (loads in storage precision, math in ``MT``)."""
         m = offs < n if MASKED else None
         g = tl.load(g_ptr + offs, mask=m).to(MT)
@@ -107,7 +107,7 @@ def _build() -> dict[str, Any]:
         HAS_CLIP: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, MT: tl.constexpr,
         ALIGNED: tl.constexpr,
         CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-    ):  # fmt: skip
+    ):
         c = tl.program_id(0)
         i = tl.load(chunk_tensor + c)
         lo = tl.multiple_of(tl.load(chunk_start + c), CHUNK)
@@ -156,12 +156,12 @@ def _build() -> dict[str, Any]:
             for off in tl.range(0, CHUNK, BLOCK):
                 ftml_block(w_ptr, g_ptr, d_ptr, v_ptr, z_ptr, lo + off + tl.arange(0, BLOCK), n,
                            coef, bias2, eps, wd, clip, decay, b1m, omb1, b2m, omb2, scale,
-                           COMPACT, MAXIMIZE, COUPLED_WD, DECOUPLED_WD, HAS_CLIP, HAS_SCALE, MT, False)  # fmt: skip
+                           COMPACT, MAXIMIZE, COUPLED_WD, DECOUPLED_WD, HAS_CLIP, HAS_SCALE, MT, False)
         else:
             for off in tl.range(0, CHUNK, BLOCK):
                 ftml_block(w_ptr, g_ptr, d_ptr, v_ptr, z_ptr, lo + off + tl.arange(0, BLOCK), n,
                            coef, bias2, eps, wd, clip, decay, b1m, omb1, b2m, omb2, scale,
-                           COMPACT, MAXIMIZE, COUPLED_WD, DECOUPLED_WD, HAS_CLIP, HAS_SCALE, MT, True)  # fmt: skip
+                           COMPACT, MAXIMIZE, COUPLED_WD, DECOUPLED_WD, HAS_CLIP, HAS_SCALE, MT, True)
 
     @triton_op("ftmlopt::ftml_multi_tensor_", mutates_args={"params", "grads", "ds", "vs", "zs"})
     def ftml_multi_tensor_(
@@ -170,7 +170,7 @@ def _build() -> dict[str, Any]:
         chunk_start: torch.Tensor, lr: torch.Tensor, found_inf: torch.Tensor | None,
         grad_scale: torch.Tensor | None, hyper: torch.Tensor, p_like: torch.Tensor, s_like: torch.Tensor,
         step_like: torch.Tensor, flags: list[bool],
-    ) -> None:  # fmt: skip
+    ) -> None:
         """Mutates the listed tensors through the addresses in ``table`` (one launch)."""
         compact, maximize, coupled, decoupled, has_clip, aligned = flags
         if chunk_tensor.numel() == 0:
@@ -182,7 +182,7 @@ def _build() -> dict[str, Any]:
             COMPACT=compact, MAXIMIZE=maximize, COUPLED_WD=coupled, DECOUPLED_WD=decoupled, HAS_CLIP=has_clip,
             HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
             MT=tl.float64 if p_like.dtype == torch.float64 else tl.float32, ALIGNED=aligned, CHUNK=CHUNK, BLOCK=BLOCK,
-        )  # fmt: skip
+        )
 
     _STATE.update(op=ftml_multi_tensor_, kernel=ftml_kernel)
     return _STATE
@@ -210,9 +210,9 @@ def compile_ptx(arch: int = 90, param_dtype: str = "fp32", state_dtype: str = "f
     kernel = _build()["kernel"]
     pointers = dict(table="*i64", sizes="*i64", chunk_tensor="*i64", chunk_start="*i64", n_tensors="i32",
                     lr_ptr="*fp64", found_inf_ptr="*fp32", scale_ptr="*fp32", hyper="*fp64",
-                    p_like=f"*{param_dtype}", s_like=f"*{state_dtype}", step_like="*fp32")  # fmt: skip
+                    p_like=f"*{param_dtype}", s_like=f"*{state_dtype}", step_like="*fp32")
     switches = dict.fromkeys(("COMPACT", "MAXIMIZE", "COUPLED_WD", "DECOUPLED_WD", "HAS_CLIP", "HAS_SCALE",
-                              "HAS_FOUND_INF", "ALIGNED"), False)  # fmt: skip
+                              "HAS_FOUND_INF", "ALIGNED"), False)
     switches.update(flags)
     consts = {**switches, "MT": tl.float64 if param_dtype == "fp64" else tl.float32, "CHUNK": CHUNK, "BLOCK": BLOCK}
     source = ASTSource(fn=kernel, signature={**pointers, **dict.fromkeys(consts, "constexpr")}, constexprs=consts)
@@ -224,7 +224,7 @@ def _tables(rows: "list[list[Tensor | None]]", device: Any) -> "tuple[Tensor, Te
     import torch
 
     key = (device, tuple(tuple(t.data_ptr() if t is not None else 0 for t in row) for row in rows),
-           tuple(t.numel() if t is not None else 0 for t in rows[0]))  # fmt: skip
+           tuple(t.numel() if t is not None else 0 for t in rows[0]))
     hit: Any = _TABLES.get(key)
     if hit is not None:
         _TABLES.move_to_end(key)
@@ -339,7 +339,7 @@ def multi_tensor_step(
         hyper, *likes,
         [compact, maximize, weight_decay != 0 and not decoupled_weight_decay,
          weight_decay != 0 and decoupled_weight_decay, clip_gradient is not None, aligned],
-    )  # fmt: skip
+    )
     for original, copy, write_back in staged:
         if write_back:
             original.copy_(copy)

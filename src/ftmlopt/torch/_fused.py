@@ -164,12 +164,12 @@ def _fused_ftml(
             p_, g_, d_, v_, z_, state_steps, grad_scale, found_inf, lr_tensor,
             0.0 if lr_tensor is not None else float(lr), beta1, beta2, eps, weight_decay, clip_gradient,
             decoupled_weight_decay, compact, maximize,
-        )  # fmt: skip
+        )
         return
     # Eager: the op's body itself. Going through the dispatcher costs a Python-level version bump and
     # argument flattening per tensor (about 4 us each: 8 ms for 2,000 tensors); one call does it here.
     _step(p_, g_, d_, v_, z_, state_steps, grad_scale, found_inf, lr, beta1, beta2, eps, weight_decay,
-          clip_gradient, decoupled_weight_decay, compact, maximize)  # fmt: skip
+          clip_gradient, decoupled_weight_decay, compact, maximize)
     mutated = [*p_, *d_, *v_, *z_, *state_steps, *(g_ if grad_scale is not None else ())]
     torch.autograd.graph.increment_version(mutated)
 
@@ -193,9 +193,9 @@ def _register() -> Any:
         found_inf: torch.Tensor | None, lr_tensor: torch.Tensor | None, lr: float, beta1: float, beta2: float,
         eps: float, weight_decay: float, clip_gradient: float | None, decoupled_weight_decay: bool, compact: bool,
         maximize: bool,
-    ) -> None:  # fmt: skip
+    ) -> None:
         _step(params, grads, ds, vs, zs, steps, grad_scale, found_inf, lr_tensor if lr_tensor is not None else lr,
-              beta1, beta2, eps, weight_decay, clip_gradient, decoupled_weight_decay, compact, maximize)  # fmt: skip
+              beta1, beta2, eps, weight_decay, clip_gradient, decoupled_weight_decay, compact, maximize)
 
     # typing.Optional rather than `X | None`: what the schema inference of every torch >= 2.4 reads
     tensors, maybe_tensor, maybe_float = list[torch.Tensor], Optional[torch.Tensor], Optional[float]  # noqa: UP045
@@ -205,7 +205,7 @@ def _register() -> Any:
         "lr": float, "beta1": float, "beta2": float, "eps": float, "weight_decay": float,
         "clip_gradient": maybe_float, "decoupled_weight_decay": bool, "compact": bool, "maximize": bool,
         "return": None,
-    }.items():  # fmt: skip
+    }.items():
         impl.__annotations__[name] = annotation
     op = torch.library.custom_op(
         "ftmlopt::fused_ftml_", impl, mutates_args=("params", "grads", "ds", "vs", "zs", "steps")
@@ -226,7 +226,7 @@ def _step(
     steps: list[Tensor], grad_scale: Tensor | None, found_inf: Tensor | None, lr: float | Tensor, beta1: float,
     beta2: float, eps: float, weight_decay: float, clip_gradient: float | None, decoupled_weight_decay: bool,
     compact: bool, maximize: bool,
-) -> None:  # fmt: skip
+) -> None:
     """The op's body (eager): one kernel call per (device, dtypes) group."""
     import torch
 
@@ -242,7 +242,7 @@ def _step(
         grad_scale=grad_scale, found_inf=found_inf, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
         weight_decay=weight_decay, clip_gradient=clip_gradient, decoupled_weight_decay=decoupled_weight_decay,
         compact=compact, maximize=maximize,
-    )  # fmt: skip
+    )
     with torch.no_grad():
         for (device, *_), idx in groups.items():
             whole = len(idx) == len(params)
@@ -337,21 +337,21 @@ def _cpu_group(
         coupled_wd=weight_decay != 0 and not decoupled_weight_decay,
         decoupled_wd=weight_decay != 0 and decoupled_weight_decay, clip=clip_gradient is not None,
         scale=scale is not None, write_grad=scale is not None,
-    )  # fmt: skip
+    )
     compute = _NP[spec.compute]
     fn = cpu.kernel(spec)
 
     # the counters are incremented and read in one call through their addresses (checked above: one
     # element each, float32/float64, on the CPU)
     t_all = cpu.bump_counters(np.fromiter(map(torch.Tensor.data_ptr, steps), np.int64, len(steps)),
-                              names[step_dtype])  # fmt: skip
+                              names[step_dtype])
     per = np.empty((len(steps), 2), dtype=np.float64)
     c = None
     for t in np.unique(t_all).tolist():
         c = rule.constants(
             lr_value, int(t), beta1, beta2, eps, weight_decay=weight_decay, decoupled=decoupled_weight_decay,
             clip=clip_gradient, maximize=maximize,
-        )  # fmt: skip
+        )
         per[t_all == t] = (c.step_size if compact else c.d_scale, c.bias2)
     assert c is not None
     k = cpu.k_vector(c, compute, scale=1.0 if scale is None else scale)
@@ -366,7 +366,7 @@ def _cpu_group(
     sizes = numels[0]
     p_size, s_size = w[0].element_size(), v[0].element_size()
     ptrs, counts, coefs = cpu.pieces(addresses, sizes, [p_size, p_size, s_size, s_size, s_size, p_size],
-                                     per.astype(compute))  # fmt: skip
+                                     per.astype(compute))
     cpu.run(fn, ptrs, counts, coefs, k, torch.get_num_threads())
     for original, copy, write_back in staged:
         if write_back:

@@ -597,7 +597,7 @@ def _check_state_dict(opt: FTML, state_dict: Any) -> None:
     for i, (live, saved) in enumerate(zip(opt.param_groups, saved_groups)):
         if len(saved.get("params", ())) != len(live["params"]):
             raise ValueError(f"param group {i} of state_dict has {len(saved.get('params', ()))} params, "
-                             f"this optimizer's has {len(live['params'])}")  # fmt: skip
+                             f"this optimizer's has {len(live['params'])}")
         lr = saved.get("lr", live["lr"])
         lr_value = float(lr) if isinstance(lr, Tensor) and lr.numel() == 1 else lr
         if isinstance(lr_value, bool) or not isinstance(lr_value, (int, float)) or not 0 <= lr_value < math.inf:
@@ -657,14 +657,14 @@ def _lr_for_math(lr: float | Tensor, tensor_math: bool) -> float | Tensor:
 def _constants(
     lr: float | Tensor, t: float | Tensor, *, beta1: float, beta2: float, eps: float, weight_decay: float,
     clip_gradient: float | None, decoupled_weight_decay: bool, maximize: bool, compact: bool,
-) -> rule.Constants:  # fmt: skip
+) -> rule.Constants:
     """:func:`ftmlopt.rule.constants` for one step count (a Python float, or a tensor under tensor math).
 
     For a tensor lr in the MXNet form, ``d_scale`` divides by ``lr`` where it is nonzero and by 1 where
     it is 0: that step is masked out anyway (``where``), and this keeps inf/NaN out of both branches.
     """
     c = rule.constants(lr, t, beta1, beta2, eps, weight_decay=weight_decay, decoupled=decoupled_weight_decay,
-                       clip=clip_gradient, maximize=maximize)  # fmt: skip
+                       clip=clip_gradient, maximize=maximize)
     if not compact and isinstance(lr, Tensor):
         c = c._replace(d_scale=c.bias1 / torch.where(lr == 0, torch.ones_like(lr), lr))
     return c
@@ -731,7 +731,7 @@ def _single_tensor_ftml(
     hyper = dict(
         beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, clip_gradient=clip_gradient,
         decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, compact=compact,
-    )  # fmt: skip
+    )
     cache: dict[float, rule.Constants] = {}
     for i, param in enumerate(params):
         step_t = state_steps[i]
@@ -757,7 +757,7 @@ def _single_tensor_ftml(
         else:
             w, g, v, d, z = inputs
             results = list(rule.mxnet_step(w, g, d, v, z, c, sqrt=torch.sqrt, clip=torch.clamp,
-                                           where=torch.where if masked else None))  # fmt: skip
+                                           where=torch.where if masked else None))
             targets = [tensors[0], tensors[3], tensors[2], tensors[4]]  # w, d, v, z
         for dst, src in zip(targets, results):
             dst.copy_(src)
@@ -806,7 +806,7 @@ def _multi_tensor_ftml(
     hyper = dict(
         beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, clip_gradient=clip_gradient,
         decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, compact=compact,
-    )  # fmt: skip
+    )
 
     params, grads, ds, vs, zs = _local_shards(params, grads, ds, vs, zs)
     lists: list[list[Tensor]] = [params, grads, vs, state_steps] + ([] if compact else [ds, zs])
@@ -854,7 +854,7 @@ def _multi_tensor_ftml(
 def _foreach_step(
     params: list[Tensor], grads: list[Tensor], vs: list[Tensor], ds: list[Tensor], zs: list[Tensor],
     consts: list[rule.Constants],
-) -> None:  # fmt: skip
+) -> None:
     """The rule's step over lists of real tensors of one device and dtype, in place (``ds == zs == []``: compact).
 
     ``consts[i]`` are tensor ``i``'s constants; the hyper-parameters proper (betas, eps, wd, clip,
@@ -934,7 +934,7 @@ def _local_shards(*lists: list[Tensor]) -> list[list[Tensor]]:
 
 
 def _fused_ftml(params: list[Tensor], grads: list[Tensor], ds: list[Tensor], vs: list[Tensor],
-                zs: list[Tensor], state_steps: list[Tensor], **kwargs: Any) -> None:  # fmt: skip
+                zs: list[Tensor], state_steps: list[Tensor], **kwargs: Any) -> None:
     """Forward to :func:`ftmlopt.torch._fused._fused_ftml` (looked up at call time).
 
     The kernels' MXNet form divides by lr; at lr 0 that form only folds the gradient into ``v`` and
