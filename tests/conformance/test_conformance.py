@@ -393,43 +393,23 @@ def _keras(backend: str) -> Callable[..., list[tuple[np.ndarray, State]]]:
 
 
 ALL_OPTS = tuple(OPTIONS)
+OPERATOR_OPTS = ("plain", "coupled_wd", "clip")  # MXNet's operator: coupled L2 and clip only
+TORCH_DTYPES = ("float64", "float32", "bfloat16", "float16")
 IMPLS = [
-    Impl(
-        "ftml_update[numpy]",
-        _numpy_operator("numpy"),
-        ("mxnet",),
-        ("float64", "float32", "float16"),
-        ("plain", "coupled_wd", "clip"),
-        float32_hyper=True,
+    *(
+        Impl(
+            f"ftml_update[{k}]",
+            _numpy_operator(k),
+            ("mxnet",),
+            ("float64", "float32", "float16"),
+            OPERATOR_OPTS,
+            float32_hyper=True,
+        )
+        for k in ("numpy", "default")
     ),
-    Impl(
-        "ftml_update[default]",
-        _numpy_operator("default"),
-        ("mxnet",),
-        ("float64", "float32", "float16"),
-        ("plain", "coupled_wd", "clip"),
-        float32_hyper=True,
-    ),
-    Impl(
-        "torch[forloop]",
-        _torch_path("forloop"),
-        ("compact", "mxnet"),
-        ("float64", "float32", "bfloat16", "float16"),
-        ALL_OPTS,
-    ),
-    Impl(
-        "torch[foreach]",
-        _torch_path("foreach"),
-        ("compact", "mxnet"),
-        ("float64", "float32", "bfloat16", "float16"),
-        ALL_OPTS,
-    ),
-    Impl(
-        "torch[fused]",
-        _torch_path("fused"),
-        ("compact", "mxnet"),
-        ("float64", "float32", "bfloat16", "float16"),
-        ALL_OPTS,
+    *(
+        Impl(f"torch[{path}]", _torch_path(path), ("compact", "mxnet"), TORCH_DTYPES, ALL_OPTS)
+        for path in ("forloop", "foreach", "fused")
     ),
     Impl(
         "optax.ftml",
