@@ -392,6 +392,41 @@ def _keras(backend: str) -> Callable[..., list[tuple[np.ndarray, State]]]:
     return run
 
 
+def _triton_interpreted(form, dtype, opts, w0, grads, lrs, monkeypatch):
+    """The CUDA kernel run by Triton's interpreter on CPU tensors (the env var is read when it is built)."""
+    import torch
+
+    from ftmlopt.kernels import triton_cuda
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    tdt = getattr(torch, dtype)
+    sdt = torch.float32 if dtype in ("bfloat16", "float16") else tdt  # rule.state_dtype
+    w = torch.tensor(w0, dtype=tdt)
+    names = ("v",) if form == "compact" else ("d", "v", "z")
+    state = {n: torch.zeros(w.shape, dtype=sdt) for n in names}
+    step = torch.zeros((), dtype=torch.float32)
+    out = []
+    for g, lr in zip(grads, lrs):
+        lists = [[w], [torch.tensor(g, dtype=tdt)], *([state[n]] for n in ("d", "v", "z") if n in state)]
+        triton_cuda.multi_tensor_step(
+            lists,
+            [step],
+            grad_scale=None,
+            found_inf=None,
+            lr=lr,
+            beta1=BETA1,
+            beta2=BETA2,
+            eps=EPS,
+            weight_decay=opts.get("weight_decay", 0.0),
+            clip_gradient=opts.get("clip"),
+            decoupled_weight_decay=opts.get("decoupled", False),
+            compact=form == "compact",
+            maximize=opts.get("maximize", False),
+        )
+        out.append((w.double().numpy().copy(), {n: state[n].double().numpy().copy() for n in names}))
+    return out
+
+
 ALL_OPTS = tuple(OPTIONS)
 OPERATOR_OPTS = ("plain", "coupled_wd", "clip")  # MXNet's operator: coupled L2 and clip only
 TORCH_DTYPES = ("float64", "float32", "bfloat16", "float16")
@@ -410,6 +445,9 @@ IMPLS = [
     *(
         Impl(f"torch[{path}]", _torch_path(path), ("compact", "mxnet"), TORCH_DTYPES, ALL_OPTS)
         for path in ("forloop", "foreach", "fused")
+    ),
+    Impl(
+        "triton[interpreter]", _triton_interpreted, ("compact", "mxnet"), ("float64", "float32", "bfloat16"), ALL_OPTS
     ),
     Impl(
         "optax.ftml",
