@@ -130,6 +130,10 @@ class Run:
         """Held-out metrics after training (empty by default)."""
         return {}
 
+    def curves(self) -> dict[str, list[float]]:
+        """Further per-unit curves recorded during training (e.g. validation loss); empty by default."""
+        return {}
+
     def step(self) -> float:
         """:meth:`train_epoch` under this run's own random state."""
         import torch
@@ -223,6 +227,14 @@ class TaskSpec:
     y_label: str = "training loss"
     control: bool = True
     notes: tuple[str, ...] = field(default_factory=tuple)
+    #: ``(name, params, lr) -> optimizer``; None: :func:`make_optimizer` (the paper's settings)
+    optimizer_factory: Callable[[str, Any, float], Any] | None = None
+    #: descriptions of the optimizers when ``optimizer_factory`` is set (default: :data:`OPTIMIZER_NOTES`)
+    optimizer_notes: Mapping[str, str] | None = None
+    #: names of :meth:`Run.curves` entries drawn as extra figure panels, e.g. ``("validation loss",)``
+    extra_panels: tuple[str, ...] = ()
+    #: the run needs the training length: ``reproduce`` stores it as ``data["units"]`` (data is a dict)
+    with_horizon: bool = False
 
 
 def _score(losses: Sequence[float], selection: str) -> float:
@@ -253,7 +265,11 @@ def _advance(run: Run, losses: list[float], n: int, desc: str, progress: bool) -
 
 def _run_record(seed: int, losses: list[float], run: Run | None) -> dict[str, Any]:
     metrics = run.evaluate() if run is not None and math.isfinite(losses[-1]) else {}
-    return {"seed": seed, "losses": losses, "metrics": metrics}
+    rec: dict[str, Any] = {"seed": seed, "losses": losses, "metrics": metrics}
+    extra = run.curves() if run is not None else {}
+    if extra:
+        rec["curves"] = extra
+    return rec
 
 
 def search_and_train(
@@ -265,13 +281,17 @@ def search_and_train(
     quick: bool,
     progress: bool = True,
     grids: Mapping[str, tuple[float, ...]] | None = None,
+    checkpoint: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Grid-search each optimizer's rate on ``seeds[0]``, then train the chosen rate on every seed.
 
     Returns ``{optimizer: {"lr", "grid": {lr: {"losses", "pruned_at"}}, "runs": [{"seed", "losses", "metrics"}]}}``.
+    The Theorem 1 control runs right after FTML. ``checkpoint``, if given, is called with the results so far
+    after each optimizer (so that a long run that is stopped early still leaves what it finished).
     """
     grids = grids if grids is not None else (spec.quick_grids if quick else spec.grids)
     prune = None if quick else spec.prune_after
+    build = spec.optimizer_factory or make_optimizer
     out: dict[str, Any] = {}
     for name in spec.optimizers:
         grid = tuple(grids[name])
@@ -279,7 +299,7 @@ def search_and_train(
         cand: dict[float, tuple[Run, list[float]]] = {}
         first = epochs if prune is None or len(grid) <= spec.keep else min(prune, epochs)
         for lr in grid:
-            run = spec.make_run(data, variant, lambda p, n=name, r=lr: make_optimizer(n, p, r), seeds[0], quick)
+            run = spec.make_run(data, variant, lambda p, n=name, r=lr: build(n, p, r), seeds[0], quick)
             losses: list[float] = []
             _advance(run, losses, first, f"{spec.name}/{variant} {name} lr={lr:g} seed={seeds[0]}", progress)
             cand[lr] = (run, losses)
@@ -295,7 +315,7 @@ def search_and_train(
         best = min(alive, key=lambda r: _score(cand[r][1], spec.selection))
         runs = [_run_record(seeds[0], cand[best][1], cand[best][0])]
         for seed in seeds[1:]:
-            run = spec.make_run(data, variant, lambda p, n=name, r=best: make_optimizer(n, p, r), seed, quick)
+            run = spec.make_run(data, variant, lambda p, n=name, r=best: build(n, p, r), seed, quick)
             losses = []
             _advance(run, losses, epochs, f"{spec.name}/{variant} {name} lr={best:g} seed={seed}", progress)
             runs.append(_run_record(seed, losses, run))
@@ -305,15 +325,17 @@ def search_and_train(
             "grid": {repr(lr): {"losses": cand[lr][1], "pruned_at": pruned_at[lr]} for lr in grid},
             "runs": runs,
         }
-    if spec.control and "FTML" in out:
-        lr = (1.0 - FTML_BETAS[0]) * out["FTML"]["lr"]
-        runs = []
-        for seed in seeds:
-            run = spec.make_run(data, variant, lambda p, r=lr: make_optimizer(CONTROL, p, r), seed, quick)
-            losses = []
-            _advance(run, losses, epochs, f"{spec.name}/{variant} {CONTROL} lr={lr:g} seed={seed}", progress)
-            runs.append(_run_record(seed, losses, run))
-        out[CONTROL] = {"lr": lr, "at_grid_edge": False, "grid": {}, "runs": runs}
+        if name == "FTML" and spec.control:
+            lr = (1.0 - FTML_BETAS[0]) * best
+            ctrl = []
+            for seed in seeds:
+                run = spec.make_run(data, variant, lambda p, r=lr: build(CONTROL, p, r), seed, quick)
+                losses = []
+                _advance(run, losses, epochs, f"{spec.name}/{variant} {CONTROL} lr={lr:g} seed={seed}", progress)
+                ctrl.append(_run_record(seed, losses, run))
+            out[CONTROL] = {"lr": lr, "at_grid_edge": False, "grid": {}, "runs": ctrl}
+        if checkpoint is not None:
+            checkpoint(out)
     return out
 
 
@@ -450,8 +472,25 @@ def environment() -> dict[str, str]:
     }
 
 
+def strict(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by ``None``, so that it is strict JSON.
+
+    Example:
+        >>> from ftmlopt.experiments.harness import strict
+        >>> strict({"a": [1.0, float("nan")], "b": float("inf")})
+        {'a': [1.0, None], 'b': None}
+    """
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    return obj
+
+
 def write_json(obj: Any, path: Path) -> Path:
-    """Write ``obj`` as JSON (NaN/inf written as null-safe strings by ``json``'s default ``allow_nan``)."""
+    """Write ``obj`` as strict JSON: NaN and infinities (a diverged run) become ``null``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=1, allow_nan=True) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(strict(obj), indent=1, allow_nan=False) + "\n", encoding="utf-8")
     return path

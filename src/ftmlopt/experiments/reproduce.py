@@ -14,6 +14,8 @@ Example (shell; a few seconds):
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import shlex
 import sys
 import time
@@ -36,10 +38,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--grid", choices=("cpu", "paper"), default="cpu",
         help="'cpu': the task's documented subset of the paper's grid (default); 'paper': all 15 rates",
     )
+    parser.add_argument(
+        "--rates", default=None, metavar="NAME=LR,...",
+        help="train these optimizers at one given rate each, no search (e.g. 'FTML=0.025,Adam=0.01'); "
+        "optimizers not named keep their grid",
+    )
+    parser.add_argument(
+        "--optimizers", default=None, metavar="NAME,...", help="run only these optimizers (default: the task's list)"
+    )
     parser.add_argument("--data", default=None, help="data folder (default: <shared data>/<task's folder>)")
     parser.add_argument("--out", default="runs/reproduce", help="output folder for TASK.json and TASK.png")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def parse_rates(text: str | None) -> dict[str, float]:
+    """Parse ``--rates``: ``'FTML=0.025,Adam=0.01'`` -> ``{'FTML': 0.025, 'Adam': 0.01}``.
+
+    Example:
+        >>> from ftmlopt.experiments.reproduce import parse_rates
+        >>> parse_rates("FTML=0.025, Adam=1e-2")
+        {'FTML': 0.025, 'Adam': 0.01}
+    """
+    out: dict[str, float] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        name, sep, value = item.partition("=")
+        try:
+            rate = float(value)
+        except ValueError:
+            rate = math.nan
+        if not sep or not name.strip() or not (rate > 0 and math.isfinite(rate)):
+            raise ValueError(f"Invalid --rates entry: {item.strip()!r} (expected NAME=LR with LR > 0)")
+        out[name.strip()] = rate
+    return out
 
 
 def _missing() -> list[str]:
@@ -59,6 +92,8 @@ def reproduce(
     out: str | Path = "runs/reproduce",
     progress: bool = True,
     command: str | None = None,
+    rates: dict[str, float] | None = None,
+    optimizers: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
     """Run ``task`` and write ``out/task.json`` and ``out/task.png``; return the JSON object.
 
@@ -72,6 +107,11 @@ def reproduce(
     from ftmlopt.experiments.tasks import get_spec
 
     spec = get_spec(task)
+    if optimizers is not None:
+        unknown = [n for n in optimizers if n not in spec.optimizers]
+        if unknown:
+            raise ValueError(f"Invalid optimizers for {task}: {unknown} (expected some of {list(spec.optimizers)})")
+        spec = dataclasses.replace(spec, optimizers=tuple(optimizers))  # in the order given
     n_epochs = epochs if epochs is not None else (spec.quick_epochs if quick else spec.epochs)
     n_seeds = seeds if seeds is not None else (1 if quick else spec.seeds)
     if n_epochs < 1 or n_seeds < 1:
@@ -81,8 +121,16 @@ def reproduce(
         grids = {n: (g if n == "Adadelta" else harness.PAPER_GRID) for n, g in spec.grids.items()}
     elif grid not in ("cpu", "paper"):
         raise ValueError(f"grid must be 'cpu' or 'paper', got {grid!r}")
+    if rates:
+        unknown = [n for n in rates if n not in spec.optimizers]
+        if unknown:
+            raise ValueError(f"Invalid --rates names for {task}: {unknown} (expected some of {list(spec.optimizers)})")
+        base = grids or (spec.quick_grids if quick else spec.grids)
+        grids = {n: ((rates[n],) if n in rates else tuple(g)) for n, g in base.items()}
     t0 = time.perf_counter()
     loaded = spec.load(Path(data) if data is not None else None, quick)
+    if spec.with_horizon:
+        loaded = {**loaded, "units": n_epochs}
     result: dict[str, Any] = {
         "task": task,
         "title": spec.title,
@@ -92,25 +140,45 @@ def reproduce(
             "quick": quick, "epochs": n_epochs, "seeds": list(range(n_seeds)), "selection": spec.selection,
             "grids": {n: list(g) for n, g in (grids or (spec.quick_grids if quick else spec.grids)).items()},
             "prune_after": None if quick else spec.prune_after, "keep": spec.keep,
-            "optimizers": {n: harness.OPTIMIZER_NOTES[n] for n in (*spec.optimizers, harness.CONTROL)},
+            "optimizers": {
+                n: (spec.optimizer_notes or harness.OPTIMIZER_NOTES)[n]
+                for n in (*spec.optimizers, *((harness.CONTROL,) if spec.control else ()))
+            },
+            "fixed_rates": dict(rates or {}),
             "notes": list(spec.notes),
         },
         "environment": harness.environment(),
         "variants": {},
     }
+    out = Path(out)
+
+    def save(complete: bool) -> None:
+        result["complete"] = complete
+        result["seconds"] = round(time.perf_counter() - t0, 1)
+        harness.write_json(result, out / f"{task}.json")
+        panels: dict[str, dict[str, list[list[float]]]] = {}
+        for v, res in result["variants"].items():
+            prefix = f"{v}: " if len(result["variants"]) > 1 else ""
+            label = f"{prefix}training loss" if spec.extra_panels else v
+            panels[label] = {n: [r["losses"] for r in rec["runs"]] for n, rec in res["optimizers"].items()}
+            for extra in spec.extra_panels:
+                panels[f"{prefix}{extra}"] = {
+                    n: [r.get("curves", {}).get(extra, []) for r in rec["runs"]] for n, rec in res["optimizers"].items()
+                }
+        harness.plot_curves(panels, out / f"{task}.png", spec.title, spec.x_label, spec.y_label)
+
     for variant in spec.variants:
+
+        def partial(curves: dict[str, Any], variant: str = variant) -> None:
+            result["variants"][variant] = {"optimizers": curves, "summary": harness.summarize(curves, spec.selection)}
+            save(complete=False)
+
         curves = harness.search_and_train(
-            spec, loaded, variant, n_epochs, list(range(n_seeds)), quick, progress=progress, grids=grids
+            spec, loaded, variant, n_epochs, list(range(n_seeds)), quick, progress=progress, grids=grids,
+            checkpoint=partial,
         )
         result["variants"][variant] = {"optimizers": curves, "summary": harness.summarize(curves, spec.selection)}
-    result["seconds"] = round(time.perf_counter() - t0, 1)
-    out = Path(out)
-    harness.write_json(result, out / f"{task}.json")
-    panels = {
-        v: {n: [r["losses"] for r in rec["runs"]] for n, rec in res["optimizers"].items()}
-        for v, res in result["variants"].items()
-    }
-    harness.plot_curves(panels, out / f"{task}.png", spec.title, spec.x_label, spec.y_label)
+    save(complete=True)
     return result
 
 
@@ -132,15 +200,19 @@ def run(args: argparse.Namespace) -> int:
     for flag, val in (("--seeds", args.seeds), ("--epochs", args.epochs), ("--data", args.data)):
         if val is not None:
             argv += [flag, str(val)]
+    argv += ["--rates", args.rates] if args.rates else []
+    argv += ["--optimizers", args.optimizers] if args.optimizers else []
     argv += ["--quick"] if args.quick else []
     argv += ["--grid", args.grid] if args.grid != "cpu" else []
     argv += ["--out", args.out]
     try:
+        names = tuple(n.strip() for n in args.optimizers.split(",") if n.strip()) if args.optimizers else None
         res = reproduce(
             args.task, quick=args.quick, seeds=args.seeds, epochs=args.epochs, grid=args.grid, data=args.data,
             out=args.out, progress=not args.no_progress, command=shlex.join(argv),
+            rates=parse_rates(args.rates), optimizers=names,
         )
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:
         print(f"ftmlopt reproduce {args.task}: {exc}", file=sys.stderr)
         return 2
     selection = res["config"]["selection"]

@@ -1,7 +1,8 @@
 """One module per task of ``ftmlopt reproduce``; each exposes ``SPEC``, a
 :class:`~ftmlopt.experiments.harness.TaskSpec`.
 
-``timeseries`` (§4.6), ``mnist`` (§4.1a), ``babi`` (§4.3), ``charlm`` (stands in for §4.4). The modules
+``timeseries`` (§4.6), ``mnist`` (§4.1a), ``babi`` (§4.3), ``charlm`` (stands in for §4.4), ``dqn`` (§4.5,
+DQN on CartPole), ``transformer`` (a char-level GPT: not in the paper). The modules
 import torch lazily (inside the runs), so listing the tasks needs only NumPy.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-TASKS: tuple[str, ...] = ("timeseries", "mnist", "babi", "charlm")
+TASKS: tuple[str, ...] = ("timeseries", "mnist", "babi", "charlm", "transformer", "dqn")
 
 
 def get_spec(name: str) -> Any:
