@@ -46,6 +46,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--optimizers", default=None, metavar="NAME,...", help="run only these optimizers (default: the task's list)"
     )
+    parser.add_argument(
+        "--no-control", action="store_true", help="skip the Theorem 1 control curve Adam(b1=0) (saves its runs)"
+    )
+    parser.add_argument("--steps", type=int, default=None, help="dqn only: environment steps per run (default 20000)")
+    parser.add_argument(
+        "--merge", nargs="+", default=None, metavar="JSON",
+        help="combine the results of runs made separately (e.g. one process per optimizer) into OUT/TASK.json "
+        "and OUT/TASK.png; nothing is trained",
+    )
     parser.add_argument("--data", default=None, help="data folder (default: <shared data>/<task's folder>)")
     parser.add_argument("--out", default="runs/reproduce", help="output folder for TASK.json and TASK.png")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -94,6 +103,8 @@ def reproduce(
     command: str | None = None,
     rates: dict[str, float] | None = None,
     optimizers: tuple[str, ...] | None = None,
+    control: bool = True,
+    steps: int | None = None,
 ) -> dict[str, Any]:
     """Run ``task`` and write ``out/task.json`` and ``out/task.png``; return the JSON object.
 
@@ -106,7 +117,14 @@ def reproduce(
     from ftmlopt.experiments import harness
     from ftmlopt.experiments.tasks import get_spec
 
+    if task == "dqn":
+        return _reproduce_dqn(
+            quick=quick, seeds=seeds, steps=steps, out=Path(out), progress=progress, rates=rates,
+            optimizers=optimizers, command=command,
+        )
     spec = get_spec(task)
+    if not control:
+        spec = dataclasses.replace(spec, control=False)
     if optimizers is not None:
         unknown = [n for n in optimizers if n not in spec.optimizers]
         if unknown:
@@ -156,16 +174,7 @@ def reproduce(
         result["complete"] = complete
         result["seconds"] = round(time.perf_counter() - t0, 1)
         harness.write_json(result, out / f"{task}.json")
-        panels: dict[str, dict[str, list[list[float]]]] = {}
-        for v, res in result["variants"].items():
-            prefix = f"{v}: " if len(result["variants"]) > 1 else ""
-            label = f"{prefix}training loss" if spec.extra_panels else v
-            panels[label] = {n: [r["losses"] for r in rec["runs"]] for n, rec in res["optimizers"].items()}
-            for extra in spec.extra_panels:
-                panels[f"{prefix}{extra}"] = {
-                    n: [r.get("curves", {}).get(extra, []) for r in rec["runs"]] for n, rec in res["optimizers"].items()
-                }
-        harness.plot_curves(panels, out / f"{task}.png", spec.title, spec.x_label, spec.y_label)
+        _plot(spec, result, out / f"{task}.png")
 
     for variant in spec.variants:
 
@@ -180,6 +189,112 @@ def reproduce(
         result["variants"][variant] = {"optimizers": curves, "summary": harness.summarize(curves, spec.selection)}
     save(complete=True)
     return result
+
+
+def _reproduce_dqn(
+    *, quick: bool, seeds: int | None, steps: int | None, out: Path, progress: bool,
+    rates: dict[str, float] | None, optimizers: tuple[str, ...] | None, command: str | None,
+) -> dict[str, Any]:
+    from ftmlopt.experiments import harness
+    from ftmlopt.experiments.tasks import dqn
+
+    names = tuple(optimizers) if optimizers is not None else dqn.OPTIMIZERS
+    grids = {n: (rates[n],) if rates and n in rates else (dqn.QUICK_GRIDS if quick else dqn.GRIDS)[n] for n in names}
+    if rates and any(n not in names for n in rates):
+        raise ValueError(f"Invalid --rates names for dqn: {sorted(set(rates) - set(names))}")
+    info = {"command": command or "ftmlopt reproduce dqn" + (" --quick" if quick else ""),
+            "environment": harness.environment()}
+
+    def save(result: dict[str, Any]) -> None:
+        result.update(info)
+        harness.write_json(result, out / "dqn.json")
+        dqn.plot(result, out / "dqn.png")
+
+    return dqn.run_protocol(
+        quick=quick, seeds=seeds, steps=steps, grids=grids, optimizers=names, progress=progress, checkpoint=save
+    )
+
+
+def _finite(obj: Any) -> Any:
+    """JSON ``null`` (a diverged value) back to NaN, in the loss curves of a saved result."""
+    if obj is None:
+        return math.nan
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: (_finite(v) if k in ("losses", "curves") or isinstance(v, dict) else v) for k, v in obj.items()}
+    return obj
+
+
+def merge(task: str, paths: list[str], out: str | Path) -> dict[str, Any]:
+    """Combine saved results of ``task`` (each holding different optimizers) into ``out/task.json`` and ``.png``.
+
+    The results must come from the same task and settings except the optimizers; the merged JSON lists
+    the commands of its parts under ``"merged_from"`` and is ``"complete"`` only if every part is.
+    """
+    import json
+
+    from ftmlopt.experiments import harness
+
+    parts = [json.loads(Path(p).read_text(encoding="utf-8")) for p in paths]
+    for p, part in zip(paths, parts):
+        if part.get("task") != task:
+            raise ValueError(f"Invalid --merge file {p}: task {part.get('task')!r}, expected {task!r}")
+    out = Path(out)
+    merged = dict(parts[0])
+    merged["merged_from"] = [
+        {"file": str(p), "command": part.get("command"), "complete": part.get("complete", True),
+         "seconds": part.get("seconds")}
+        for p, part in zip(paths, parts)
+    ]
+    merged["complete"] = all(part.get("complete", True) for part in parts)
+    merged["command"] = " && ".join(str(part.get("command")) for part in parts)
+    if task == "dqn":
+        from ftmlopt.experiments.tasks import dqn
+
+        opts: dict[str, Any] = {}
+        for part in parts:
+            opts.update(part["optimizers"])
+        merged["optimizers"] = opts
+        merged["config"] = {**parts[0]["config"], "grids": {}, "optimizers": {}}
+        for part in parts:
+            merged["config"]["grids"].update(part["config"]["grids"])
+            merged["config"]["optimizers"].update(part["config"]["optimizers"])
+        merged["summary"] = dqn.summarize(opts, merged["config"]["steps"])
+        harness.write_json(merged, out / "dqn.json")
+        dqn.plot(merged, out / "dqn.png")
+        return merged
+    from ftmlopt.experiments.tasks import get_spec
+
+    spec = get_spec(task)
+    merged["config"] = {**parts[0]["config"], "grids": {}, "optimizers": {}}
+    variants: dict[str, Any] = {}
+    for part in parts:
+        merged["config"]["grids"].update(part["config"]["grids"])
+        merged["config"]["optimizers"].update(part["config"]["optimizers"])
+        for v, res in part["variants"].items():
+            variants.setdefault(v, {}).update(_finite(res["optimizers"]))
+    merged["variants"] = {
+        v: {"optimizers": curves, "summary": harness.summarize(curves, spec.selection)} for v, curves in variants.items()
+    }
+    harness.write_json(merged, out / f"{task}.json")
+    _plot(spec, merged, out / f"{task}.png")
+    return merged
+
+
+def _plot(spec: Any, result: dict[str, Any], path: Path) -> None:
+    from ftmlopt.experiments import harness
+
+    panels: dict[str, dict[str, list[list[float]]]] = {}
+    for v, res in result["variants"].items():
+        prefix = f"{v}: " if len(result["variants"]) > 1 else ""
+        label = f"{prefix}training loss" if spec.extra_panels else v
+        panels[label] = {n: [r["losses"] for r in rec["runs"]] for n, rec in res["optimizers"].items()}
+        for extra in spec.extra_panels:
+            panels[f"{prefix}{extra}"] = {
+                n: [r.get("curves", {}).get(extra, []) for r in rec["runs"]] for n, rec in res["optimizers"].items()
+            }
+    harness.plot_curves(panels, path, spec.title, spec.x_label, spec.y_label)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -197,31 +312,41 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(max(1, args.threads))
     argv = ["ftmlopt", "reproduce", args.task]
-    for flag, val in (("--seeds", args.seeds), ("--epochs", args.epochs), ("--data", args.data)):
+    for flag, val in (("--seeds", args.seeds), ("--epochs", args.epochs), ("--steps", args.steps),
+                      ("--data", args.data)):
         if val is not None:
             argv += [flag, str(val)]
     argv += ["--rates", args.rates] if args.rates else []
     argv += ["--optimizers", args.optimizers] if args.optimizers else []
+    argv += ["--no-control"] if args.no_control else []
     argv += ["--quick"] if args.quick else []
     argv += ["--grid", args.grid] if args.grid != "cpu" else []
     argv += ["--out", args.out]
+    out = Path(args.out)
     try:
-        names = tuple(n.strip() for n in args.optimizers.split(",") if n.strip()) if args.optimizers else None
-        res = reproduce(
-            args.task, quick=args.quick, seeds=args.seeds, epochs=args.epochs, grid=args.grid, data=args.data,
-            out=args.out, progress=not args.no_progress, command=shlex.join(argv),
-            rates=parse_rates(args.rates), optimizers=names,
-        )
+        if args.merge:
+            res = merge(args.task, args.merge, out)
+        else:
+            names = tuple(n.strip() for n in args.optimizers.split(",") if n.strip()) if args.optimizers else None
+            res = reproduce(
+                args.task, quick=args.quick, seeds=args.seeds, epochs=args.epochs, grid=args.grid, data=args.data,
+                out=out, progress=not args.no_progress, command=shlex.join(argv),
+                rates=parse_rates(args.rates), optimizers=names, control=not args.no_control, steps=args.steps,
+            )
     except (FileNotFoundError, ValueError) as exc:
         print(f"ftmlopt reproduce {args.task}: {exc}", file=sys.stderr)
         return 2
-    selection = res["config"]["selection"]
-    print(f"{res['title']}  ({res['seconds']} s)")
+    print(f"{res['title']}  ({res['seconds']} s{'' if res.get('complete', True) else ', INCOMPLETE'})")
     print(f"paper: {res['paper_claim']}")
-    for variant, vres in res["variants"].items():
-        if len(res["variants"]) > 1:
-            print(f"\n[{variant}]")
-        print(harness.format_table(vres["summary"], selection))
-    out = Path(args.out)
+    if args.task == "dqn":
+        from ftmlopt.experiments.tasks import dqn
+
+        print(dqn.format_table(res["summary"]))
+    else:
+        selection = res["config"]["selection"]
+        for variant, vres in res["variants"].items():
+            if len(res["variants"]) > 1:
+                print(f"\n[{variant}]")
+            print(harness.format_table(vres["summary"], selection))
     print(f"\ncurves: {out / (args.task + '.json')}\nplot:   {out / (args.task + '.png')}")
     return 0

@@ -38,7 +38,7 @@ from ftmlopt.experiments.harness import CONTROL, FTML_BETAS, Run, TaskSpec
 
 D, LAYERS, HEADS, BLOCK, BATCH = 64, 2, 4, 64, 32
 STEPS_PER_UNIT = 100
-UNITS = 12  # 1,200 steps
+UNITS = 10  # 1,000 steps
 WARMUP = 100
 WD = 0.1
 CLIP = 1.0
@@ -46,7 +46,8 @@ VAL_BATCHES = 8
 QUICK = {"d": 16, "layers": 1, "heads": 2, "chars": 20_000, "steps": 5, "val_batches": 2}
 
 OPTIMIZER_NOTES: dict[str, str] = {
-    "FTML": "ftmlopt.torch.FTML(groups, lr, weight_decay=0.1, decoupled_weight_decay=True), defaults otherwise",
+    "FTML": "ftmlopt.torch.FTML(groups, lr, weight_decay=0.1, decoupled_weight_decay=True, foreach=True, "
+    "fused=False), defaults otherwise",
     "AdamW": "torch.optim.AdamW(groups, lr, betas=(0.9, 0.95), weight_decay=0.1)",
     "Adam": "torch.optim.AdamW(groups, lr, betas=(0.9, 0.999), weight_decay=0.1): Adam's moments, same decay",
     CONTROL: "torch.optim.AdamW(groups, 0.4 * lr_FTML, betas=(0.0, 0.999), weight_decay=0.1 / 0.4): "
@@ -73,7 +74,8 @@ def make_optimizer(name: str, groups: Any, lr: float) -> Any:
     if name == "FTML":
         from ftmlopt.torch import FTML
 
-        return FTML(groups, lr=lr, weight_decay=WD, decoupled_weight_decay=True)
+        # foreach=True, fused=False: the same arithmetic as the default path; see PATH_NOTE
+        return FTML(groups, lr=lr, weight_decay=WD, decoupled_weight_decay=True, foreach=True, fused=False)
     if name == "AdamW":
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), weight_decay=WD)
     if name == "Adam":
@@ -249,7 +251,7 @@ SPEC = TaskSpec(
     seeds=3,
     load=_load,
     make_run=_make_run,
-    prune_after=4,
+    prune_after=3,
     keep=2,
     x_label=f"steps (x{STEPS_PER_UNIT}; quick: x{QUICK['steps']})",
     y_label="loss (nats/char)",
