@@ -280,6 +280,11 @@ def _run_record(seed: int, losses: list[float], run: Run | None) -> dict[str, An
     return rec
 
 
+def _factory(build: Callable[[str, Any, float], Any], name: str, lr: float) -> Callable[[Any], Any]:
+    """``params -> build(name, params, lr)``: the optimizer factory handed to a task's ``make_run``."""
+    return lambda params: build(name, params, lr)
+
+
 def search_and_train(
     spec: TaskSpec,
     data: Any,
@@ -299,7 +304,7 @@ def search_and_train(
     """
     grids = grids if grids is not None else (spec.quick_grids if quick else spec.grids)
     prune = None if quick else spec.prune_after
-    build = spec.optimizer_factory or make_optimizer
+    build: Callable[[str, Any, float], Any] = spec.optimizer_factory or make_optimizer
     out: dict[str, Any] = {}
     for name in spec.optimizers:
         grid = tuple(grids[name])
@@ -307,7 +312,7 @@ def search_and_train(
         cand: dict[float, tuple[Run, list[float]]] = {}
         first = epochs if prune is None or len(grid) <= spec.keep else min(prune, epochs)
         for lr in grid:
-            run = spec.make_run(data, variant, lambda p, n=name, r=lr: build(n, p, r), seeds[0], quick)
+            run = spec.make_run(data, variant, _factory(build, name, lr), seeds[0], quick)
             losses: list[float] = []
             _advance(run, losses, first, f"{spec.name}/{variant} {name} lr={lr:g} seed={seeds[0]}", progress)
             cand[lr] = (run, losses)
@@ -331,7 +336,7 @@ def search_and_train(
         for seed in seeds[1:]:
             if checkpoint is not None:
                 checkpoint(out)  # what is finished so far, seed by seed
-            run = spec.make_run(data, variant, lambda p, n=name, r=best: build(n, p, r), seed, quick)
+            run = spec.make_run(data, variant, _factory(build, name, best), seed, quick)
             losses = []
             _advance(run, losses, epochs, f"{spec.name}/{variant} {name} lr={best:g} seed={seed}", progress)
             runs.append(_run_record(seed, losses, run))
@@ -339,7 +344,7 @@ def search_and_train(
             lr = (1.0 - FTML_BETAS[0]) * best
             ctrl = []
             for seed in seeds:
-                run = spec.make_run(data, variant, lambda p, r=lr: build(CONTROL, p, r), seed, quick)
+                run = spec.make_run(data, variant, _factory(build, CONTROL, lr), seed, quick)
                 losses = []
                 _advance(run, losses, epochs, f"{spec.name}/{variant} {CONTROL} lr={lr:g} seed={seed}", progress)
                 ctrl.append(_run_record(seed, losses, run))

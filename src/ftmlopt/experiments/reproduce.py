@@ -275,7 +275,8 @@ def merge(task: str, paths: list[str], out: str | Path) -> dict[str, Any]:
         for v, res in part["variants"].items():
             variants.setdefault(v, {}).update(_finite(res["optimizers"]))
     merged["variants"] = {
-        v: {"optimizers": curves, "summary": harness.summarize(curves, spec.selection)} for v, curves in variants.items()
+        v: {"optimizers": curves, "summary": harness.summarize(curves, spec.selection)}
+        for v, curves in variants.items()
     }
     harness.write_json(merged, out / f"{task}.json")
     _plot(spec, merged, out / f"{task}.png")

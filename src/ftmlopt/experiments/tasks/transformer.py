@@ -5,7 +5,7 @@ transformer?" is the first question a user asks. Everything but the optimizer is
 
 * **Model**: a pre-norm GPT: token + learned position embeddings (``D`` = 64), ``LAYERS`` = 2 blocks of
   causal self-attention (``HEADS`` = 4) and a 4x GELU MLP, final LayerNorm, untied linear read-out over
-  the 65 characters. Context ``BLOCK`` = 64 characters, batch 32, no dropout.
+  the 65 characters. Context ``BLOCK`` = 64 characters, batch 16, no dropout.
 * **Data**: the first 90% of tiny-shakespeare for training (random 64-character windows drawn from the
   run's own seeded stream), the last 10% held out. Validation loss is the mean cross-entropy (nats per
   character) over ``VAL_BATCHES`` fixed held-out batches, measured after every unit.
@@ -36,13 +36,13 @@ from typing import Any
 from ftmlopt.experiments.data import load_tinyshakespeare, resolve_data_dir
 from ftmlopt.experiments.harness import CONTROL, FTML_BETAS, Run, TaskSpec
 
-D, LAYERS, HEADS, BLOCK, BATCH = 64, 2, 4, 64, 32
-STEPS_PER_UNIT = 100
-UNITS = 10  # 1,000 steps
-WARMUP = 100
+D, LAYERS, HEADS, BLOCK, BATCH = 64, 2, 4, 64, 16
+STEPS_PER_UNIT = 50
+UNITS = 12  # 600 steps
+WARMUP = 50
 WD = 0.1
 CLIP = 1.0
-VAL_BATCHES = 8
+VAL_BATCHES = 8  # 8 x 16 windows of 64 characters
 QUICK = {"d": 16, "layers": 1, "heads": 2, "chars": 20_000, "steps": 5, "val_batches": 2}
 
 OPTIMIZER_NOTES: dict[str, str] = {
@@ -104,7 +104,8 @@ def build_model(vocab: int, d: int = D, layers: int = LAYERS, heads: int = HEADS
             q, k, v = (z.view(b, t, heads, d // heads).transpose(1, 2) for z in (q, k, v))
             att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             x = x + self.proj(att.transpose(1, 2).reshape(b, t, d))
-            return x + self.mlp(self.ln2(x))
+            out: torch.Tensor = x + self.mlp(self.ln2(x))
+            return out
 
     class GPT(nn.Module):
         def __init__(self) -> None:
@@ -121,7 +122,8 @@ def build_model(vocab: int, d: int = D, layers: int = LAYERS, heads: int = HEADS
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             h = self.tok(x) + self.pos(torch.arange(x.shape[1]))
-            return self.head(self.ln(self.blocks(h)))
+            logits: torch.Tensor = self.head(self.ln(self.blocks(h)))
+            return logits
 
     return GPT()
 
@@ -161,7 +163,8 @@ class GPTRun(Run):
         self.opt = make_opt(param_groups(self.model))
         self.peak = [g["lr"] for g in self.opt.param_groups]
         self.train_codes, self.val = data["train"], data["val"]
-        self.steps, self.total = cfg["steps"], cfg["steps"] * units
+        self.steps: int = int(cfg["steps"])
+        self.total = self.steps * units
         self.warmup = min(WARMUP, max(1, self.total // 10))
         self.t = 0
         self.val_curve: list[float] = []
@@ -186,7 +189,7 @@ class GPTRun(Run):
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), CLIP)
             self.opt.step()
             self.t += 1
-            value = loss.detach().item()
+            value = float(loss.detach().item())
             if not math.isfinite(value):
                 self.val_curve.append(math.nan)
                 return math.nan
@@ -252,7 +255,7 @@ SPEC = TaskSpec(
     load=_load,
     make_run=_make_run,
     prune_after=3,
-    keep=2,
+    keep=1,
     x_label=f"steps (x{STEPS_PER_UNIT}; quick: x{QUICK['steps']})",
     y_label="loss (nats/char)",
     notes=(
