@@ -73,6 +73,7 @@ GRIDS: dict[str, dict[str, tuple[float, ...]]] = {
 EPOCHS = 8  # stationary budget: 8 x 45 = 360 steps
 ITERATIONS = 200  # shifting budget: 200 steps (1,000 samples, 20 shifts)
 SEEDS = 3
+NUMPY_EPOCHS = 20
 WINDOW = 5  # samples per iteration in the shifting task
 SEGMENT = 50  # samples between shifts
 REGIMES: dict[str, str] = {
@@ -84,7 +85,8 @@ REGIMES: dict[str, str] = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``ftmlopt demo`` to ``parser``."""
     parser.add_argument(
-        "--epochs", type=int, default=EPOCHS, help=f"stationary task: epochs per run (default {EPOCHS})"
+        "--epochs", type=int, default=None,
+        help=f"stationary task: epochs per run (default {EPOCHS}; numpy backend: {NUMPY_EPOCHS})",
     )
     parser.add_argument(
         "--iterations", type=int, default=ITERATIONS, help=f"shifting task: iterations per run (default {ITERATIONS})"
@@ -392,6 +394,8 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.epochs is None:
+        args.epochs = EPOCHS
     for flag, value in (("--epochs", args.epochs), ("--iterations", args.iterations), ("--seeds", args.seeds)):
         if value < 1:
             print(f"ftmlopt demo: {flag} must be >= 1, got {value}", file=sys.stderr)
@@ -467,7 +471,7 @@ def run_numpy(args: argparse.Namespace) -> int:
         return 2
     from ftmlopt.experiments import numpy_demo
 
-    epochs = args.epochs if args.epochs != EPOCHS else 20
+    epochs = args.epochs if args.epochs is not None else NUMPY_EPOCHS
     t0 = time.perf_counter()
     print(f"One-hidden-layer MLP on scikit-learn digits through ftmlopt.optimizer.get_updater, {epochs} epochs")
     results = numpy_demo.run(epochs=epochs, seed=args.seed, progress=not args.no_progress)
