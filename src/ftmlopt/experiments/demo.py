@@ -421,6 +421,7 @@ def run(args: argparse.Namespace) -> int:
                 results[regime] = sweep(
                     regime, epochs=args.epochs, iterations=args.iterations, seeds=args.seeds, bar=bar
                 )
+        env = harness.environment()  # recorded while the run's thread setting is in force
     finally:
         torch.set_num_threads(threads)
     elapsed = time.perf_counter() - t0
@@ -442,7 +443,7 @@ def run(args: argparse.Namespace) -> int:
             "config": {"epochs": args.epochs, "iterations": args.iterations, "seeds": args.seeds,
                        "grids": {r: {n: list(g) for n, g in gr.items()} for r, gr in GRIDS.items()},
                        "regimes": REGIMES},
-            "environment": harness.environment(),
+            "environment": env,
             "seconds": round(elapsed, 1),
             "summary": rows,
             "verdict": text,

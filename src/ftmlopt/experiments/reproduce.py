@@ -309,9 +309,18 @@ def run(args: argparse.Namespace) -> int:
         return 2
     import torch
 
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, args.threads))
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)  # the caller's setting back (main() may be called from Python)
+
+
+def _run(args: argparse.Namespace) -> int:
     from ftmlopt.experiments import harness
 
-    torch.set_num_threads(max(1, args.threads))
     argv = ["ftmlopt", "reproduce", args.task]
     for flag, val in (("--seeds", args.seeds), ("--epochs", args.epochs), ("--steps", args.steps),
                       ("--data", args.data)):
