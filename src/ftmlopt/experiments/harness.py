@@ -427,7 +427,7 @@ def _band(curves: Sequence[Sequence[float]]) -> tuple[list[float], list[float], 
 #: one colour per optimizer across every figure
 COLORS = {
     "FTML": "tab:red", "Adam": "tab:blue", "RMSprop": "tab:green", "NAG": "tab:purple",
-    "Adadelta": "tab:brown", CONTROL: "black", "SGD-Nesterov": "tab:purple",
+    "Adadelta": "tab:brown", CONTROL: "black", "SGD-Nesterov": "tab:purple", "AdamW": "tab:orange",
 }
 
 
