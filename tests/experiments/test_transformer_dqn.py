@@ -156,3 +156,29 @@ def test_rates_outside_the_task_are_refused(capsys: pytest.CaptureFixture[str], 
 def test_write_json_is_strict(tmp_path: Path) -> None:
     path = harness.write_json({"a": [1.0, math.nan, math.inf], "b": {"c": -math.inf}}, tmp_path / "x.json")
     assert _strict(path) == {"a": [1.0, None, None], "b": {"c": None}}
+
+
+def test_seeds_shared_out_between_processes_merge_into_one_row(text_dir: Path, tmp_path: Path) -> None:
+    common = ["reproduce", "transformer", "--quick", "--optimizers", "Adam", "--no-control", "--data", str(text_dir),
+              "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "a")]) == 0  # seed 0
+    assert main([*common, "--first-seed", "1", "--seeds", "2", "--out", str(tmp_path / "b")]) == 0  # seeds 1, 2
+    b = _strict(tmp_path / "b" / "transformer.json")
+    assert b["config"]["seeds"] == [1, 2] and "--first-seed 1" in b["command"]
+    parts = [str(tmp_path / p / "transformer.json") for p in ("b", "a")]
+    assert main(["reproduce", "transformer", "--merge", *parts, "--out", str(tmp_path / "m")]) == 0
+    merged = _strict(tmp_path / "m" / "transformer.json")
+    (row,) = merged["variants"]["default"]["summary"]
+    runs = merged["variants"]["default"]["optimizers"]["Adam"]["runs"]
+    assert [r["seed"] for r in runs] == [0, 1, 2] and row["seeds"] == 3 and merged["config"]["seeds"] == [0, 1, 2]
+    finals = [r["losses"][-1] for r in runs]
+    assert row["score_mean"] == pytest.approx(sum(finals) / 3)
+    # a part at another rate is refused
+    assert main([*common, "--rates", "Adam=0.001", "--out", str(tmp_path / "c")]) == 0
+    other = str(tmp_path / "c" / "transformer.json")
+    assert main(["reproduce", "transformer", "--merge", parts[1], other, "--out", str(tmp_path / "n")]) == 2
+
+
+def test_first_seed_must_not_be_negative(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["reproduce", "timeseries", "--quick", "--first-seed", "-1", "--out", str(tmp_path)]) == 2
+    assert "Invalid --first-seed: -1" in capsys.readouterr().err

@@ -33,6 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("task", choices=TASKS, metavar="TASK", help=f"one of: {', '.join(TASKS)}")
     parser.add_argument("--quick", action="store_true", help="CI smoke run: tiny grid, one seed, few epochs")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (0..N-1); default per task")
+    parser.add_argument(
+        "--first-seed", type=int, default=0,
+        help="seeds are FIRST..FIRST+N-1 (default 0): lets separate processes share out the seeds of a long run",
+    )
     parser.add_argument("--epochs", type=int, default=None, help="epochs (iterations for timeseries); default per task")
     parser.add_argument(
         "--grid", choices=("cpu", "paper"), default="cpu",
@@ -105,6 +109,7 @@ def reproduce(
     optimizers: tuple[str, ...] | None = None,
     control: bool = True,
     steps: int | None = None,
+    first_seed: int = 0,
 ) -> dict[str, Any]:
     """Run ``task`` and write ``out/task.json`` and ``out/task.png``; return the JSON object.
 
@@ -117,7 +122,11 @@ def reproduce(
     from ftmlopt.experiments import harness
     from ftmlopt.experiments.tasks import get_spec
 
+    if first_seed < 0:
+        raise ValueError(f"Invalid --first-seed: {first_seed} (expected >= 0)")
     if task == "dqn":
+        if first_seed:
+            raise ValueError("Invalid --first-seed for dqn: its grid always runs on seeds 0 and 1")
         return _reproduce_dqn(
             quick=quick, seeds=seeds, steps=steps, out=Path(out), progress=progress, rates=rates,
             optimizers=optimizers, command=command,
@@ -155,7 +164,8 @@ def reproduce(
         "paper_claim": spec.paper,
         "command": command or f"ftmlopt reproduce {task}" + (" --quick" if quick else ""),
         "config": {
-            "quick": quick, "epochs": n_epochs, "seeds": list(range(n_seeds)), "selection": spec.selection,
+            "quick": quick, "epochs": n_epochs, "seeds": list(range(first_seed, first_seed + n_seeds)),
+            "selection": spec.selection,
             "grids": {n: list(g) for n, g in (grids or (spec.quick_grids if quick else spec.grids)).items()},
             "prune_after": None if quick else spec.prune_after, "keep": spec.keep,
             "optimizers": {
@@ -183,7 +193,8 @@ def reproduce(
             save(complete=False)
 
         curves = harness.search_and_train(
-            spec, loaded, variant, n_epochs, list(range(n_seeds)), quick, progress=progress, grids=grids,
+            spec, loaded, variant, n_epochs, list(range(first_seed, first_seed + n_seeds)), quick, progress=progress,
+            grids=grids,
             checkpoint=partial,
         )
         result["variants"][variant] = {"optimizers": curves, "summary": harness.summarize(curves, spec.selection)}
@@ -268,12 +279,23 @@ def merge(task: str, paths: list[str], out: str | Path) -> dict[str, Any]:
 
     spec = get_spec(task)
     merged["config"] = {**parts[0]["config"], "grids": {}, "optimizers": {}}
+    merged["config"]["seeds"] = sorted({s for part in parts for s in part["config"]["seeds"]})
     variants: dict[str, Any] = {}
     for part in parts:
         merged["config"]["grids"].update(part["config"]["grids"])
         merged["config"]["optimizers"].update(part["config"]["optimizers"])
         for v, res in part["variants"].items():
-            variants.setdefault(v, {}).update(_finite(res["optimizers"]))
+            into = variants.setdefault(v, {})
+            for name, rec in _finite(res["optimizers"]).items():
+                if name not in into:
+                    into[name] = rec
+                    continue
+                if rec["lr"] != into[name]["lr"]:
+                    raise ValueError(f"Invalid --merge: {name} at lr {rec['lr']} and at {into[name]['lr']}")
+                seen = {r["seed"] for r in into[name]["runs"]}  # the first file's run of a seed wins
+                into[name]["runs"] = sorted(
+                    into[name]["runs"] + [r for r in rec["runs"] if r["seed"] not in seen], key=lambda r: r["seed"]
+                )
     merged["variants"] = {
         v: {"optimizers": curves, "summary": harness.summarize(curves, spec.selection)}
         for v, curves in variants.items()
@@ -322,7 +344,8 @@ def _run(args: argparse.Namespace) -> int:
     from ftmlopt.experiments import harness
 
     argv = ["ftmlopt", "reproduce", args.task]
-    for flag, val in (("--seeds", args.seeds), ("--epochs", args.epochs), ("--steps", args.steps),
+    for flag, val in (("--seeds", args.seeds), ("--first-seed", args.first_seed or None), ("--epochs", args.epochs),
+                      ("--steps", args.steps),
                       ("--data", args.data)):
         if val is not None:
             argv += [flag, str(val)]
@@ -342,6 +365,7 @@ def _run(args: argparse.Namespace) -> int:
                 args.task, quick=args.quick, seeds=args.seeds, epochs=args.epochs, grid=args.grid, data=args.data,
                 out=out, progress=not args.no_progress, command=shlex.join(argv),
                 rates=parse_rates(args.rates), optimizers=names, control=not args.no_control, steps=args.steps,
+                first_seed=args.first_seed,
             )
     except (FileNotFoundError, ValueError) as exc:
         print(f"ftmlopt reproduce {args.task}: {exc}", file=sys.stderr)
