@@ -182,3 +182,26 @@ def test_seeds_shared_out_between_processes_merge_into_one_row(text_dir: Path, t
 def test_first_seed_must_not_be_negative(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["reproduce", "timeseries", "--quick", "--first-seed", "-1", "--out", str(tmp_path)]) == 2
     assert "Invalid --first-seed: -1" in capsys.readouterr().err
+
+
+def _dqn_part(path: Path, grid: dict[float, float], runs_lr: float, n_runs: int) -> str:
+    runs = [{"seed": s, "returns": [10.0 * (s + 1)], "ends": [10 * (s + 1)]} for s in range(n_runs)]
+    rec = {"lr": runs_lr, "at_grid_edge": False, "runs": runs,
+           "grid": {repr(lr): {"lr": lr, "score": sc} for lr, sc in grid.items()}}
+    part = {"task": "dqn", "title": "t", "paper_claim": "c", "command": f"part {path.name}", "complete": True,
+            "seconds": 1.0,
+            "config": {"steps": 100, "bin": 10, "seeds": list(range(n_runs)), "grids": {"FTML": sorted(grid)},
+                       "optimizers": {"FTML": "ftml"}},
+            "optimizers": {"FTML": rec}}
+    path.write_text(json.dumps(part))
+    return str(path)
+
+
+@pytest.mark.parametrize(("upper_score", "lr", "edge"), [(95.0, 0.005, False), (110.0, 0.01, True)])
+def test_dqn_merge_pools_an_extended_grid(tmp_path: Path, upper_score: float, lr: float, edge: bool) -> None:
+    a = _dqn_part(tmp_path / "a.json", {0.005: 100.0, 0.0025: 90.0}, 0.005, 5)
+    b = _dqn_part(tmp_path / "b.json", {0.01: upper_score}, 0.01, 5 if upper_score > 100 else 2)
+    assert main(["reproduce", "dqn", "--merge", a, b, "--out", str(tmp_path / "m")]) == 0
+    rec = _strict(tmp_path / "m" / "dqn.json")["optimizers"]["FTML"]
+    assert rec["lr"] == lr and rec["at_grid_edge"] is edge and len(rec["runs"]) == 5
+    assert sorted(rec["grid"]) == ["0.0025", "0.005", "0.01"]

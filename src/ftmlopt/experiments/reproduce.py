@@ -265,11 +265,28 @@ def merge(task: str, paths: list[str], out: str | Path) -> dict[str, Any]:
 
         opts: dict[str, Any] = {}
         for part in parts:
-            opts.update(part["optimizers"])
+            for name, rec in part["optimizers"].items():
+                if name not in opts:
+                    opts[name] = {**rec, "grid": dict(rec["grid"])}
+                    continue
+                # the same optimizer searched over more rates in another part (e.g. a grid extended
+                # upwards): pool the grids, keep the best-scoring rate and the runs made at it
+                into = opts[name]
+                into["grid"].update(rec["grid"])
+                best = max(into["grid"].values(), key=lambda g: g["score"])["lr"]
+                if rec["lr"] == best and (into["lr"] != best or len(rec["runs"]) > len(into["runs"])):
+                    into["lr"], into["runs"] = rec["lr"], rec["runs"]
+                lrs = [g["lr"] for g in into["grid"].values()]
+                into["at_grid_edge"] = len(lrs) > 1 and into["lr"] in (min(lrs), max(lrs))
+        for name, rec in opts.items():
+            best = max(rec["grid"].values(), key=lambda g: g["score"])["lr"]
+            if rec["lr"] != best:
+                raise ValueError(f"Invalid --merge: {name}'s best grid rate {best} has no runs in the parts")
         merged["optimizers"] = opts
         merged["config"] = {**parts[0]["config"], "grids": {}, "optimizers": {}}
         for part in parts:
-            merged["config"]["grids"].update(part["config"]["grids"])
+            for name, grid in part["config"]["grids"].items():
+                merged["config"]["grids"][name] = sorted({*merged["config"]["grids"].get(name, []), *grid})
             merged["config"]["optimizers"].update(part["config"]["optimizers"])
         merged["summary"] = dqn.summarize(opts, merged["config"]["steps"])
         harness.write_json(merged, out / "dqn.json")
