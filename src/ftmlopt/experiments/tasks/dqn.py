@@ -328,8 +328,11 @@ def plot(result: Mapping[str, Any], path: Path) -> Path:
         if len(curves) > 1:
             ax.fill_between(xs, lo, hi, color=color, alpha=0.15, linewidth=0)
     ax.set_xlabel("environment steps")
-    ax.set_ylabel(f"return per episode (mean of episodes ending in each {bin_size}-step block)")
-    ax.set_title("§4.5 stand-in: DQN on CartPole-v1, optimizer eps 1e-2", fontsize=10)
+    ax.set_ylabel("return per episode")
+    ax.set_title(
+        f"§4.5 stand-in: DQN on CartPole-v1, optimizer eps 1e-2\nepisodes binned by the {bin_size}-step block they "
+        "end in; mean over seeds, band min-max", fontsize=9,
+    )
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
