@@ -12,11 +12,12 @@ from ftmlopt.experiments import demo, reproduce
 
 
 def test_demo_prints_table_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--epochs", "2", "--out", str(tmp_path), "--no-progress"]) == 0
+    args = ["demo", "--epochs", "1", "--iterations", "3", "--seeds", "1", "--out", str(tmp_path), "--no-progress"]
+    assert main(args) == 0
     out = capsys.readouterr().out
-    for name in ("FTML", "Adam", "RMSprop", "SGD-Nesterov"):
+    for name in ("FTML", "Adam", "RMSprop", "SGD-Nesterov", "Adam(b1=0)"):
         assert name in out
-    assert "held-out acc" in out
+    assert "held-out acc" in out and "Verdict" in out
     png = tmp_path / "demo.png"
     assert f"plot: {png}" in out and png.read_bytes()[:4] == b"\x89PNG"
 

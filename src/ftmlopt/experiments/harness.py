@@ -59,6 +59,14 @@ PAPER_GRID: tuple[float, ...] = (
 FTML_BETAS = (0.6, 0.999)
 FTML_EPS = 1e-8
 
+#: why the experiments pin FTML's implementation path (recorded in docs/results.md)
+PATH_NOTE = (
+    "FTML is built with foreach=True, fused=False: the multi-tensor path, whose arithmetic the tests check "
+    "step by step against the rule. With the CPU default (fused Numba kernel) on this busy 2-core machine, "
+    "the first torch operation after each FTML step took ~20 ms (kernel threads competing with torch's), "
+    "which made a DQN run 8x slower; results do not depend on the path, only the wall time does."
+)
+
 #: name of the Theorem 1 control curve
 CONTROL = "Adam(b1=0)"
 
@@ -128,6 +136,10 @@ class Run:
 
     def evaluate(self) -> dict[str, float]:
         """Held-out metrics after training (empty by default)."""
+        return {}
+
+    def curves(self) -> dict[str, list[float]]:
+        """Further per-unit curves recorded during training (e.g. validation loss); empty by default."""
         return {}
 
     def step(self) -> float:
@@ -223,6 +235,14 @@ class TaskSpec:
     y_label: str = "training loss"
     control: bool = True
     notes: tuple[str, ...] = field(default_factory=tuple)
+    #: ``(name, params, lr) -> optimizer``; None: :func:`make_optimizer` (the paper's settings)
+    optimizer_factory: Callable[[str, Any, float], Any] | None = None
+    #: descriptions of the optimizers when ``optimizer_factory`` is set (default: :data:`OPTIMIZER_NOTES`)
+    optimizer_notes: Mapping[str, str] | None = None
+    #: names of :meth:`Run.curves` entries drawn as extra figure panels, e.g. ``("validation loss",)``
+    extra_panels: tuple[str, ...] = ()
+    #: the run needs the training length: ``reproduce`` stores it as ``data["units"]`` (data is a dict)
+    with_horizon: bool = False
 
 
 def _score(losses: Sequence[float], selection: str) -> float:
@@ -253,7 +273,16 @@ def _advance(run: Run, losses: list[float], n: int, desc: str, progress: bool) -
 
 def _run_record(seed: int, losses: list[float], run: Run | None) -> dict[str, Any]:
     metrics = run.evaluate() if run is not None and math.isfinite(losses[-1]) else {}
-    return {"seed": seed, "losses": losses, "metrics": metrics}
+    rec: dict[str, Any] = {"seed": seed, "losses": losses, "metrics": metrics}
+    extra = run.curves() if run is not None else {}
+    if extra:
+        rec["curves"] = extra
+    return rec
+
+
+def _factory(build: Callable[[str, Any, float], Any], name: str, lr: float) -> Callable[[Any], Any]:
+    """``params -> build(name, params, lr)``: the optimizer factory handed to a task's ``make_run``."""
+    return lambda params: build(name, params, lr)
 
 
 def search_and_train(
@@ -265,13 +294,17 @@ def search_and_train(
     quick: bool,
     progress: bool = True,
     grids: Mapping[str, tuple[float, ...]] | None = None,
+    checkpoint: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Grid-search each optimizer's rate on ``seeds[0]``, then train the chosen rate on every seed.
 
     Returns ``{optimizer: {"lr", "grid": {lr: {"losses", "pruned_at"}}, "runs": [{"seed", "losses", "metrics"}]}}``.
+    The Theorem 1 control runs right after FTML. ``checkpoint``, if given, is called with the results so far
+    after each optimizer (so that a long run that is stopped early still leaves what it finished).
     """
     grids = grids if grids is not None else (spec.quick_grids if quick else spec.grids)
     prune = None if quick else spec.prune_after
+    build: Callable[[str, Any, float], Any] = spec.optimizer_factory or make_optimizer
     out: dict[str, Any] = {}
     for name in spec.optimizers:
         grid = tuple(grids[name])
@@ -279,7 +312,7 @@ def search_and_train(
         cand: dict[float, tuple[Run, list[float]]] = {}
         first = epochs if prune is None or len(grid) <= spec.keep else min(prune, epochs)
         for lr in grid:
-            run = spec.make_run(data, variant, lambda p, n=name, r=lr: make_optimizer(n, p, r), seeds[0], quick)
+            run = spec.make_run(data, variant, _factory(build, name, lr), seeds[0], quick)
             losses: list[float] = []
             _advance(run, losses, first, f"{spec.name}/{variant} {name} lr={lr:g} seed={seeds[0]}", progress)
             cand[lr] = (run, losses)
@@ -294,26 +327,30 @@ def search_and_train(
         alive = [lr for lr in grid if pruned_at[lr] is None]
         best = min(alive, key=lambda r: _score(cand[r][1], spec.selection))
         runs = [_run_record(seeds[0], cand[best][1], cand[best][0])]
-        for seed in seeds[1:]:
-            run = spec.make_run(data, variant, lambda p, n=name, r=best: make_optimizer(n, p, r), seed, quick)
-            losses = []
-            _advance(run, losses, epochs, f"{spec.name}/{variant} {name} lr={best:g} seed={seed}", progress)
-            runs.append(_run_record(seed, losses, run))
         out[name] = {
             "lr": best,
             "at_grid_edge": len(grid) > 1 and best in (min(grid), max(grid)),
             "grid": {repr(lr): {"losses": cand[lr][1], "pruned_at": pruned_at[lr]} for lr in grid},
             "runs": runs,
         }
-    if spec.control and "FTML" in out:
-        lr = (1.0 - FTML_BETAS[0]) * out["FTML"]["lr"]
-        runs = []
-        for seed in seeds:
-            run = spec.make_run(data, variant, lambda p, r=lr: make_optimizer(CONTROL, p, r), seed, quick)
+        for seed in seeds[1:]:
+            if checkpoint is not None:
+                checkpoint(out)  # what is finished so far, seed by seed
+            run = spec.make_run(data, variant, _factory(build, name, best), seed, quick)
             losses = []
-            _advance(run, losses, epochs, f"{spec.name}/{variant} {CONTROL} lr={lr:g} seed={seed}", progress)
+            _advance(run, losses, epochs, f"{spec.name}/{variant} {name} lr={best:g} seed={seed}", progress)
             runs.append(_run_record(seed, losses, run))
-        out[CONTROL] = {"lr": lr, "at_grid_edge": False, "grid": {}, "runs": runs}
+        if name == "FTML" and spec.control:
+            lr = (1.0 - FTML_BETAS[0]) * best
+            ctrl = []
+            for seed in seeds:
+                run = spec.make_run(data, variant, _factory(build, CONTROL, lr), seed, quick)
+                losses = []
+                _advance(run, losses, epochs, f"{spec.name}/{variant} {CONTROL} lr={lr:g} seed={seed}", progress)
+                ctrl.append(_run_record(seed, losses, run))
+            out[CONTROL] = {"lr": lr, "at_grid_edge": False, "grid": {}, "runs": ctrl}
+        if checkpoint is not None:
+            checkpoint(out)
     return out
 
 
@@ -390,7 +427,7 @@ def _band(curves: Sequence[Sequence[float]]) -> tuple[list[float], list[float], 
 #: one colour per optimizer across every figure
 COLORS = {
     "FTML": "tab:red", "Adam": "tab:blue", "RMSprop": "tab:green", "NAG": "tab:purple",
-    "Adadelta": "tab:brown", CONTROL: "black", "SGD-Nesterov": "tab:purple",
+    "Adadelta": "tab:brown", CONTROL: "black", "SGD-Nesterov": "tab:purple", "AdamW": "tab:orange",
 }
 
 

@@ -43,7 +43,8 @@ def build_model(vocab_size: int, story_len: int, query_len: int) -> Any:
             match = torch.softmax(m @ q.transpose(1, 2), dim=-1)  # (b, story, query), softmax over the query axis
             response = (match + c).transpose(1, 2)  # (b, query, story)
             h, _ = self.lstm(torch.cat([response, q], dim=-1))
-            return self.out(self.drop(h[:, -1]))
+            logits: torch.Tensor = self.out(self.drop(h[:, -1]))
+            return logits
 
     return MemNN()
 

@@ -45,7 +45,8 @@ class CharLSTM:
 
             def forward(self, x: torch.Tensor) -> torch.Tensor:
                 h, _ = self.lstm(self.emb(x))
-                return self.out(h).reshape(-1, vocab)  # (batch*seq, vocab): one prediction per character
+                logits: torch.Tensor = self.out(h)
+                return logits.reshape(-1, vocab)  # (batch*seq, vocab): one prediction per character
 
         return Net()
 
