@@ -41,6 +41,14 @@ def test_quick_run_writes_json_and_png(task: str, shared_data: Path, tmp_path: P
         ranks = [row["rank"] for row in saved["variants"][variant]["summary"]]
         assert ranks == list(range(1, len(spec.optimizers) + 2))
     assert res["variants"].keys() == saved["variants"].keys()
+    # the JSON says which files the run used (or none, for generated data)
+    if data is None:
+        assert saved["data"] is None
+    else:
+        assert saved["data"]["source"] == "--data" and saved["data"]["files"]
+        for f in saved["data"]["files"]:
+            assert f["bytes"] == (Path(saved["data"]["folder"]) / f["name"]).stat().st_size
+            assert len(f["sha256"]) == 64
 
 
 def _curve(task: str, data, seed: int, epochs: int = 2) -> list[float]:

@@ -176,6 +176,8 @@ def reproduce(
             "notes": list(spec.notes),
         },
         "environment": harness.environment(),
+        # which files the run used: source (--data, $FTMLOPT_DATA, cache, download), sizes, sha256
+        "data": loaded.get("provenance") if isinstance(loaded, dict) else None,
         "variants": {},
     }
     out = Path(out)

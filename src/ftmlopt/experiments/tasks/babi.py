@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ftmlopt.experiments.data import babi_vocab, load_babi, resolve_data_dir, vectorize_babi
+from ftmlopt.experiments.data import babi_vocab, load_babi, resolve_data, vectorize_babi
 from ftmlopt.experiments.harness import ClassifierRun, Run, TaskSpec
 
 BATCH = 32
@@ -52,7 +52,8 @@ def build_model(vocab_size: int, story_len: int, query_len: int) -> Any:
 def _load(data: Path | None, quick: bool) -> dict[str, Any]:
     import torch
 
-    train, test = load_babi(resolve_data_dir(data, "babi-qa1"))
+    files = resolve_data(data, "babi-qa1")
+    train, test = load_babi(files)
     vocab, story_len, query_len = babi_vocab(train, test)
     if quick:
         train = train[:QUICK_TRAIN]
@@ -63,6 +64,7 @@ def _load(data: Path | None, quick: bool) -> dict[str, Any]:
         "x_train": (t(tr.stories), t(tr.questions)), "y_train": t(tr.answers),
         "x_test": (t(te.stories), t(te.questions)), "y_test": t(te.answers),
         "shape": (len(vocab) + 1, story_len, query_len),
+        "provenance": files.provenance,
     }
 
 

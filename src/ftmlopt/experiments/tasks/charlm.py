@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ftmlopt.experiments.data import load_tinyshakespeare, resolve_data_dir
+from ftmlopt.experiments.data import load_tinyshakespeare, resolve_data
 from ftmlopt.experiments.harness import ClassifierRun, Run, TaskSpec
 
 SEQ = 64
@@ -74,10 +74,12 @@ class _Targets:
 
 
 def _load(data: Path | None, quick: bool) -> dict[str, Any]:
-    codes, chars = load_tinyshakespeare(resolve_data_dir(data, "tinyshakespeare"))
+    files = resolve_data(data, "tinyshakespeare")
+    codes, chars = load_tinyshakespeare(files)
     xtr, ytr = _windows(codes[: QUICK_CHARS if quick else TRAIN_CHARS])
     xte, yte = _windows(codes[-(QUICK_CHARS if quick else HELD_OUT) :])
-    return {"x_train": xtr, "y_train": _Targets(ytr), "x_test": xte, "y_test": yte.reshape(-1), "vocab": len(chars)}
+    return {"x_train": xtr, "y_train": _Targets(ytr), "x_test": xte, "y_test": yte.reshape(-1), "vocab": len(chars),
+            "provenance": files.provenance}
 
 
 def _make_run(data: Any, variant: str, make_opt: Any, seed: int, quick: bool) -> Run:

@@ -33,7 +33,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ftmlopt.experiments.data import load_tinyshakespeare, resolve_data_dir
+from ftmlopt.experiments.data import load_tinyshakespeare, resolve_data
 from ftmlopt.experiments.harness import CONTROL, FTML_BETAS, Run, TaskSpec
 
 D, LAYERS, HEADS, BLOCK, BATCH = 64, 2, 4, 64, 16
@@ -218,7 +218,8 @@ def _load(data: Path | None, quick: bool) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    codes, chars = load_tinyshakespeare(resolve_data_dir(data, "tinyshakespeare"))
+    files = resolve_data(data, "tinyshakespeare")
+    codes, chars = load_tinyshakespeare(files)
     cfg = (
         {"d": QUICK["d"], "layers": QUICK["layers"], "heads": QUICK["heads"], "steps": QUICK["steps"],
          "val_batches": QUICK["val_batches"]}
@@ -233,7 +234,10 @@ def _load(data: Path | None, quick: bool) -> dict[str, Any]:
     n = cfg["val_batches"] * BATCH
     starts = torch.linspace(0, len(val) - BLOCK - 2, n).long()
     chunk = val[starts[:, None] + torch.arange(BLOCK + 1)]
-    return {"train": train, "val": (chunk[:, :-1], chunk[:, 1:]), "vocab": len(chars), "cfg": cfg}
+    return {
+        "train": train, "val": (chunk[:, :-1], chunk[:, 1:]), "vocab": len(chars), "cfg": cfg,
+        "provenance": files.provenance,
+    }
 
 
 def _make_run(data: Any, variant: str, make_opt: Any, seed: int, quick: bool) -> Run:
