@@ -3,7 +3,7 @@
 Run it with an interpreter that has MXNet 1.9.1 (``pip install 'mxnet==1.9.1' 'numpy<1.24'``) and
 ftmlopt on the path, e.g.::
 
-    PYTHONPATH=src /work/.venv-mxnet/bin/python scripts/compare_mxnet.py --write docs/mxnet-parity.md \\
+    PYTHONPATH=src .venv-mxnet/bin/python scripts/compare_mxnet.py --write docs/mxnet-parity.md \\
         --long-runs tests/data/mxnet_ftml_long_runs.json --power-table tests/data/mxnet_powers.json
 
 What is compared (each array compared after every call or step; d, v, z and the weight):
@@ -659,7 +659,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(summary)
     print(text)
     if args.write:
-        cmd = "PYTHONPATH=src /work/.venv-mxnet/bin/python scripts/compare_mxnet.py " + " ".join(
+        cmd = "PYTHONPATH=src .venv-mxnet/bin/python scripts/compare_mxnet.py " + " ".join(
             a for a in (argv if argv is not None else sys.argv[1:])
         )
         with open(args.write, "w", encoding="utf-8") as fh:
@@ -689,7 +689,7 @@ produced, stored in `tests/data/`: `mxnet_ftml_vectors.json` (3-step cases), the
 
 Reproduce (MXNet 1.9.1 needs NumPy < 1.24):
 
-    python3 -m venv /work/.venv-mxnet && /work/.venv-mxnet/bin/pip install 'mxnet==1.9.1' 'numpy<1.24'
+    python3 -m venv .venv-mxnet && .venv-mxnet/bin/pip install 'mxnet==1.9.1' 'numpy<1.24'
     {cmd}
 
 ## Result
