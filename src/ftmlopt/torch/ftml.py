@@ -208,8 +208,8 @@ class FTML(Optimizer):
         params: an iterable of tensors, of ``(name, tensor)`` pairs, or of param-group dicts.
         lr: learning rate :math:`\eta \ge 0` (a float, or a 1-element tensor). The default 0.0025 is
             the paper's (and MXNet 2.0's); MXNet 1.9's ``FTML`` defaults to 0.01. ``lr = 0`` is "no
-            step": the weights stay; the compact form still folds the gradient into ``v`` and counts
-            the step (as Adam does), the MXNet form changes nothing (see :mod:`ftmlopt.rule`).
+            step": the weights stay; both forms still fold the gradient into ``v`` and count the
+            step (as Adam does); the MXNet form keeps ``d`` and ``z`` (see :mod:`ftmlopt.rule`).
         betas: :math:`(\beta_1, \beta_2)`, each in ``[0, 1)``; the paper's (0.6, 0.999).
         eps: :math:`\epsilon \ge 0`, added *outside* the square root.
         weight_decay: :math:`\lambda \ge 0`. By default MXNet 1.9's coupled L2 decay, added to the
