@@ -255,9 +255,9 @@ def _make(
             ct = _compute_dtype(p.dtype)
             c = leaf_constants(lr, count, ct)
             w, g = p.astype(ct), g.astype(ct)
-            v0 = v.astype(ct)
             new, d_t, v_t, z_t = rule.mxnet_step(
-                w, g, d.astype(ct), v0, z.astype(ct), c, sqrt=jnp.sqrt, clip=_clip, where=jnp.where, stable=True
+                w, g, d.astype(ct), v.astype(ct), z.astype(ct), c,
+                sqrt=jnp.sqrt, clip=_clip, where=jnp.where, stable=True,
             )
             new = new.astype(p.dtype)
             return (new if want_params else new - p), d_t.astype(d.dtype), v_t.astype(v.dtype), z_t.astype(z.dtype)

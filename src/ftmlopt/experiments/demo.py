@@ -120,23 +120,12 @@ def make_optimizer(name: str, params: Any, lr: float) -> Any:
         >>> opt.defaults["betas"]
         (0.0, 0.999)
     """
-    import torch
+    from ftmlopt.experiments import harness
 
-    if name == "FTML":
-        from ftmlopt.torch import FTML
-
-        # the front end's defaults; foreach=True pins the multi-tensor path (same arithmetic as the default,
-        # which on a busy machine stalls the next torch operation: see harness.PATH_NOTE)
-        return FTML(params, lr=lr, foreach=True, fused=False)
-    if name == "Adam":
-        return torch.optim.Adam(params, lr=lr)
-    if name == "RMSprop":
-        return torch.optim.RMSprop(params, lr=lr)
-    if name == "SGD-Nesterov":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
-    if name == CONTROL:
-        return torch.optim.Adam(params, lr=lr, betas=(0.0, 0.999))
-    raise ValueError(f"unknown optimizer {name!r}; expected one of {list(NAMES)}")
+    if name not in NAMES:
+        raise ValueError(f"unknown optimizer {name!r}; expected one of {list(NAMES)}")
+    # the reproduce tasks' optimizers; the demo calls SGD with Nesterov momentum by its full name
+    return harness.make_optimizer("NAG" if name == "SGD-Nesterov" else name, params, lr)
 
 
 # ------------------------------------------------------------------------------------------------ tasks

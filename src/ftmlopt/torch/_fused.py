@@ -310,7 +310,8 @@ def _cpu_group(
         return  # an inf/NaN gradient: skip the step entirely (steps are not incremented)
     lr_value = float(lr)
     if not compact and lr_value == 0.0:
-        return  # the kernels divide by lr: ftmlopt.torch.ftml sends an lr-0 step of this form to foreach
+        # the MXNet-form kernels divide by lr; ftmlopt.torch.ftml._fused_ftml sends such a step to foreach
+        raise ValueError("the fused MXNet-form kernels cannot take an lr-0 step; call ftmlopt.torch.ftml._fused_ftml")
     scale = float(grad_scale) if grad_scale is not None else None
 
     names = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16", torch.bfloat16: "bfloat16"}
