@@ -71,6 +71,10 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 __all__ = [
+    "DEFAULT_BETA1",
+    "DEFAULT_BETA2",
+    "DEFAULT_EPS",
+    "DEFAULT_LR",
     "HALF_DTYPES",
     "Constants",
     "c_pow",
@@ -98,6 +102,15 @@ __all__ = [
 Array = Any
 UnaryFn = Callable[[Array], Array]
 ClipFn = Callable[[Array, Array, Array], Array]
+
+
+# ============================================================================ defaults
+# The front ends' defaults (the paper's settings for FTML, MXNet 1.9's ``FTML`` defaults for the
+# betas and eps). Every front end takes them from here.
+DEFAULT_LR = 2.5e-3
+DEFAULT_BETA1 = 0.6
+DEFAULT_BETA2 = 0.999
+DEFAULT_EPS = 1e-8
 
 
 # ============================================================================ validation
@@ -286,6 +299,17 @@ class Constants(NamedTuple):
     d_scale: Array
     #: ``lr (1 - beta1) / (1 - beta1**t)`` (compact form)
     step_size: Array
+
+    def cast(self, convert: Callable[[Any], Any]) -> Constants:
+        """The same constants with every scalar passed through ``convert`` (a cast to the compute dtype).
+
+        ``None`` (an option that is off) stays ``None`` and ``sign`` stays a Python float, so the
+        step functions can still test them without a device sync. This is the one way a front end
+        or kernel brings the constants (float64 for Python inputs) to its compute dtype.
+        """
+        return Constants(
+            *(value if value is None or name == "sign" else convert(value) for name, value in self._asdict().items())
+        )
 
 
 def _is_python_number(x: Any) -> bool:
