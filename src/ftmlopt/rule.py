@@ -75,6 +75,7 @@ __all__ = [
     "DEFAULT_BETA2",
     "DEFAULT_EPS",
     "DEFAULT_LR",
+    "FLOAT_DTYPES",
     "HALF_DTYPES",
     "Constants",
     "c_pow",
@@ -87,6 +88,7 @@ __all__ = [
     "check_finite",
     "check_grad_scale",
     "check_lr",
+    "check_state_dtype",
     "check_step",
     "check_weight_decay",
     "compact_step",
@@ -214,6 +216,8 @@ def check_bool(value: Any, what: str) -> bool:
 # ============================================================================ dtype policy
 #: Parameter dtypes that are computed in float32 and get float32 state by default.
 HALF_DTYPES = frozenset({"float16", "bfloat16"})
+#: The floating dtypes a parameter or its state may have.
+FLOAT_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
 
 
 def dtype_name(dtype: Any) -> str:
@@ -224,9 +228,26 @@ def dtype_name(dtype: Any) -> str:
     return name.rsplit(".", 1)[-1].replace("'>", "").replace("<class '", "")
 
 
-def compute_dtype(param_dtype: Any) -> str:
-    """The dtype a step is computed in: float32 for float16/bfloat16, the param's own dtype otherwise."""
+def check_state_dtype(value: Any, what: str = "state_dtype") -> str | None:
+    """A requested state dtype: ``None`` (the policy of :func:`state_dtype`) or a floating dtype of any
+    framework (``torch.float64``, ``jnp.float32``, ``'bfloat16'``); returned as its name."""
+    if value is None:
+        return None
+    name = dtype_name(value)
+    if name not in FLOAT_DTYPES:
+        raise TypeError(f"Invalid {what}: {value!r} (a floating-point dtype is needed)")
+    return name
+
+
+def compute_dtype(param_dtype: Any, state_dtype: Any = None) -> str:
+    """The dtype a step is computed in, for a parameter and (optionally) its state's dtype.
+
+    float64 when either is float64 (a user who asks for float64 state gets float64 arithmetic on
+    every path); else float32 for float16/bfloat16 parameters; else the parameter's own dtype.
+    """
     name = dtype_name(param_dtype)
+    if name == "float64" or (state_dtype is not None and dtype_name(state_dtype) == "float64"):
+        return "float64"
     return "float32" if name in HALF_DTYPES else name
 
 
