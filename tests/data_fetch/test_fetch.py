@@ -1,4 +1,5 @@
-"""ftmlopt.datasets: downloads from a local HTTP server, the cache, ``--data``/``$FTMLOPT_DATA``, provenance.
+"""ftmlopt.datasets (code in ftmlopt.experiments.datasets): downloads from a local HTTP server, the cache,
+``--data``/``$FTMLOPT_DATA``, provenance.
 
 Never the real network: every download here comes from an ``http.server`` on 127.0.0.1 serving bytes made
 in the test (some with a wrong checksum, some cut short), and ``urlopen`` is replaced by a function that
@@ -25,7 +26,8 @@ from typing import Any
 
 import pytest
 
-import ftmlopt.datasets as DS
+import ftmlopt.datasets
+import ftmlopt.experiments.datasets as DS
 from ftmlopt.datasets import (
     ChecksumMismatchError,
     Dataset,
@@ -343,9 +345,15 @@ def test_registry_has_a_checksum_for_every_download() -> None:
         fetch("cifar")
 
 
-def test_module_examples() -> None:
-    result = doctest.testmod(DS, optionflags=doctest.NORMALIZE_WHITESPACE)
+@pytest.mark.parametrize("module", [DS, ftmlopt.datasets])
+def test_module_examples(module: Any) -> None:
+    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_the_documented_path_is_the_same_code() -> None:
+    for name in ftmlopt.datasets.__all__:
+        assert getattr(ftmlopt.datasets, name) is getattr(DS, name), name
 
 
 def test_urlerror_is_reported_per_url(monkeypatch: pytest.MonkeyPatch, _isolated: Path) -> None:
