@@ -9,10 +9,12 @@ Three public data sets are known (:data:`DATASETS`): ``mnist`` (the full MNIST, 
 2. ``$FTMLOPT_DATA``: a folder holding those subfolders;
 3. the per-user cache, ``$XDG_CACHE_HOME/ftmlopt/<name>`` (``~/.cache/ftmlopt/<name>`` when
    ``XDG_CACHE_HOME`` is unset);
-4. a download into that cache from the data set's public locations, tried in order. Every file is
-   checked against its expected checksum (sha256, or md5 where that is what is published) and its length
-   against ``Content-Length`` before it is moved into place with :func:`os.replace`, so the cache never
-   holds a partial or wrong file. A progress bar is shown when ``tqdm`` is installed.
+4. a download into that cache from the data set's public locations, tried in order, with ``pooch``
+   (:func:`pooch.retrieve`; part of the ``demo`` extra, imported only when a download is needed).
+   Every file is checked against its expected checksum (sha256, or md5 where that is what is
+   published) and its length against ``Content-Length`` before it is moved into place, so the cache
+   never holds a partial or wrong file. A progress bar is shown when ``tqdm`` is installed. Without
+   pooch the error says ``pip install 'ftmlopt[demo]'`` (or how to pass the files yourself).
 
 When nothing works (offline, say) :class:`DataUnavailableError` (a :class:`FileNotFoundError`) names
 every URL tried and why it failed, the cache folder, the ``--data`` option and ``$FTMLOPT_DATA``.
@@ -21,7 +23,7 @@ Every :class:`DataFiles` carries a ``provenance`` dict saying which data a run u
 (``--data``, ``$FTMLOPT_DATA``, ``cache``, ``download``), the folder, the origin URL, and for each
 file its size, sha256 and which expected checksum it matches (``None`` when it matches none, as for
 a copy re-compressed by a mirror). Experiments record it in their JSON; :func:`describe` renders it
-as one line. Only the standard library is used (``tqdm`` optional).
+as one line. Finding, checking and describing files needs only the standard library.
 
 Example (a folder that already holds the files; nothing is downloaded):
     >>> import tempfile, pathlib
@@ -37,23 +39,21 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import http.client
 import json
 import os
 import sys
 import tarfile
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 __all__ = [
     "DATASETS",
     "DATA_ENV",
+    "INSTALL_HINT",
     "ChecksumMismatchError",
     "DataFiles",
     "DataUnavailableError",
@@ -69,7 +69,7 @@ __all__ = [
 #: environment variable naming a folder that holds one subfolder per data set
 DATA_ENV = "FTMLOPT_DATA"
 
-_CHUNK = 1 << 16
+_CHUNK = 1 << 16  # bytes read at a time when hashing
 
 
 # ------------------------------------------------------------------------------------------ registry
@@ -397,30 +397,72 @@ def _offline_message(ds: Dataset, folder: Path, failures: list[str]) -> str:
 
 
 # --------------------------------------------------------------------------------------------- download
-def _bar(total: int | None, desc: str, progress: bool) -> Any:
-    """A tqdm byte bar on stderr, or None when progress is off or tqdm is not installed."""
+#: what to install when a download needs pooch
+INSTALL_HINT = "pip install 'ftmlopt[demo]'"
+
+
+def _require_pooch() -> Any:
+    """The ``pooch`` module, imported on first download; ImportError naming the extra when it is missing."""
+    try:
+        import pooch
+    except ImportError as exc:
+        raise ImportError(f"downloading a data set needs pooch, part of the demo extra: {INSTALL_HINT}") from exc
+    return pooch
+
+
+class _Bar:
+    """A tqdm byte bar on stderr named after the file, in the shape pooch drives a custom bar with: it sets
+    ``total``, calls ``update``, ``reset`` and ``close``, and tests the bar's truth value (tqdm's own is
+    False, or an error, until the total is known, so tqdm is wrapped rather than passed)."""
+
+    def __init__(self, desc: str) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, leave=False)
+
+    def __bool__(self) -> bool:
+        return True
+
+    @property
+    def total(self) -> int | None:
+        return self._bar.total  # type: ignore[no-any-return]
+
+    @total.setter
+    def total(self, value: int) -> None:
+        self._bar.total = value or None  # 0: no Content-Length
+
+    def update(self, n: int) -> None:
+        self._bar.update(n)
+
+    def reset(self) -> None:
+        self._bar.reset(total=self._bar.total)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _bar(desc: str, progress: bool) -> _Bar | None:
+    """The progress bar of one download, or None (no bar; one line on stderr instead when tqdm is missing)."""
     if not progress:
         return None
     try:
-        from tqdm import tqdm
+        return _Bar(desc)
     except ImportError:
         print(f"downloading {desc} ...", file=sys.stderr)
         return None
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, leave=False)
 
 
 @contextlib.contextmanager
-def _temp_in(folder: Path, prefix: str) -> Iterator[tuple[IO[bytes], Path]]:
-    """A temporary file next to its destination (same file system, so os.replace is atomic); removed
-    on the way out unless it was moved away."""
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=folder, prefix=f".{prefix}.", suffix=".part")
-    path = Path(name)
+def _quiet(pooch: Any) -> Iterator[None]:
+    """pooch logs each download at INFO on stderr; the bar (or our one line) says it already. The level of
+    pooch's own logger is restored on the way out."""
+    logger = pooch.get_logger()
+    level = logger.level
+    logger.setLevel("WARNING")
     try:
-        with os.fdopen(fd, "wb") as fh:
-            yield fh, path
+        yield
     finally:
-        path.unlink(missing_ok=True)
+        logger.setLevel(level)
 
 
 def download(
@@ -432,63 +474,62 @@ def download(
     progress: bool = True,
     timeout: float = 60.0,
 ) -> Path:
-    """Download ``url`` to ``dest`` atomically, checking its length and checksum on the way.
+    """Download ``url`` to ``dest`` with :func:`pooch.retrieve`, checking its length and checksum on the way.
 
-    The bytes go to a temporary file in ``dest``'s folder; the length must equal ``Content-Length``
-    when the server sends one (:class:`IncompleteDownloadError` otherwise), and the sha256 (or md5)
-    must equal the given one (:class:`ChecksumMismatchError` otherwise). Only then is the file moved to
-    ``dest``; on any error nothing is left behind. Network errors propagate as :class:`OSError`
-    (:class:`urllib.error.URLError`). At least one checksum is required.
+    pooch streams the bytes to a temporary file in ``dest``'s folder, checks the sha256 (or md5) and
+    only then moves the file to ``dest``; a file already at ``dest`` with that checksum is kept as it
+    is. A connection that closes before ``Content-Length`` bytes arrived raises
+    :class:`IncompleteDownloadError`, a wrong checksum :class:`ChecksumMismatchError`; in both cases
+    nothing is left behind. Other network errors propagate as :class:`OSError` (``requests``'
+    exceptions are ``OSError`` subclasses). At least one checksum is required; pooch (the ``demo``
+    extra) must be installed.
     """
     if sha256 is None and md5 is None:
         raise ValueError(f"download of {url}: a sha256 or md5 checksum is required")
+    pooch = _require_pooch()
+    import requests
+
     dest = Path(dest)
-    with _temp_in(dest.parent, dest.name) as (fh, tmp):
-        req = urllib.request.Request(url, headers={"User-Agent": "ftmlopt"})
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            length = resp.headers.get("Content-Length")
-            total = int(length) if length is not None and length.isdigit() else None
-            bar = _bar(total, dest.name, progress)
-            sha, md = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
-            got = 0
-            try:
-                while chunk := resp.read(_CHUNK):
-                    fh.write(chunk)
-                    sha.update(chunk)
-                    md.update(chunk)
-                    got += len(chunk)
-                    if bar is not None:
-                        bar.update(len(chunk))
-            except http.client.IncompleteRead as exc:
-                raise IncompleteDownloadError(f"{url}: connection closed after {got} of {total} bytes") from exc
-            finally:
-                if bar is not None:
-                    bar.close()
-        fh.close()
-        if total is not None and got != total:
-            raise IncompleteDownloadError(f"{url}: connection closed after {got} of {total} bytes")
-        if sha256 is not None and sha.hexdigest() != sha256:
-            raise ChecksumMismatchError(f"{url}: sha256 {sha.hexdigest()}, expected {sha256}")
-        if md5 is not None and md.hexdigest() != md5:
-            raise ChecksumMismatchError(f"{url}: md5 {md.hexdigest()}, expected {md5}")
-        os.replace(tmp, dest)
+    known = f"sha256:{sha256}" if sha256 is not None else f"md5:{md5}"
+    bar = _bar(dest.name, progress)
+    downloader = pooch.HTTPDownloader(progressbar=bar or False, timeout=timeout, headers={"User-Agent": "ftmlopt"})
+    try:
+        with _quiet(pooch):
+            pooch.retrieve(url, known_hash=known, fname=dest.name, path=dest.parent, downloader=downloader)
+    except ValueError as exc:  # pooch: the checksum does not match (the temporary file is deleted)
+        raise ChecksumMismatchError(f"{url}: {exc}") from exc
+    except requests.exceptions.ChunkedEncodingError as exc:  # fewer bytes than Content-Length
+        raise IncompleteDownloadError(f"{url}: connection closed before the whole file arrived ({exc})") from exc
+    finally:
+        if bar is not None:
+            bar.close()
+    if sha256 is not None and md5 is not None:  # pooch checked the sha256; the md5 too
+        got = _digests(dest)[2]
+        if got != md5:
+            dest.unlink()
+            raise ChecksumMismatchError(f"{url}: md5 {got}, expected {md5}")
     return dest
 
 
 def _download_dataset(ds: Dataset, folder: Path, *, progress: bool, timeout: float) -> str:
-    """Download every file of ``ds`` into ``folder``; return the base URL (or archive URL) used."""
+    """Download every file of ``ds`` into ``folder``, each URL in turn; return the base URL (or archive URL) used."""
+    try:
+        _require_pooch()
+    except ImportError as exc:
+        raise DataUnavailableError(_offline_message(ds, folder, [str(exc)])) from None
     failures: list[str] = []
     if ds.archive is not None:
+        archive = folder / ds.archive.name
         for url in ds.urls_of(ds.archive):
             try:
-                with _temp_in(folder, ds.archive.name) as (fh, tmp):
-                    fh.close()
-                    download(url, tmp, sha256=ds.archive.sha256, md5=ds.archive.md5, progress=progress,
-                             timeout=timeout)
-                    _extract(ds, tmp, folder)
-            except (OSError, http.client.HTTPException, tarfile.TarError, KeyError) as exc:
+                download(url, archive, sha256=ds.archive.sha256, md5=ds.archive.md5, progress=progress,
+                         timeout=timeout)
+                _extract(ds, archive, folder)
+            except (OSError, tarfile.TarError, KeyError) as exc:
                 failures.append(f"{url}: {exc}")
                 continue
+            finally:
+                archive.unlink(missing_ok=True)
             _write_source(folder, url)
             return url
         raise DataUnavailableError(_offline_message(ds, folder, failures))
@@ -499,7 +540,7 @@ def _download_dataset(ds: Dataset, folder: Path, *, progress: bool, timeout: flo
         for url in ds.urls_of(f):
             try:
                 download(url, folder / f.name, sha256=f.sha256, md5=f.md5, progress=progress, timeout=timeout)
-            except (OSError, http.client.HTTPException) as exc:
+            except OSError as exc:
                 failures.append(f"{url}: {exc}")
                 continue
             used = url[: -len(f.name)]
@@ -510,24 +551,29 @@ def _download_dataset(ds: Dataset, folder: Path, *, progress: bool, timeout: flo
     return used or ds.urls[0]
 
 
+def _atomic_write(path: Path, data: bytes) -> None:
+    """``data`` to ``path`` through a temporary file in the same folder and :func:`os.replace`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def _extract(ds: Dataset, archive: Path, folder: Path) -> None:
-    """Copy each file's ``member`` out of the (already verified) archive, each atomically."""
+    """Copy each file's ``member`` out of the (already verified) archive into ``folder``, each atomically."""
     with tarfile.open(archive, "r:*") as tar:
         for f in ds.files:
             assert f.member is not None
             src = tar.extractfile(f.member)
             if src is None:
                 raise KeyError(f"{f.member} is not a regular file in {archive.name}")
-            with src, _temp_in(folder, f.name) as (fh, tmp):
-                while chunk := src.read(_CHUNK):
-                    fh.write(chunk)
-                fh.close()
-                os.replace(tmp, folder / f.name)
+            with src:
+                _atomic_write(folder / f.name, src.read())
 
 
 def _write_source(folder: Path, origin: str) -> None:
-    with _temp_in(folder, "SOURCE.json") as (fh, tmp):
-        fh.write(json.dumps({"origin": origin, "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-                 .encode())
-        fh.close()
-        os.replace(tmp, folder / "SOURCE.json")
+    stamp = {"origin": origin, "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    _atomic_write(folder / "SOURCE.json", json.dumps(stamp).encode())
