@@ -239,6 +239,7 @@ def _operator_maker(compiled: bool) -> Callable[[list[Any], list[Any]], Callable
 
     def make(params: list[Any], grads: list[Any]) -> Callable[[], None]:
         from ftmlopt import ftml_update
+        from ftmlopt.mxnet.operator import DISABLE_ENV
 
         if params[0].dtype.itemsize < 4:
             raise RuntimeError("ftml_update runs for float32/float64 here")
@@ -249,17 +250,17 @@ def _operator_maker(compiled: bool) -> Callable[[list[Any], list[Any]], Callable
 
         def step() -> None:
             t[0] += 1
-            old = os.environ.get("FTMLOPT_DISABLE_NUMBA")
-            os.environ["FTMLOPT_DISABLE_NUMBA"] = "0" if compiled else "1"
+            old = os.environ.get(DISABLE_ENV)
+            os.environ[DISABLE_ENV] = "0" if compiled else "1"
             try:
                 for w, g, (d, v, z) in zip(ws, gs, states):
                     ftml_update(w, g, d, v, z, _HYPER["lr"], t[0], _HYPER["beta1"], _HYPER["beta2"],
                                 _HYPER["eps"], out=w)
             finally:
                 if old is None:
-                    del os.environ["FTMLOPT_DISABLE_NUMBA"]
+                    del os.environ[DISABLE_ENV]
                 else:
-                    os.environ["FTMLOPT_DISABLE_NUMBA"] = old
+                    os.environ[DISABLE_ENV] = old
 
         return step
 

@@ -62,7 +62,7 @@ FTML_EPS = 1e-8
 #: why the experiments pin FTML's implementation path (recorded in docs/results.md)
 PATH_NOTE = (
     "FTML is built with foreach=True, fused=False: the multi-tensor path, whose arithmetic the tests check "
-    "step by step against the rule. With the CPU default (fused Numba kernel) on this busy 2-core machine, "
+    "step by step against the rule. With the CPU default (the fused CPU kernel) on this busy 2-core machine, "
     "the first torch operation after each FTML step took ~20 ms (kernel threads competing with torch's), "
     "which made a DQN run 8x slower; results do not depend on the path, only the wall time does."
 )
