@@ -157,7 +157,7 @@ def prepare_scalars(
     wd: float,
     rescale_grad: float,
     clip_grad: float,
-) -> Scalars:
+) -> rule.Constants:
     r"""Round the hyper-parameters as MXNet does and derive the per-step constants.
 
     MXNet parses every float parameter to float32 (``epsilon`` is a double) from its ``str()``
@@ -166,6 +166,12 @@ def prepare_scalars(
     :func:`ftmlopt.rule.constants` on scalars of type ``DT``, with :math:`\beta^t` from the C
     library (``powf``/``pow``), so that :math:`1-\beta^t` and :math:`(1-\beta_1^t)/\eta` are
     rounded in ``DT`` exactly as in MXNet's kernel, under NumPy 1.x and 2.x alike.
+
+    The result is a :class:`ftmlopt.rule.Constants` (no operator-specific copy of it), every field
+    a ``DT`` scalar (:meth:`~ftmlopt.rule.Constants.cast`). MXNet's own conventions are expressed
+    in its fields: ``clip`` is None when ``clip_grad < 0`` (MXNet clips whenever it is ``>= 0``, so
+    0 zeroes the gradient), and ``wd`` and ``grad_scale`` are always set, because MXNet always
+    computes ``rescale_grad * g + wd * w`` (``0 * inf`` weights give NaN there, as in MXNet).
 
     Example:
         >>> import numpy as np
@@ -200,7 +206,7 @@ def prepare_scalars(
 
 
 def _numpy_kernel(
-    w: np.ndarray, g: np.ndarray, d: np.ndarray, v: np.ndarray, z: np.ndarray, out: np.ndarray | None, s: Scalars
+    w: np.ndarray, g: np.ndarray, d: np.ndarray, v: np.ndarray, z: np.ndarray, out: np.ndarray | None, s: rule.Constants
 ) -> np.ndarray:
     """One FTML step with ufuncs, in MXNet's evaluation order; two full-size temporaries."""
     # explicit out= so that 0-d inputs still give arrays (a bare ufunc would return a scalar)
@@ -239,7 +245,7 @@ def _numpy_kernel(
 
 
 Kernel = Callable[
-    [np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, "np.ndarray | None", Scalars], np.ndarray
+    [np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, "np.ndarray | None", rule.Constants], np.ndarray
 ]
 
 
