@@ -206,9 +206,9 @@ def _numpy_operator(kernel: str) -> Callable[..., list[tuple[np.ndarray, State]]
         from ftmlopt import ftml_update
 
         if kernel == "numpy":
-            monkeypatch.setenv("FTMLOPT_DISABLE_NUMBA", "1")
+            monkeypatch.setenv("FTMLOPT_DISABLE_CPU_KERNELS", "1")
         else:
-            monkeypatch.delenv("FTMLOPT_DISABLE_NUMBA", raising=False)
+            monkeypatch.delenv("FTMLOPT_DISABLE_CPU_KERNELS", raising=False)
         dt = np.dtype(dtype)
         w = w0.astype(dt)
         d, v, z = (np.zeros_like(w) for _ in range(3))

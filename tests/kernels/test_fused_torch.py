@@ -1,4 +1,4 @@
-"""``_fused_ftml`` (CPU, Numba) against the readable per-tensor reference, step by step, state included."""
+"""``_fused_ftml`` (CPU, llvmlite) against the readable per-tensor reference, step by step, state included."""
 
 from __future__ import annotations
 

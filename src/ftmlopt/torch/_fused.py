@@ -54,7 +54,7 @@ def fused_supported(params: Iterable[Tensor]) -> bool:
     """Whether :func:`_fused_ftml` can step these tensors (the default-dispatch test).
 
     True when every tensor is floating point (or complex) and lives on the CPU with the CPU
-    kernels available (llvmlite, which comes with Numba), or on a CUDA device with Triton.
+    kernels available (llvmlite: ``pip install 'ftmlopt[cpu]'``), or on a CUDA device with Triton.
 
     Example:
         >>> import torch
@@ -287,7 +287,7 @@ def _cpu_group(
     from ftmlopt.kernels import cpu
 
     if not cpu.AVAILABLE:
-        raise RuntimeError("FTML(fused=True) on CPU needs llvmlite (it comes with numba): pip install 'ftmlopt[numba]'")
+        raise RuntimeError("FTML(fused=True) on CPU needs llvmlite >= 0.44: pip install 'ftmlopt[cpu]'")
     # The kernel writes through raw addresses: refuse anything whose memory is not what it seems.
     plain = {torch.Tensor, torch.nn.Parameter}
     for lst in (*lists, steps):
