@@ -107,7 +107,7 @@ class FTML(Optimizer):
             (float32) and for complex params.
         maximize: maximize the objective (the gradient is negated first).
         foreach: use the ``torch._foreach_*`` implementation (default: on CUDA).
-        fused: use the fused kernels of :mod:`ftmlopt.torch._fused` (Numba on CPU, Triton on CUDA;
+        fused: use the fused kernels of :mod:`ftmlopt.torch._fused` (LLVM via llvmlite on CPU, Triton on CUDA;
             default: on CPU when the kernel is available). Supports ``GradScaler``'s fused protocol.
         capturable: keep ``step`` on the device and compute the bias corrections as tensors, so
             the step can be captured in a CUDA graph.
