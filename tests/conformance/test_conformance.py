@@ -13,16 +13,10 @@ half-precision tolerances tight (no accumulated drift) and checks the state, not
 
 from __future__ import annotations
 
-import functools
 import itertools
-import json
-import os
-import subprocess
-import sys
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -206,8 +200,8 @@ class Impl:
     float32_lr: bool = False
     #: the learning rates it is driven through
     lrs: tuple[float, ...] = LRS
-    #: the dtype whose tolerance applies, from the parameter dtype (lower-precision state, float32 masters)
-    tol_dtype: Callable[[str], str] = staticmethod(lambda dtype: dtype)  # type: ignore[assignment]
+    #: the dtype whose tolerance applies when it is not the parameter's (lower-precision state, float32 masters)
+    tol_dtype: str | None = None
 
 
 def _numpy_operator(kernel: str) -> Callable[..., list[tuple[np.ndarray, State]]]:
@@ -382,68 +376,9 @@ def _optax(direct: bool) -> Callable[..., list[tuple[np.ndarray, State]]]:
     return run
 
 
+#: Keras' cases (run by tests/keras in each backend's own process, with :func:`check_run`)
 KERAS_DTYPES = ("float64", "float32", "bfloat16", "float16")
 KERAS_OPTS = ("plain", "coupled_wd", "decoupled_wd", "clip")
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _keras_python(backend: str) -> str:
-    """The interpreter for a backend: TensorFlow lives in its own venv (see tests/keras/test_keras.py)."""
-    if backend != "tensorflow":
-        return sys.executable
-    named = os.environ.get("FTMLOPT_TENSORFLOW_PYTHON")
-    local = ROOT / ".venv-tf" / "bin" / "python"
-    if named:
-        return named
-    if local.exists():
-        return str(local)
-    pytest.fail("no TensorFlow interpreter: run `make test` (it builds .venv-tf)")
-
-
-@functools.cache
-def _keras_results(backend: str) -> dict[tuple[str, str, str], list[tuple[np.ndarray, State]]]:
-    """Every Keras case of one backend, run in one child process (Keras fixes its backend at import)."""
-    keys = list(itertools.product(("compact", "mxnet"), KERAS_DTYPES, KERAS_OPTS))
-    cases = []
-    for form, dtype, opt in keys:
-        w0, grads = problem(_seed(f"keras[{backend}]", form, dtype, opt))
-        cases.append(
-            {
-                "form": form,
-                "dtype": dtype,
-                "opts": OPTIONS[opt],
-                "w0": w0.tolist(),
-                "grads": [g.tolist() for g in grads],
-                "lrs": list(LRS),
-                "beta1": BETA1,
-                "beta2": BETA2,
-                "eps": EPS,
-            }
-        )
-    env = dict(os.environ, KERAS_BACKEND=backend, JAX_PLATFORMS="cpu", JAX_ENABLE_X64="1", TF_CPP_MIN_LOG_LEVEL="2")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [_keras_python(backend), str(Path(__file__).with_name("_keras_driver.py"))],
-        input=json.dumps(cases),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    runs = json.loads(proc.stdout)
-    return {
-        key: [(np.asarray(r["w"]), {k: np.asarray(v) for k, v in r["state"].items()}) for r in run]
-        for key, run in zip(keys, runs)
-    }
-
-
-def _keras(backend: str) -> Callable[..., list[tuple[np.ndarray, State]]]:
-    def run(form, dtype, opts, w0, grads, lrs, monkeypatch, *, opt_name):
-        return _keras_results(backend)[(form, dtype, opt_name)]
-
-    run.needs_opt_name = True  # type: ignore[attr-defined]
-    return run
 
 
 def _triton_interpreted(form, dtype, opts, w0, grads, lrs, monkeypatch):
@@ -515,7 +450,7 @@ IMPLS = [
         OPERATOR_OPTS,
         float32_hyper=True,
         lrs=LRS_POSITIVE,
-        tol_dtype=lambda dtype: "float32",
+        tol_dtype="float32",
     ),
     *(
         Impl(f"torch[{path}]", _torch_path(path), ("compact", "mxnet"), TORCH_DTYPES, ALL_OPTS)
@@ -531,7 +466,7 @@ IMPLS = [
             ("float32", "bfloat16") if sd == "float64" else ("float32",),
             ("plain", "decoupled_wd"),
             # the state's rounding bounds the agreement when it is the coarser of the two
-            tol_dtype=(lambda dtype: dtype) if sd == "float64" else (lambda dtype: "bfloat16"),
+            tol_dtype=None if sd == "float64" else "bfloat16",
         )
         for path in ("forloop", "foreach", "fused")
         for sd in ("float64", "bfloat16")
@@ -543,7 +478,7 @@ IMPLS = [
             ("compact", "mxnet"),
             HALF,
             ("plain", "coupled_wd", "clip"),
-            tol_dtype=lambda dtype: "float32",  # the float32 master is what the step computes
+            tol_dtype="float32",  # the float32 master is what the step computes
         )
         for path in ("forloop", "foreach", "fused")
     ),
@@ -563,10 +498,6 @@ IMPLS = [
         ("compact", "mxnet"),
         ("float64", "float32", "bfloat16"),
         ("plain", "coupled_wd", "decoupled_wd", "clip"),
-    ),
-    *(
-        Impl(f"keras[{backend}]", _keras(backend), ("compact", "mxnet"), KERAS_DTYPES, KERAS_OPTS, float32_lr=True)
-        for backend in ("jax", "torch", "tensorflow")
     ),
 ]
 
@@ -591,26 +522,51 @@ def _tolerance(dtype: str, form: str) -> tuple[float, float]:
 def test_matches_the_rule_every_step(impl: Impl, form: str, dtype: str, opt: str, monkeypatch) -> None:
     opts = OPTIONS[opt]
     w0, grads = problem(_seed(impl.name, form, dtype, opt), steps=len(impl.lrs))
-    extra = {"opt_name": opt} if getattr(impl.run, "needs_opt_name", False) else {}
-    results = impl.run(form, dtype, opts, w0, grads, impl.lrs, monkeypatch, **extra)
-    assert len(results) == len(impl.lrs)
-    rtol, atol = _tolerance(impl.tol_dtype(dtype), form)
-    # the implementation's starting point, as it stored it (half params are rounded on the way in)
-    w_prev = w0.astype(np.dtype("float32") if dtype == "bfloat16" else np.dtype(dtype)).astype(np.float64)
-    if dtype == "bfloat16":
-        import ml_dtypes
+    results = impl.run(form, dtype, opts, w0, grads, impl.lrs, monkeypatch)
+    check_run(
+        impl.name,
+        results,
+        form=form,
+        dtype=dtype,
+        opts=opts,
+        w0=w0,
+        grads=grads,
+        lrs=impl.lrs,
+        f32_hyper=impl.float32_hyper,
+        f32_lr=impl.float32_lr,
+        tol_dtype=impl.tol_dtype,
+    )
 
-        w_prev = w0.astype(ml_dtypes.bfloat16).astype(np.float64)
+
+def check_run(
+    name: str,
+    results: list[tuple[np.ndarray, State]],
+    *,
+    form: str,
+    dtype: str,
+    opts: dict[str, Any],
+    w0: np.ndarray,
+    grads: list[np.ndarray],
+    lrs: tuple[float, ...],
+    f32_hyper: bool = False,
+    f32_lr: bool = False,
+    tol_dtype: str | None = None,
+) -> None:
+    """Each step of ``results`` (weights, state) against one step of the rule from the previous ones."""
+    assert len(results) == len(lrs)
+    rtol, atol = _tolerance(tol_dtype or dtype, form)
+    # the implementation's starting point, as it stored it (half params are rounded on the way in)
+    w_prev = _as_dtype(w0, dtype)
     st_prev = zero_state(form, SHAPE)
-    for t, ((w_got, st_got), g, lr) in enumerate(zip(results, grads, impl.lrs), start=1):
+    for t, ((w_got, st_got), g, lr) in enumerate(zip(results, grads, lrs), start=1):
         g_in = _as_dtype(g, dtype)
         w_exp, st_exp = rule_step(
-            form, w_prev, g_in, st_prev, lr=lr, t=t, opts=opts, f32_hyper=impl.float32_hyper, f32_lr=impl.float32_lr
+            form, w_prev, g_in, st_prev, lr=lr, t=t, opts=opts, f32_hyper=f32_hyper, f32_lr=f32_lr
         )
         assert set(st_got) == set(st_exp), f"state names {sorted(st_got)} at step {t}"
-        for name in st_exp:
-            _close(st_got[name], st_exp[name], rtol, atol, f"{impl.name} state {name} at step {t}")
-        _close(w_got, w_exp, rtol, atol, f"{impl.name} weight at step {t}")
+        for state_name in st_exp:
+            _close(st_got[state_name], st_exp[state_name], rtol, atol, f"{name} state {state_name} at step {t}")
+        _close(w_got, w_exp, rtol, atol, f"{name} weight at step {t}")
         assert np.isfinite(w_got).all()
         w_prev, st_prev = w_got, st_got
 
