@@ -66,7 +66,7 @@ def _build() -> dict[str, Any]:
     @triton.jit
     def ftml_block(  # type: ignore[no-untyped-def]
         w_ptr, g_ptr, d_ptr, v_ptr, z_ptr, offs, n, coef, bias2, eps, wd, clip, decay, b1m, omb1, b2m, omb2, scale,
-        COMPACT: tl.constexpr, MAXIMIZE: tl.constexpr, COUPLED_WD: tl.constexpr, DECOUPLED_WD: tl.constexpr,
+        live, COMPACT: tl.constexpr, MAXIMIZE: tl.constexpr, COUPLED_WD: tl.constexpr, DECOUPLED_WD: tl.constexpr,
         HAS_CLIP: tl.constexpr, HAS_SCALE: tl.constexpr, MT: tl.constexpr, MASKED: tl.constexpr,
     ):
         """The FTML rule on one block of elements (loads in storage precision, math in ``MT``)."""
@@ -91,14 +91,20 @@ def _build() -> dict[str, Any]:
         if COMPACT:
             w = w - coef * g / root
         else:
-            z = tl.load(z_ptr + offs, mask=m).to(MT)
+            # ``live`` is lr != 0: at lr 0 the MXNet form keeps d and z (d_t would be infinite) and
+            # the weight stays; only v takes the gradient (rule.mxnet_step's convention)
+            z0 = tl.load(z_ptr + offs, mask=m).to(MT)
+            d0 = tl.load(d_ptr + offs, mask=m).to(MT)
+            z = z0
             if DECOUPLED_WD:
                 z = z * decay
             d_t = coef * root
-            z = b1m * z + omb1 * g - (d_t - b1m * tl.load(d_ptr + offs, mask=m).to(MT)) * w
+            z = b1m * z + omb1 * g - (d_t - b1m * d0) * w
+            z = tl.where(live, z, z0)
+            d_t = tl.where(live, d_t, d0)
             tl.store(z_ptr + offs, z.to(z_ptr.dtype.element_ty), mask=m)
             tl.store(d_ptr + offs, d_t.to(d_ptr.dtype.element_ty), mask=m)
-            w = -z / d_t
+            w = tl.where(live, -z / d_t, w)
         tl.store(w_ptr + offs, w.to(w_ptr.dtype.element_ty), mask=m)
 
     # Triton's interpreter resolves callees through the module's globals (not closures).
@@ -158,15 +164,16 @@ def _build() -> dict[str, Any]:
         if HAS_FOUND_INF:  # a non-finite gradient somewhere: touch nothing
             n = tl.where(tl.load(found_inf_ptr) == 0, n, 0)
         scale = tl.load(scale_ptr).to(mt) if HAS_SCALE else 1.0
+        live = lr != 0.0
         if lo + CHUNK <= n:  # a full chunk: no masks, so the loads can be vectorized
             for off in tl.range(0, CHUNK, BLOCK):
                 ftml_block(w_ptr, g_ptr, d_ptr, v_ptr, z_ptr, lo + off + tl.arange(0, BLOCK), n,
-                           coef, bias2, eps, wd, clip, decay, b1m, omb1, b2m, omb2, scale,
+                           coef, bias2, eps, wd, clip, decay, b1m, omb1, b2m, omb2, scale, live,
                            COMPACT, MAXIMIZE, COUPLED_WD, DECOUPLED_WD, HAS_CLIP, HAS_SCALE, MT, False)
         else:
             for off in tl.range(0, CHUNK, BLOCK):
                 ftml_block(w_ptr, g_ptr, d_ptr, v_ptr, z_ptr, lo + off + tl.arange(0, BLOCK), n,
-                           coef, bias2, eps, wd, clip, decay, b1m, omb1, b2m, omb2, scale,
+                           coef, bias2, eps, wd, clip, decay, b1m, omb1, b2m, omb2, scale, live,
                            COMPACT, MAXIMIZE, COUPLED_WD, DECOUPLED_WD, HAS_CLIP, HAS_SCALE, MT, True)
 
     @triton_op("ftmlopt::ftml_multi_tensor_", mutates_args={"params", "grads", "ds", "vs", "zs"})
