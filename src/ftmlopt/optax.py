@@ -71,6 +71,7 @@ __all__ = [
     "FTMLDirect",
     "FTMLState",
     "ScaleByFTMLState",
+    "from_compact_state",
     "ftml",
     "ftml_direct",
     "scale_by_ftml",
@@ -441,6 +442,39 @@ class FTMLChainState(NamedTuple):
         return self.ftml.v
 
 
+def from_compact_state(fresh: Any, old: Any) -> FTMLChainState:
+    """``fresh`` (``tx.init(params)`` of :func:`ftml`) holding ``old``'s ``count`` and ``v``.
+
+    ``old`` is an :class:`FTMLCompactState`: the state of :func:`ftml` before it was an optax
+    chain (a checkpoint), or of :func:`ftml_direct`. A learning-rate schedule's count (optax's
+    ``ScaleByScheduleState``) is set to ``old.count`` too, so the schedule goes on where it was.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from ftmlopt.optax import ftml, ftml_direct, from_compact_state
+        >>> params = jnp.ones(2)
+        >>> direct = ftml_direct(0.1)
+        >>> _, old = direct.step(jnp.ones(2), direct.init(params), params)
+        >>> state = from_compact_state(ftml(0.1).init(params), old)
+        >>> int(state.count), bool((state.v == old.v).all())
+        (1, True)
+    """
+    if not isinstance(old, FTMLCompactState) or not isinstance(fresh, FTMLChainState):
+        raise TypeError(
+            f"from_compact_state(fresh, old) takes an FTMLChainState and an FTMLCompactState, got "
+            f"{type(fresh).__name__} and {type(old).__name__}"
+        )
+
+    def convert(s: Any) -> Any:
+        if isinstance(s, ScaleByFTMLState):
+            return s._replace(count=old.count, v=old.v)
+        if isinstance(s, optax.ScaleByScheduleState):
+            return s._replace(count=old.count)
+        return s
+
+    return FTMLChainState(inner=tuple(convert(s) for s in fresh.inner))
+
+
 def _needs_params(tx: optax.GradientTransformation, what: str) -> optax.GradientTransformation:
     """``tx`` (a weight decay) with a ValueError naming ``what`` when ``update`` is called without
     params, and handed the params in their compute dtype: ``wd * w`` of a bfloat16 ``w`` is then
@@ -630,6 +664,11 @@ def _compact_chain(
         updates: optax.Updates, state: FTMLChainState, params: optax.Params | None = None, **extra_args: Any
     ) -> tuple[optax.Updates, FTMLChainState]:
         del extra_args
+        if isinstance(state, FTMLCompactState):
+            raise TypeError(
+                "state is an FTMLCompactState (ftml's state before it became an optax chain, or "
+                "ftml_direct's): convert it with ftmlopt.optax.from_compact_state(tx.init(params), state)"
+            )
         if not isinstance(state, FTMLChainState):
             raise TypeError(
                 f"state must be the FTMLChainState made by this transformation's init (compact=True), "

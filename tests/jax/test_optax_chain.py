@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from ftmlopt.optax import FTMLChainState, ScaleByFTMLState, ftml, ftml_direct, scale_by_ftml
+from ftmlopt.optax import FTMLChainState, ScaleByFTMLState, from_compact_state, ftml, ftml_direct, scale_by_ftml
 
 N = 32
 STEPS = 12
@@ -321,3 +321,30 @@ def test_composes_with_multi_transform():
         kernel = optax.apply_updates(kernel, u)
         np.testing.assert_array_equal(params["kernel"], kernel)
     np.testing.assert_allclose(params["bias"], -2.0 * np.ones(3))
+
+
+@pytest.mark.parametrize("schedule", [False, True])
+def test_an_old_compact_state_is_named_and_converts_to_go_on_where_it_was(schedule):
+    """An FTMLCompactState (the old ftml's state, e.g. from a checkpoint) is refused with the fix
+    named; converted, the chain continues the run exactly as the rule does (lr a power of two)."""
+    w0, grads = problem(np.float32)
+    lr = optax.exponential_decay(0.125, 1, 0.5) if schedule else 0.125
+    kwargs = {**POW2, "learning_rate": lr, "weight_decay": 0.25}
+    direct, tx = ftml_direct(**kwargs), ftml(**kwargs)
+    params = jnp.asarray(w0)
+    old = direct.init(params)
+    for t in range(3):
+        params, old = direct.step(jnp.asarray(grads[t]), old, params)
+    with pytest.raises(TypeError, match=r"from_compact_state\(tx.init\(params\), state\)"):
+        tx.update(jnp.asarray(grads[3]), old, params)
+    state = from_compact_state(tx.init(params), old)
+    assert int(state.count) == 3
+    p_chain = params
+    for t in range(3, 6):
+        updates, state = tx.update(jnp.asarray(grads[t]), state, p_chain)
+        p_chain = optax.apply_updates(p_chain, updates)
+        params, old = direct.step(jnp.asarray(grads[t]), old, params)
+        np.testing.assert_allclose(p_chain, params, rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(state.v, old.v)
+    with pytest.raises(TypeError, match="FTMLChainState and an FTMLCompactState"):
+        from_compact_state(old, old)
