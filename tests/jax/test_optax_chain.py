@@ -348,3 +348,20 @@ def test_an_old_compact_state_is_named_and_converts_to_go_on_where_it_was(schedu
         np.testing.assert_array_equal(state.v, old.v)
     with pytest.raises(TypeError, match="FTMLChainState and an FTMLCompactState"):
         from_compact_state(old, old)
+
+
+def test_float64_state_makes_the_direction_float64():
+    """rule.compute_dtype: float32 gradients with a float64 v are computed in float64 (x64 on)."""
+    w0, grads = problem(np.float32)
+    with jax.enable_x64(True):
+        tx = scale_by_ftml(b1=0.5, b2=0.875, eps=2.0**-20, state_dtype=jnp.float64)
+        state = tx.init(jnp.asarray(w0))
+        v = np.zeros(N)
+        for t in range(1, 6):
+            g = np.asarray(grads[t - 1], np.float64)
+            out, state = tx.update(jnp.asarray(grads[t - 1]), state)
+            v = 0.875 * v + 0.125 * g * g
+            want = 0.5 / (1 - 0.5**t) * g / (np.sqrt(v / (1 - 0.875**t)) + 2.0**-20)
+            assert out.dtype == jnp.float64 and state.v.dtype == jnp.float64
+            np.testing.assert_allclose(state.v, v, rtol=1e-13)
+            np.testing.assert_allclose(out, want, rtol=1e-12)

@@ -683,3 +683,18 @@ def test_sparse_gradient_updates_go_through_the_optimizers_assign(compact):
     targets = [id(raw(variable)) for variable, _, _ in written]
     expected = [var, *(opt._v if compact else opt._d + opt._v + opt._z)]
     assert sorted(targets) == sorted(id(raw(x)) for x in expected)
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_float64_state_makes_the_step_float64(compact):
+    """rule.compute_dtype: a float32 variable with state_dtype="float64" is stepped in float64 (its
+    v agrees with the float64 rule to 1e-12; a float32 step would be 1e-7 off) and rounded once."""
+    w0, grads = problem(np.float32, steps=5)
+    var = keras.Variable(w0)
+    opt = FTML(**HYPER, compact=compact, state_dtype="float64")
+    ref = numpy_compact(w0, grads, [0.125] * 5, 0.5, 0.875, 2.0**-20)
+    for t in range(5):
+        opt.apply([ops.convert_to_tensor(grads[t])], [var])
+        assert str(var.dtype) == "float32" and str(opt._v[0].dtype) == "float64"
+        assert rel_err(numpy_of(opt._v[0]), ref[t][1]) <= 1e-12, (t, rel_err(numpy_of(opt._v[0]), ref[t][1]))
+        assert rel_err(numpy_of(var), ref[t][0]) <= 1e-6
