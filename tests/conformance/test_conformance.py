@@ -386,6 +386,7 @@ def _triton_interpreted(form, dtype, opts, w0, grads, lrs, monkeypatch):
     import torch
 
     from ftmlopt.kernels import triton_cuda
+    from ftmlopt.torch._constants import StepOptions
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     tdt = getattr(torch, dtype)
@@ -397,21 +398,10 @@ def _triton_interpreted(form, dtype, opts, w0, grads, lrs, monkeypatch):
     out = []
     for g, lr in zip(grads, lrs):
         lists = [[w], [torch.tensor(g, dtype=tdt)], *([state[n]] for n in ("d", "v", "z") if n in state)]
-        triton_cuda.multi_tensor_step(
-            lists,
-            [step],
-            grad_scale=None,
-            found_inf=None,
-            lr=lr,
-            beta1=BETA1,
-            beta2=BETA2,
-            eps=EPS,
-            weight_decay=opts.get("weight_decay", 0.0),
-            clip_gradient=opts.get("clip"),
-            decoupled_weight_decay=opts.get("decoupled", False),
-            compact=form == "compact",
-            maximize=opts.get("maximize", False),
-        )
+        options = StepOptions(lr=lr, beta1=BETA1, beta2=BETA2, eps=EPS, weight_decay=opts.get("weight_decay", 0.0),
+                              clip_gradient=opts.get("clip"), decoupled_weight_decay=opts.get("decoupled", False),
+                              compact=form == "compact", maximize=opts.get("maximize", False))
+        triton_cuda.multi_tensor_step(lists, [step], options, grad_scale=None, found_inf=None)
         out.append((w.double().numpy().copy(), {n: state[n].double().numpy().copy() for n in names}))
     return out
 

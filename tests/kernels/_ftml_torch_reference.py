@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ftmlopt.torch._constants import StepOptions, StepTensors
 from ftmlopt.torch._fused import _fused_ftml
 
 
@@ -121,12 +122,10 @@ class Pair:
         def pick(lst):
             return [lst[i] for i in idx]
 
-        self.fused(
-            pick(self.fused_p), fg, [] if self.compact else pick(self.ds), pick(self.vs),
-            [] if self.compact else pick(self.zs), pick(self.steps),
-            grad_scale=None if grad_scale is None else torch.tensor(grad_scale), found_inf=found_inf,
-            compact=self.compact, has_complex=False, capturable=False, differentiable=False, **kw,
-        )
+        lists = StepTensors(pick(self.fused_p), fg, [] if self.compact else pick(self.ds), pick(self.vs),
+                            [] if self.compact else pick(self.zs), pick(self.steps))
+        self.fused(lists, StepOptions(compact=self.compact, **kw),
+                   grad_scale=None if grad_scale is None else torch.tensor(grad_scale), found_inf=found_inf)
         if found_inf is None or float(found_inf) == 0:
             reference_step([self.ref_p[i] for i in idx], rg, [self.ref_states[i] for i in idx],
                            compact=self.compact, grad_scale=grad_scale, **kw)

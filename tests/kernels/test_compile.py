@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ftmlopt.torch import FTML
+from ftmlopt.torch._constants import StepOptions, StepTensors
 from ftmlopt.torch._fused import _fused_ftml
 
 
@@ -36,9 +37,9 @@ def test_compiled_step_matches_eager_fused(compact, fused) -> None:
 
 
 def _functional(ps, gs, vs, steps) -> None:
-    _fused_ftml(ps, gs, [], vs, [], steps, grad_scale=None, found_inf=None, lr=0.01, beta1=0.6, beta2=0.999,
-                eps=1e-8, weight_decay=0.0, clip_gradient=None, decoupled_weight_decay=False, compact=True,
-                maximize=True, has_complex=False, capturable=False, differentiable=False)
+    _fused_ftml(StepTensors(ps, gs, [], vs, [], steps),
+                StepOptions(lr=0.01, beta1=0.6, beta2=0.999, eps=1e-8, weight_decay=0.0, clip_gradient=None,
+                            decoupled_weight_decay=False, compact=True, maximize=True))
 
 
 @pytest.mark.parametrize("backend", ["eager", "inductor"])

@@ -16,6 +16,7 @@ import torch
 
 from ftmlopt import rule
 from ftmlopt.kernels import cpu
+from ftmlopt.torch._constants import StepOptions, StepTensors
 from ftmlopt.torch._fused import _fused_ftml
 
 OPTIONS = [
@@ -119,10 +120,9 @@ def test_torch_fused_step_against_the_rule(p_dtype, s_dtype, compact, case) -> N
                   for i in range(len(sizes))]
         g_before = [g.double().numpy().copy() for g in gs]  # copies: .double() of a float64 tensor is itself
         found_inf = torch.ones(()) if case == "found_inf" and t == 2 else None
-        _fused_ftml(ws, gs, state.get("d", []), state["v"], state.get("z", []), steps,
-                    grad_scale=None if scale is None else torch.tensor(scale), found_inf=found_inf, lr=1e-2,
-                    beta1=0.6, beta2=0.999, eps=1e-8, compact=compact, has_complex=False, capturable=False,
-                    differentiable=False, **kw)
+        _fused_ftml(StepTensors(ws, gs, state.get("d", []), state["v"], state.get("z", []), steps),
+                    StepOptions(lr=1e-2, beta1=0.6, beta2=0.999, eps=1e-8, compact=compact, **kw),
+                    grad_scale=None if scale is None else torch.tensor(scale), found_inf=found_inf)
         if found_inf is not None:
             for i in range(len(sizes)):
                 for key, value in before[i].items():

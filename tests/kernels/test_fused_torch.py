@@ -9,6 +9,7 @@ import torch
 from _ftml_torch_reference import HYPER, OPTIONS, SHAPES, Pair, _grads, _make
 
 from ftmlopt.kernels import cpu
+from ftmlopt.torch._constants import StepOptions, StepTensors
 from ftmlopt.torch._fused import _fused_ftml, fused_supported
 
 
@@ -96,9 +97,8 @@ def test_complex_params_step_as_their_real_views() -> None:
     st = [torch.zeros_like(pc) for _ in range(3)]
     step = torch.zeros(())
     real = Pair([torch.view_as_real(pc).clone()], compact=False)
-    _fused_ftml([pc], [gc.clone()], [st[0]], [st[1]], [st[2]], [step], grad_scale=None, found_inf=None,
-                compact=False, has_complex=True, capturable=False, differentiable=False,
-                **HYPER, **OPTIONS[1])
+    _fused_ftml(StepTensors([pc], [gc.clone()], [st[0]], [st[1]], [st[2]], [step]),
+                StepOptions(compact=False, **HYPER, **OPTIONS[1]), has_complex=True)
     real.step([torch.view_as_real(gc).clone()], **HYPER, **OPTIONS[1])
     torch.testing.assert_close(torch.view_as_real(pc), real.ref_p[0])
     torch.testing.assert_close(torch.view_as_real(st[2]), real.ref_states[0]["z"])
@@ -110,22 +110,18 @@ def test_tensor_lr_and_version_counter() -> None:
     d, v, z = (torch.zeros(4) for _ in range(3))
     step = torch.zeros(())
     version = p._version
-    _fused_ftml([p], [g], [d], [v], [z], [step], grad_scale=None, found_inf=None, lr=torch.tensor(0.1),
-                beta1=0.6, beta2=0.999, eps=1e-8, weight_decay=0.0, clip_gradient=None,
-                decoupled_weight_decay=False, compact=False, maximize=False, has_complex=False,
-                capturable=False, differentiable=False)
+    _fused_ftml(StepTensors([p], [g], [d], [v], [z], [step]),
+                StepOptions(lr=torch.tensor(0.1), beta1=0.6, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                            clip_gradient=None, decoupled_weight_decay=False, compact=False, maximize=False))
     # step 1 with zero state moves each element by lr * g / (|g| + eps * ...) ~= lr
     torch.testing.assert_close(p.detach(), torch.full((4,), 0.9))
     assert p._version > version
     assert float(step) == 1.0
 
 
-def _call(params, grads, ds, vs, zs, steps, **kw):
-    base = dict(grad_scale=None, found_inf=None, weight_decay=0.0, clip_gradient=None,
-                decoupled_weight_decay=False, compact=False, maximize=False, has_complex=False,
-                capturable=False, differentiable=False, **HYPER)
-    base.update(kw)
-    _fused_ftml(params, grads, ds, vs, zs, steps, **base)
+def _call(params, grads, ds, vs, zs, steps, differentiable=False, **kw):
+    opts = {**HYPER, **OPTIONS[0], "compact": False, **kw}
+    _fused_ftml(StepTensors(params, grads, ds, vs, zs, steps), StepOptions(**opts), differentiable=differentiable)
 
 
 def test_bad_input_raises_before_anything_changes() -> None:
@@ -159,8 +155,8 @@ def test_fused_refuses_state_of_another_size_before_writing_anything() -> None:
     before = [t.clone() for t in (w, g, d, v, z, step)]
     with pytest.raises(ValueError, match="does not belong"):
         _fused_ftml(
-            [w], [g], [d], [v], [z], [step], grad_scale=None, found_inf=None, lr=0.1, beta1=0.6, beta2=0.999,
-            eps=1e-8, weight_decay=0.0, clip_gradient=None, decoupled_weight_decay=False, compact=False,
-            maximize=False, has_complex=False, capturable=False, differentiable=False,
+            StepTensors([w], [g], [d], [v], [z], [step]),
+            StepOptions(lr=0.1, beta1=0.6, beta2=0.999, eps=1e-8, weight_decay=0.0, clip_gradient=None,
+                        decoupled_weight_decay=False, compact=False, maximize=False),
         )
     assert all(torch.equal(a, b) for a, b in zip((w, g, d, v, z, step), before))

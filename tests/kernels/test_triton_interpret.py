@@ -24,9 +24,10 @@ def _interpret(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-def _triton_fused(params, grads, ds, vs, zs, steps, *, compact, has_complex, capturable, differentiable, **kw):
-    lists = [params, grads, vs] if compact else [params, grads, ds, vs, zs]
-    triton_cuda.multi_tensor_step(lists, steps, compact=compact, **kw)
+def _triton_fused(lists, opts, *, grad_scale, found_inf):
+    params, grads, ds, vs, zs, steps = lists
+    tensors = [params, grads, vs] if opts.compact else [params, grads, ds, vs, zs]
+    triton_cuda.multi_tensor_step(tensors, steps, opts, grad_scale=grad_scale, found_inf=found_inf)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])

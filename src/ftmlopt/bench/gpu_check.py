@@ -157,13 +157,12 @@ def _fused_via_op(ws: list[Any], gs: list[Any], state: dict[str, list[Any]], cou
     """The fused step as ``FTML(fused=True)`` calls it (the registered op; CUDA: the Triton kernel)."""
     import torch
 
+    from ftmlopt.torch._constants import StepTensors
     from ftmlopt.torch._fused import _fused_ftml
 
     scale = None if grad_scale is None else torch.full((), grad_scale, device=ws[0].device)
-    _fused_ftml(ws, gs, state.get("d", []), state["v"], state.get("z", []), counters, grad_scale=scale,
-                found_inf=found_inf, lr=_HYPER["lr"], beta1=_HYPER["beta1"], beta2=_HYPER["beta2"],
-                eps=_HYPER["eps"], compact=compact, has_complex=False, capturable=False, differentiable=False,
-                **opts)
+    _fused_ftml(StepTensors(ws, gs, state.get("d", []), state["v"], state.get("z", []), counters),
+                _step_options(compact, opts), grad_scale=scale, found_inf=found_inf)
 
 
 def _fused_via_triton(ws: list[Any], gs: list[Any], state: dict[str, list[Any]], counters: list[Any], *,
@@ -175,9 +174,16 @@ def _fused_via_triton(ws: list[Any], gs: list[Any], state: dict[str, list[Any]],
 
     lists = [ws, gs, state["v"]] if compact else [ws, gs, state["d"], state["v"], state["z"]]
     scale = None if grad_scale is None else torch.full((), grad_scale, device=ws[0].device)
-    triton_cuda.multi_tensor_step(lists, counters, grad_scale=scale, found_inf=found_inf, lr=_HYPER["lr"],
-                                  beta1=_HYPER["beta1"], beta2=_HYPER["beta2"], eps=_HYPER["eps"], compact=compact,
-                                  **opts)
+    triton_cuda.multi_tensor_step(lists, counters, _step_options(compact, opts), grad_scale=scale,
+                                  found_inf=found_inf)
+
+
+def _step_options(compact: bool, opts: dict[str, Any]) -> Any:
+    """The torch front end's ``StepOptions`` for this check's hyper-parameters and ``opts`` (wd, clip, ...)."""
+    from ftmlopt.torch._constants import StepOptions
+
+    return StepOptions(lr=_HYPER["lr"], beta1=_HYPER["beta1"], beta2=_HYPER["beta2"], eps=_HYPER["eps"],
+                       compact=compact, **opts)
 
 
 # ============================================================================ 2. CUDA graph

@@ -273,41 +273,35 @@ def _hyper(device: Any, *values: float) -> "Tensor":
 
 
 def multi_tensor_step(
-    lists: "list[list[Tensor]]",
-    steps: "list[Tensor]",
-    *,
-    grad_scale: "Tensor | None",
+    lists: "list[list[Tensor]]", steps: "list[Tensor]", opts: Any, *, grad_scale: "Tensor | None",
     found_inf: "Tensor | None",
-    lr: "float | Tensor",
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    clip_gradient: float | None,
-    decoupled_weight_decay: bool,
-    compact: bool,
-    maximize: bool,
 ) -> None:
     r"""One fused FTML step for a (device, dtype) group of tensors: one Triton launch.
 
     ``lists`` is ``[params, grads, ds, vs, zs]`` (``[params, grads, vs]`` when ``compact``),
     all on one device; ``steps`` are float32 step counters on that device (incremented here).
-    The rule is :func:`ftmlopt.torch._fused._fused_ftml`'s. Non-contiguous tensors are stepped
-    on contiguous copies that are written back.
+    ``opts`` holds the hyper-parameters by name (``lr``, ``beta1``, ``beta2``, ``eps``,
+    ``weight_decay``, ``clip_gradient``, ``decoupled_weight_decay``, ``compact``, ``maximize``):
+    the torch front end's ``StepOptions``, which this layer does not import. The rule is
+    :func:`ftmlopt.torch._fused._fused_ftml`'s. Non-contiguous tensors are stepped on contiguous
+    copies that are written back.
 
     Example:
         >>> import torch
         >>> from ftmlopt.kernels import triton_cuda
         >>> w, g = torch.ones(3), torch.full((3,), 0.5)  # doctest: +SKIP
         >>> v, step = torch.zeros(3), torch.zeros(())  # doctest: +SKIP
-        >>> triton_cuda.multi_tensor_step([[w], [g], [v]], [step], grad_scale=None, found_inf=None, lr=0.1,
-        ...     beta1=0.6, beta2=0.999, eps=1e-8, weight_decay=0.0, clip_gradient=None,
-        ...     decoupled_weight_decay=False, compact=True, maximize=False)  # doctest: +SKIP
+        >>> from ftmlopt.torch._constants import StepOptions  # doctest: +SKIP
+        >>> opts = StepOptions(lr=0.1, beta1=0.6, beta2=0.999, eps=1e-8, weight_decay=0.0, clip_gradient=None,
+        ...                    decoupled_weight_decay=False, compact=True, maximize=False)  # doctest: +SKIP
+        >>> triton_cuda.multi_tensor_step([[w], [g], [v]], [step], opts, grad_scale=None,
+        ...                               found_inf=None)  # doctest: +SKIP
     """
     import torch
 
     if not AVAILABLE:
         raise RuntimeError("FTML(fused=True) on CUDA needs triton: pip install 'ftmlopt[triton]'")
+    lr, weight_decay, compact = opts.lr, opts.weight_decay, opts.compact
     state = _build()
     device = lists[0][0].device
     p_dtype = lists[0][0].dtype
@@ -340,8 +334,8 @@ def multi_tensor_step(
     lr_t = lr.to(device=device, dtype=torch.float64) if isinstance(lr, torch.Tensor) else _hyper(device, lr)
     # The step-independent constants come from the rule (float64); lr and t live on the device, so
     # the placeholders lr=1, t=1 only stand in for them and nothing derived from them is used here.
-    c = rule.constants(1.0, 1, beta1, beta2, eps, weight_decay=weight_decay, decoupled=decoupled_weight_decay,
-                       clip=clip_gradient, maximize=maximize)
+    c = rule.constants(1.0, 1, opts.beta1, opts.beta2, opts.eps, weight_decay=weight_decay,
+                       decoupled=opts.decoupled_weight_decay, clip=opts.clip_gradient, maximize=opts.maximize)
     hyper = _hyper(device, c.beta1, c.one_minus_beta1, c.beta2, c.one_minus_beta2, c.eps, weight_decay,
                    math.inf if c.clip is None else c.clip,
                    *(math.log(b) if b > 0 else -math.inf for b in (c.beta1, c.beta2)))

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 
 from ftmlopt import rule
+from ftmlopt.torch._constants import StepOptions, StepTensors
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -76,27 +77,8 @@ def fused_supported(params: Iterable[Tensor]) -> bool:
 
 
 def _fused_ftml(
-    params: list[Tensor],
-    grads: list[Tensor],
-    ds: list[Tensor],
-    vs: list[Tensor],
-    zs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    clip_gradient: float | None,
-    decoupled_weight_decay: bool,
-    compact: bool,
-    maximize: bool,
-    has_complex: bool,
-    capturable: bool,
-    differentiable: bool,
+    lists: StepTensors, opts: StepOptions, *, grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
+    has_complex: bool = False, capturable: bool = False, differentiable: bool = False,
 ) -> None:
     r"""One fused FTML step over lists of tensors (in place), torch semantics.
 
@@ -118,20 +100,22 @@ def _fused_ftml(
 
     Example:
         >>> import torch
+        >>> from ftmlopt.torch._constants import StepOptions, StepTensors
         >>> from ftmlopt.torch._fused import _fused_ftml, fused_supported
         >>> w = torch.ones(3); g = torch.full((3,), 0.5); step = torch.zeros(())
         >>> d, v, z = torch.zeros(3), torch.zeros(3), torch.zeros(3)
         >>> fused_supported([w])  # llvmlite is installed ('ftmlopt[cpu]')
         True
-        >>> _fused_ftml([w], [g], [d], [v], [z], [step], grad_scale=None, found_inf=None, lr=0.1,
-        ...             beta1=0.6, beta2=0.999, eps=1e-8, weight_decay=0.0, clip_gradient=None,
-        ...             decoupled_weight_decay=False, compact=False, maximize=False, has_complex=False,
-        ...             capturable=False, differentiable=False)
+        >>> opts = StepOptions(lr=0.1, beta1=0.6, beta2=0.999, eps=1e-8, weight_decay=0.0, clip_gradient=None,
+        ...                    decoupled_weight_decay=False, compact=False, maximize=False)
+        >>> _fused_ftml(StepTensors([w], [g], [d], [v], [z], [step]), opts)
         >>> [round(x, 4) for x in w.tolist()], float(step)
         ([0.9, 0.9, 0.9], 1.0)
     """
     import torch
 
+    params, grads, ds, vs, zs, state_steps = lists
+    compact, clip_gradient = opts.compact, opts.clip_gradient
     if differentiable:
         raise RuntimeError("FTML with fused=True does not support differentiable=True")
     n = len(params)
@@ -150,28 +134,25 @@ def _fused_ftml(
     for p in params:
         if p.device.type not in ("cpu", "cuda"):
             raise RuntimeError(f"FTML(fused=True) has no kernel for device {p.device.type!r} (CPU and CUDA only)")
-    lists = [params, grads, vs] if compact else [params, grads, ds, vs, zs]
+    work = [params, grads, vs] if compact else [params, grads, ds, vs, zs]
     if has_complex:
-        lists = [[torch.view_as_real(t) if t.is_complex() else t for t in lst] for lst in lists]
+        work = [[torch.view_as_real(t) if t.is_complex() else t for t in lst] for lst in work]
     if compact:
-        p_, g_, v_ = lists
+        p_, g_, v_ = work
         d_: list[Tensor] = []
         z_: list[Tensor] = []
     else:
-        p_, g_, d_, v_, z_ = lists
+        p_, g_, d_, v_, z_ = work
     if torch.compiler.is_compiling() or _python_dispatch_active():
         # Traced (torch.compile, export, a dispatch mode): one opaque registered op with declared mutations.
-        lr_tensor = lr if isinstance(lr, torch.Tensor) else None
-        _OP(
-            p_, g_, d_, v_, z_, state_steps, grad_scale, found_inf, lr_tensor,
-            0.0 if lr_tensor is not None else float(lr), beta1, beta2, eps, weight_decay, clip_gradient,
-            decoupled_weight_decay, compact, maximize,
-        )
+        # The op's schema takes primitive types only: the options go in flat (lr as a tensor or a float).
+        lr_tensor = opts.lr if isinstance(opts.lr, torch.Tensor) else None
+        _OP(p_, g_, d_, v_, z_, state_steps, grad_scale, found_inf, lr_tensor,
+            0.0 if lr_tensor is not None else float(opts.lr), *opts[1:])
         return
     # Eager: the op's body itself. Going through the dispatcher costs a Python-level version bump and
     # argument flattening per tensor (about 4 us each: 8 ms for 2,000 tensors); one call does it here.
-    _step(p_, g_, d_, v_, z_, state_steps, grad_scale, found_inf, lr, beta1, beta2, eps, weight_decay,
-          clip_gradient, decoupled_weight_decay, compact, maximize)
+    _step(work, state_steps, opts, grad_scale, found_inf)
     mutated = [*p_, *d_, *v_, *z_, *state_steps, *(g_ if grad_scale is not None else ())]
     torch.autograd.graph.increment_version(mutated)
 
@@ -196,8 +177,9 @@ def _register() -> Any:
         eps: float, weight_decay: float, clip_gradient: float | None, decoupled_weight_decay: bool, compact: bool,
         maximize: bool,
     ) -> None:
-        _step(params, grads, ds, vs, zs, steps, grad_scale, found_inf, lr_tensor if lr_tensor is not None else lr,
-              beta1, beta2, eps, weight_decay, clip_gradient, decoupled_weight_decay, compact, maximize)
+        opts = StepOptions(lr_tensor if lr_tensor is not None else lr, beta1, beta2, eps, weight_decay, clip_gradient,
+                           decoupled_weight_decay, compact, maximize)
+        _step([params, grads, vs] if compact else [params, grads, ds, vs, zs], steps, opts, grad_scale, found_inf)
 
     # typing.Optional rather than `X | None`: what the schema inference of every torch >= 2.4 reads
     tensors, maybe_tensor, maybe_float = list[torch.Tensor], Optional[torch.Tensor], Optional[float]  # noqa: UP045
@@ -224,15 +206,16 @@ _OP = _register()
 
 
 def _step(
-    params: list[Tensor], grads: list[Tensor], ds: list[Tensor], vs: list[Tensor], zs: list[Tensor],
-    steps: list[Tensor], grad_scale: Tensor | None, found_inf: Tensor | None, lr: float | Tensor, beta1: float,
-    beta2: float, eps: float, weight_decay: float, clip_gradient: float | None, decoupled_weight_decay: bool,
-    compact: bool, maximize: bool,
+    lists: list[list[Tensor]], steps: list[Tensor], opts: StepOptions, grad_scale: Tensor | None,
+    found_inf: Tensor | None,
 ) -> None:
-    """The op's body (eager): one kernel call per (device, dtypes) group."""
+    """The op's body (eager): one kernel call per (device, dtypes) group.
+
+    ``lists`` is ``[params, grads, ds, vs, zs]`` (``[params, grads, vs]`` in the compact form).
+    """
     import torch
 
-    lists = [params, grads, vs] if compact else [params, grads, ds, vs, zs]
+    params, vs = lists[0], lists[2 if opts.compact else 3]
     keys = list(zip(map(_DEVICE, params), map(_DTYPE, params), map(_DTYPE, vs), map(_DTYPE, steps)))
     groups: dict[Any, list[int]] = {}
     if keys.count(keys[0]) == len(keys):  # the usual case: one group
@@ -240,24 +223,19 @@ def _step(
     else:
         for i, key in enumerate(keys):
             groups.setdefault(key, []).append(i)
-    args: dict[str, Any] = dict(
-        grad_scale=grad_scale, found_inf=found_inf, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-        weight_decay=weight_decay, clip_gradient=clip_gradient, decoupled_weight_decay=decoupled_weight_decay,
-        compact=compact, maximize=maximize,
-    )
     with torch.no_grad():
         for (device, *_), idx in groups.items():
             whole = len(idx) == len(params)
             sub = lists if whole else [[lst[i] for i in idx] for lst in lists]
             sub_steps = steps if whole else [steps[i] for i in idx]
             if device.type == "cpu":
-                _cpu_group(sub, sub_steps, **args)
+                _cpu_group(sub, sub_steps, opts, grad_scale=grad_scale, found_inf=found_inf)
             else:
                 from ftmlopt.kernels import triton_cuda
 
                 if not triton_cuda.AVAILABLE:
                     raise RuntimeError("FTML(fused=True) on CUDA needs triton: pip install 'ftmlopt[triton]'")
-                triton_cuda.multi_tensor_step(sub, sub_steps, **args)
+                triton_cuda.multi_tensor_step(sub, sub_steps, opts, grad_scale=grad_scale, found_inf=found_inf)
 
 
 _NP = {"float32": np.float32, "float64": np.float64}
@@ -267,23 +245,13 @@ _IS_CPU = attrgetter("is_cpu")
 
 
 def _cpu_group(
-    lists: list[list[Tensor]],
-    steps: list[Tensor],
-    *,
-    grad_scale: Tensor | None,
+    lists: list[list[Tensor]], steps: list[Tensor], opts: StepOptions, *, grad_scale: Tensor | None,
     found_inf: Tensor | None,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    clip_gradient: float | None,
-    decoupled_weight_decay: bool,
-    compact: bool,
-    maximize: bool,
 ) -> None:
     """Step one CPU group (one param dtype, one state dtype) with a single kernel call."""
     import torch
+
+    lr, beta1, beta2, eps, weight_decay, clip_gradient, decoupled_weight_decay, compact, maximize = opts
 
     from ftmlopt.kernels import cpu
 

@@ -7,11 +7,12 @@ bit, and both against the rule in NumPy).
 
 Example:
     >>> import torch
+    >>> from ftmlopt.torch._constants import StepOptions, StepTensors
     >>> from ftmlopt.torch._multi_tensor import _multi_tensor_ftml
     >>> w, g, v, step = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 0.0]), torch.zeros(2), torch.tensor(0.0)
-    >>> _multi_tensor_ftml([w], [g], [], [v], [], [step], grad_scale=None, found_inf=None, lr=0.1, beta1=0.6,
-    ...                    beta2=0.999, eps=1e-8, weight_decay=0.0, clip_gradient=None, decoupled_weight_decay=False,
-    ...                    compact=True, maximize=False, has_complex=False, capturable=False, differentiable=False)
+    >>> opts = StepOptions(lr=0.1, beta1=0.6, beta2=0.999, eps=1e-8, weight_decay=0.0, clip_gradient=None,
+    ...                    decoupled_weight_decay=False, compact=True, maximize=False)
+    >>> _multi_tensor_ftml(StepTensors([w], [g], [], [v], [], [step]), opts)
     >>> w, step
     (tensor([ 0.9000, -2.0000]), tensor(1.))
 """
@@ -27,34 +28,15 @@ from torch.optim.optimizer import Optimizer, _get_value, _view_as_real
 
 from ftmlopt import rule
 from ftmlopt.torch import _dtypes
-from ftmlopt.torch._constants import step_constants
+from ftmlopt.torch._constants import StepOptions, StepTensors, step_constants
 from ftmlopt.torch._validation import check_capturable_devices
 
 __all__ = ["_multi_tensor_ftml", "local_shards"]
 
 
 def _multi_tensor_ftml(
-    params: list[Tensor],
-    grads: list[Tensor],
-    ds: list[Tensor],
-    vs: list[Tensor],
-    zs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    clip_gradient: float | None,
-    decoupled_weight_decay: bool,
-    compact: bool,
-    maximize: bool,
-    has_complex: bool,
-    capturable: bool,
-    differentiable: bool,
+    lists: StepTensors, opts: StepOptions, *, grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
+    has_complex: bool = False, capturable: bool = False, differentiable: bool = False,
 ) -> None:
     """The same step as :func:`ftmlopt.torch._single_tensor._single_tensor_ftml` with ``torch._foreach_*`` ops.
 
@@ -63,6 +45,8 @@ def _multi_tensor_ftml(
     a stored dtype differs, written back once). lr = 0 (:mod:`ftmlopt.rule`): the weights stay,
     ``v`` takes the gradient, ``step`` is counted; the MXNet form keeps ``d`` and ``z``.
     """
+    params, grads, ds, vs, zs, state_steps = lists
+    lr, compact = opts.lr, opts.compact
     if not params:
         return
     if grad_scale is not None or found_inf is not None:
@@ -75,14 +59,10 @@ def _multi_tensor_ftml(
         check_capturable_devices(params, state_steps)
     tensor_math = capturable or torch.compiler.is_compiling()
     masked = not compact and isinstance(lr, Tensor)
-    hyper = dict(
-        beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, clip_gradient=clip_gradient,
-        decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, compact=compact,
-    )
 
     params, grads, ds, vs, zs = local_shards(params, grads, ds, vs, zs)
-    lists: list[list[Tensor]] = [params, grads, vs, state_steps] + ([] if compact else [ds, zs])
-    grouped = Optimizer._group_tensors_by_device_and_dtype(lists)  # type: ignore[arg-type]
+    by_group: list[list[Tensor]] = [params, grads, vs, state_steps] + ([] if compact else [ds, zs])
+    grouped = Optimizer._group_tensors_by_device_and_dtype(by_group)  # type: ignore[arg-type]
     for group_lists, _ in grouped.values():
         dev_params, dev_grads, dev_vs, dev_steps = (list(cast(list[Tensor], x)) for x in group_lists[:4])
         dev_ds, dev_zs = (list(cast(list[Tensor], x)) for x in group_lists[4:]) if not compact else ([], [])
@@ -99,7 +79,7 @@ def _multi_tensor_ftml(
         consts = []
         for t in ts:
             key = id(t) if tensor_math else t
-            c = cache.get(key) or cache.setdefault(key, step_constants(lr, t, **hyper))  # type: ignore[arg-type]
+            c = cache.get(key) or cache.setdefault(key, step_constants(opts, t))
             consts.append(c)
 
         for idx in _by_state_dtype(dev_vs):

@@ -15,11 +15,12 @@ into the param and its state. Per element, with :math:`g' = \mathrm{clamp}(\pm g
 
 Example:
     >>> import torch
+    >>> from ftmlopt.torch._constants import StepOptions, StepTensors
     >>> from ftmlopt.torch._single_tensor import _single_tensor_ftml
     >>> w, g, v, step = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 0.0]), torch.zeros(2), torch.tensor(0.0)
-    >>> _single_tensor_ftml([w], [g], [], [v], [], [step], grad_scale=None, found_inf=None, lr=0.1, beta1=0.6,
-    ...                     beta2=0.999, eps=1e-8, weight_decay=0.0, clip_gradient=None, decoupled_weight_decay=False,
-    ...                     compact=True, maximize=False, has_complex=False, capturable=False, differentiable=False)
+    >>> opts = StepOptions(lr=0.1, beta1=0.6, beta2=0.999, eps=1e-8, weight_decay=0.0, clip_gradient=None,
+    ...                    decoupled_weight_decay=False, compact=True, maximize=False)
+    >>> _single_tensor_ftml(StepTensors([w], [g], [], [v], [], [step]), opts)
     >>> w, step
     (tensor([ 0.9000, -2.0000]), tensor(1.))
 """
@@ -32,34 +33,15 @@ from torch.optim.optimizer import _get_value
 
 from ftmlopt import rule
 from ftmlopt.torch import _dtypes
-from ftmlopt.torch._constants import lr_for_math, step_constants
+from ftmlopt.torch._constants import StepOptions, StepTensors, lr_for_math, step_constants
 from ftmlopt.torch._validation import check_capturable_devices
 
 __all__ = ["_single_tensor_ftml"]
 
 
 def _single_tensor_ftml(
-    params: list[Tensor],
-    grads: list[Tensor],
-    ds: list[Tensor],
-    vs: list[Tensor],
-    zs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    clip_gradient: float | None,
-    decoupled_weight_decay: bool,
-    compact: bool,
-    maximize: bool,
-    has_complex: bool,
-    capturable: bool,
-    differentiable: bool,
+    lists: StepTensors, opts: StepOptions, *, grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
+    has_complex: bool = False, capturable: bool = False, differentiable: bool = False,
 ) -> None:
     """One FTML step, one param at a time, in place (``compact=True``: ``ds`` and ``zs`` are empty).
 
@@ -72,27 +54,24 @@ def _single_tensor_ftml(
     lr = 0 (:mod:`ftmlopt.rule`): ``w`` stays, ``v`` takes the gradient and ``step`` is counted in both
     forms; the MXNet form keeps ``d`` and ``z`` (a tensor lr is masked with ``torch.where``).
     """
+    params, grads, ds, vs, zs, state_steps = lists
+    compact = opts.compact
     if grad_scale is not None or found_inf is not None:
         raise AssertionError("grad_scale and found_inf are only supported by fused=True")
     if capturable:
         check_capturable_devices(params, state_steps)
     tensor_math = capturable or differentiable or torch.compiler.is_compiling()
-    lr = lr_for_math(lr, tensor_math)
-    masked = not compact and isinstance(lr, Tensor)  # the MXNet form at a tensor lr that may be 0
-    hyper = dict(
-        beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, clip_gradient=clip_gradient,
-        decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, compact=compact,
-    )
+    opts = opts._replace(lr=lr_for_math(opts.lr, tensor_math))
+    masked = not compact and isinstance(opts.lr, Tensor)  # the MXNet form at a tensor lr that may be 0
     cache: dict[float, rule.Constants] = {}
     for i, param in enumerate(params):
         step_t = state_steps[i]
         step_t += 1
-        t: float | Tensor = step_t
         if tensor_math:
-            c = step_constants(lr, t, **hyper)  # type: ignore[arg-type]
+            c = step_constants(opts, step_t)
         else:
-            t = _get_value(t)
-            c = cache.get(t) or cache.setdefault(t, step_constants(lr, t, **hyper))  # type: ignore[arg-type]
+            t: float = _get_value(step_t)
+            c = cache.get(t) or cache.setdefault(t, step_constants(opts, t))
 
         tensors = [param, grads[i], vs[i]] + ([] if compact else [ds[i], zs[i]])
         if torch.is_complex(param):  # every real coordinate is its own FTML problem

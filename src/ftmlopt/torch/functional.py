@@ -35,36 +35,35 @@ from torch import Tensor
 from torch.optim.optimizer import _default_to_fused_or_foreach, _disable_dynamo_if_unsupported
 
 from ftmlopt import rule
+from ftmlopt.torch._constants import StepOptions, StepTensors
 from ftmlopt.torch._multi_tensor import _multi_tensor_ftml, local_shards
 from ftmlopt.torch._single_tensor import _single_tensor_ftml
 
 __all__ = ["ftml"]
 
 
-def _fused_with_lr0_fallback(params: list[Tensor], grads: list[Tensor], ds: list[Tensor], vs: list[Tensor],
-                             zs: list[Tensor], state_steps: list[Tensor], **kwargs: Any) -> None:
+def _fused_with_lr0_fallback(lists: StepTensors, opts: StepOptions, *, grad_scale: Tensor | None = None,
+                             found_inf: Tensor | None = None, **flags: Any) -> None:
     """The fused step (:func:`ftmlopt.torch._fused._fused_ftml`, looked up at call time), except an
     MXNet-form step at lr 0, which goes to the foreach path.
 
     The kernels' MXNet form divides by lr; at lr 0 that form only folds the gradient into ``v`` and
     counts the step (:mod:`ftmlopt.rule`), which the foreach path does instead. A tensor lr on an
     accelerator is read for this (one host sync, MXNet form only). DTensors are stepped through
-    their local shards.
+    their local shards. ``flags``: ``has_complex``, ``capturable``, ``differentiable``.
     """
     from ftmlopt.torch import _fused
 
-    lr = kwargs["lr"]
-    if not kwargs["compact"] and float(lr) == 0.0:
-        grad_scale, found_inf = kwargs.pop("grad_scale"), kwargs.pop("found_inf")
+    if not opts.compact and float(opts.lr) == 0.0:
         if found_inf is not None and bool(found_inf):
             return  # GradScaler skips this step
         if grad_scale is not None:
-            grads = list(torch._foreach_div(grads, grad_scale))
-        kwargs["lr"] = 0.0
-        _multi_tensor_ftml(params, grads, ds, vs, zs, state_steps, grad_scale=None, found_inf=None, **kwargs)
+            lists = lists._replace(grads=list(torch._foreach_div(lists.grads, grad_scale)))
+        _multi_tensor_ftml(lists, opts._replace(lr=0.0), **flags)
         return
-    params, grads, ds, vs, zs = local_shards(params, grads, ds, vs, zs)
-    _fused._fused_ftml(params, grads, ds, vs, zs, state_steps, **kwargs)
+    params, grads, ds, vs, zs = local_shards(*lists[:5])
+    _fused._fused_ftml(StepTensors(params, grads, ds, vs, zs, lists.state_steps), opts, grad_scale=grad_scale,
+                       found_inf=found_inf, **flags)
 
 
 def _fused_is_default(params: list[Tensor], differentiable: bool) -> bool:
@@ -151,24 +150,8 @@ def ftml(
     else:
         func = _single_tensor_ftml
     func(
-        params,
-        grads,
-        ds,
-        vs,
-        zs,
-        state_steps,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        clip_gradient=clip_gradient,
-        decoupled_weight_decay=decoupled_weight_decay,
-        compact=compact,
-        maximize=maximize,
-        has_complex=has_complex,
-        capturable=capturable,
+        StepTensors(params, grads, ds, vs, zs, state_steps),
+        StepOptions(lr, beta1, beta2, eps, weight_decay, clip_gradient, decoupled_weight_decay, compact, maximize),
+        grad_scale=grad_scale, found_inf=found_inf, has_complex=has_complex, capturable=capturable,
         differentiable=differentiable,
     )
