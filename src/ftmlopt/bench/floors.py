@@ -32,7 +32,6 @@ __all__ = ["cpu_available", "cpu_floor", "cuda_floor"]
 
 _CPU: dict[tuple[int, int, str], Callable[..., None]] = {}
 _STATES = {"three": (2, 3, 4), "compact": (3,), "adam": (2, 3)}  # which of d, v, z are read and written
-_KEEP: list[Any] = []
 
 
 def cpu_available() -> bool:
@@ -44,6 +43,8 @@ def cpu_available() -> bool:
 
 def _ir(p_bytes: int, s_bytes: int, form: str) -> str:
     import llvmlite.ir as ir  # type: ignore[import-untyped]
+
+    from ftmlopt.kernels import cpu
 
     i64 = ir.IntType(64)
     pt, st = ir.IntType(8 * p_bytes), ir.IntType(8 * s_bytes)
@@ -58,66 +59,34 @@ def _ir(p_bytes: int, s_bytes: int, form: str) -> str:
     for a in piece.args[:5]:
         a.add_attribute("noalias")
     w, g, _d, _v, _z, n, mask = piece.args
-    entry, loop, done = piece.append_basic_block("e"), piece.append_basic_block("l"), piece.append_basic_block("d")
-    b = ir.IRBuilder(entry)
-    b.cbranch(b.icmp_signed(">", n, i64(0)), loop, done)
-    b.position_at_end(loop)
-    j = b.phi(i64)
-    j.add_incoming(i64(0), entry)
-    pm, sm = b.trunc(mask, pt), b.trunc(mask, st)
-    gw = b.and_(b.load(b.gep(g, [j])), pm)
-    b.store(b.xor(b.load(b.gep(w, [j])), gw), b.gep(w, [j]))
-    for arr in (piece.args[i] for i in _STATES[form]):
-        b.store(b.xor(b.load(b.gep(arr, [j])), sm), b.gep(arr, [j]))
-    nxt = b.add(j, i64(1))
-    j.add_incoming(nxt, b.block)
-    b.cbranch(b.icmp_signed("<", nxt, n), loop, done)
-    b.position_at_end(done)
+    b = ir.IRBuilder(piece.append_basic_block("e"))
+    with cpu._loop(b, n, ("l", "d")) as j:
+        pm, sm = b.trunc(mask, pt), b.trunc(mask, st)
+        gw = b.and_(b.load(b.gep(g, [j])), pm)
+        b.store(b.xor(b.load(b.gep(w, [j])), gw), b.gep(w, [j]))
+        for arr in (piece.args[i] for i in _STATES[form]):
+            b.store(b.xor(b.load(b.gep(arr, [j])), sm), b.gep(arr, [j]))
     b.ret_void()
 
     n_pieces, ptrs, counts, _coefs, maskp = fn.args
-    entry, body, end = fn.append_basic_block("e"), fn.append_basic_block("b"), fn.append_basic_block("x")
-    b = ir.IRBuilder(entry)
+    b = ir.IRBuilder(fn.append_basic_block("e"))
     m = b.load(maskp)
-    b.cbranch(b.icmp_signed(">", n_pieces, i64(0)), body, end)
-    b.position_at_end(body)
-    p = b.phi(i64)
-    p.add_incoming(i64(0), entry)
-    base = b.mul(p, i64(6))
-    args = [b.inttoptr(b.load(b.gep(ptrs, [b.add(base, i64(r))])), ty.as_pointer())
-            for r, ty in enumerate((pt, pt, st, st, st))]
-    b.call(piece, [*args, b.load(b.gep(counts, [p])), m])
-    nxt = b.add(p, i64(1))
-    p.add_incoming(nxt, b.block)
-    b.cbranch(b.icmp_signed("<", nxt, n_pieces), body, end)
-    b.position_at_end(end)
+    with cpu._loop(b, n_pieces, ("b", "x")) as p:
+        base = b.mul(p, i64(6))
+        args = [b.inttoptr(b.load(b.gep(ptrs, [b.add(base, i64(r))])), ty.as_pointer())
+                for r, ty in enumerate((pt, pt, st, st, st))]
+        b.call(piece, [*args, b.load(b.gep(counts, [p])), m])
     b.ret_void()
     return str(module)
 
 
 def _cpu_kernel(p_bytes: int, s_bytes: int, form: str) -> Callable[..., None]:
-    import ctypes
-
-    import llvmlite.binding as llvm  # type: ignore[import-untyped]
-
     from ftmlopt.kernels import cpu
 
     key = (p_bytes, s_bytes, form)
     if key not in _CPU:
-        tm = cpu._target_machine()
-        mod = llvm.parse_assembly(_ir(p_bytes, s_bytes, form))
-        mod.triple = tm.triple
-        mod.data_layout = str(tm.target_data)
-        pto = llvm.create_pipeline_tuning_options(speed_level=3)
-        pto.loop_vectorization = True
-        builder = llvm.create_pass_builder(tm, pto)
-        builder.getModulePassManager().run(mod, builder)
-        engine = llvm.create_mcjit_compiler(mod, tm)
-        engine.finalize_object()
-        _KEEP.append(engine)
-        sig = ctypes.CFUNCTYPE(None, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                               ctypes.c_void_p)
-        _CPU[key] = sig(engine.get_function_address("run"))
+        # the fused kernels' signature, compiled as they are except without SLP vectorization
+        _CPU[key] = cpu._SIGNATURE(cpu._jit(_ir(p_bytes, s_bytes, form), slp=False))
     return _CPU[key]
 
 

@@ -53,13 +53,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib
 import itertools
 import os
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple
 
@@ -148,6 +149,58 @@ def _target_machine() -> Any:
     return _TARGET[0]
 
 
+def _module(ir_text: str, *, optimize: bool = True, slp: bool = True) -> Any:
+    """``ir_text`` parsed and verified for this host, then (``optimize``) run through the O3 pipeline
+    with loop vectorization (and SLP vectorization unless ``slp=False``)."""
+    assert _LLVM is not None
+    llvm = _LLVM[0]
+    tm = _target_machine()
+    mod = llvm.parse_assembly(ir_text)
+    mod.triple = tm.triple
+    mod.data_layout = str(tm.target_data)
+    mod.verify()
+    if optimize:
+        pto = llvm.create_pipeline_tuning_options(speed_level=3)
+        pto.loop_vectorization = True
+        pto.slp_vectorization = slp
+        builder = llvm.create_pass_builder(tm, pto)
+        builder.getModulePassManager().run(mod, builder)
+    return mod
+
+
+def _jit(ir_text: str, *, optimize: bool = True, slp: bool = True) -> int:
+    """Compile ``ir_text`` (see :func:`_module`) and return the address of its function ``run``.
+
+    The execution engine is kept for the life of the process (its code lives as long as it does).
+    """
+    assert _LLVM is not None
+    engine = _LLVM[0].create_mcjit_compiler(_module(ir_text, optimize=optimize, slp=slp), _target_machine())
+    engine.finalize_object()
+    _KEEP.append(engine)
+    return int(engine.get_function_address("run"))
+
+
+@contextlib.contextmanager
+def _loop(b: Any, n: Any, names: tuple[str, str] = ("loop", "done")) -> Iterator[Any]:
+    """Emit ``for i in range(n)`` (``n`` an i64 value) where builder ``b`` stands; yields ``i``.
+
+    The body is what the ``with`` block emits; afterwards ``b`` stands in the block after the loop.
+    The loop's two blocks (``names``) are appended to ``b``'s function.
+    """
+    i64 = n.type
+    entry = b.block
+    loop, done = (b.function.append_basic_block(name) for name in names)
+    b.cbranch(b.icmp_signed(">", n, i64(0)), loop, done)
+    b.position_at_end(loop)
+    i = b.phi(i64)
+    i.add_incoming(i64(0), entry)
+    yield i
+    nxt = b.add(i, i64(1))
+    i.add_incoming(nxt, b.block)
+    b.cbranch(b.icmp_signed("<", nxt, n), loop, done)
+    b.position_at_end(done)
+
+
 def available_dtypes() -> tuple[str, ...]:
     """The storage dtypes this CPU can use without staging (float16 needs the F16C instructions).
 
@@ -184,124 +237,90 @@ def _codegen(spec: Spec) -> str:
     coef, bias2, *kv = piece.args[7:]
     k = dict(zip(K_FIELDS, kv))
 
-    entry = piece.append_basic_block("entry")
-    loop = piece.append_basic_block("loop")
-    done = piece.append_basic_block("done")
-    b = ir.IRBuilder(entry)
-    b.cbranch(b.icmp_signed(">", n, i64(0)), loop, done)
-    b.position_at_end(loop)
-    j = b.phi(i64)
-    j.add_incoming(i64(0), entry)
+    b = ir.IRBuilder(piece.append_basic_block("entry"))
+    with _loop(b, n) as j:
 
-    def load(ptr: Any, ty: Any) -> Any:
-        x = b.load(b.gep(ptr, [j]))
-        if ty is i16:  # bfloat16: the high half of a float32
-            return _widen(b.bitcast(b.shl(b.zext(x, i32), i32(16)), f32))
-        return _widen(x)
+        def load(ptr: Any, ty: Any) -> Any:
+            x = b.load(b.gep(ptr, [j]))
+            if ty is i16:  # bfloat16: the high half of a float32
+                return _widen(b.bitcast(b.shl(b.zext(x, i32), i32(16)), f32))
+            return _widen(x)
 
-    def _widen(x: Any) -> Any:
-        return x if x.type == ct else b.fpext(x, ct)
+        def _widen(x: Any) -> Any:
+            return x if x.type == ct else b.fpext(x, ct)
 
-    def store(ptr: Any, ty: Any, x: Any) -> None:
-        if ty is i16:
-            f = x if x.type == f32 else b.fptrunc(x, f32)
-            bits = b.bitcast(f, i32)  # round to nearest even; NaN -> a quiet NaN (torch's rule)
-            odd = b.and_(b.lshr(bits, i32(16)), i32(1))
-            rounded = b.trunc(b.lshr(b.add(bits, b.add(i32(0x7FFF), odd)), i32(16)), i16)
-            x = b.select(b.fcmp_unordered("uno", f, f), i16(0x7FC0), rounded)
-        elif ty != ct:
-            x = b.fptrunc(x, ty)
-        b.store(x, b.gep(ptr, [j]))
+        def store(ptr: Any, ty: Any, x: Any) -> None:
+            if ty is i16:
+                f = x if x.type == f32 else b.fptrunc(x, f32)
+                bits = b.bitcast(f, i32)  # round to nearest even; NaN -> a quiet NaN (torch's rule)
+                odd = b.and_(b.lshr(bits, i32(16)), i32(1))
+                rounded = b.trunc(b.lshr(b.add(bits, b.add(i32(0x7FFF), odd)), i32(16)), i16)
+                x = b.select(b.fcmp_unordered("uno", f, f), i16(0x7FC0), rounded)
+            elif ty != ct:
+                x = b.fptrunc(x, ty)
+            b.store(x, b.gep(ptr, [j]))
 
-    sqrt = module.declare_intrinsic("llvm.sqrt", [ct])
-    g = load(g_p, pt)
-    if spec.scale:
-        g = b.fdiv(g, k["scale"])
-        if spec.write_grad:
-            store(g_p, pt, g)
-    if spec.form == "operator":
-        g = b.fmul(g, k["scale"])
-    if spec.maximize:
-        g = b.fneg(g)
-    w = load(w_p, pt)
-    if spec.decoupled_wd:
-        w = b.fmul(w, k["decay"])
-    if spec.coupled_wd or spec.form == "operator":
-        g = b.fadd(g, b.fmul(w, k["wd"]))
-    if spec.clip:
-        c = k["clip"]
-        g = b.select(b.fcmp_ordered(">", g, c), c, g)
-        neg = b.fneg(c)
-        g = b.select(b.fcmp_ordered("<", g, neg), neg, g)
-    v = b.fadd(b.fmul(load(v_p, st), k["beta2"]), b.fmul(b.fmul(g, g), k["one_minus_beta2"]))
-    store(v_p, st, v)
-    root = b.fadd(b.call(sqrt, [b.fdiv(v, bias2)]), k["eps"])
-    if not mxnet:
-        new_w = b.fsub(w, b.fdiv(b.fmul(g, coef), root))
-    else:
-        d_t = b.fmul(root, coef)
-        z = load(z_p, st)
+        sqrt = module.declare_intrinsic("llvm.sqrt", [ct])
+        g = load(g_p, pt)
+        if spec.scale:
+            g = b.fdiv(g, k["scale"])
+            if spec.write_grad:
+                store(g_p, pt, g)
+        if spec.form == "operator":
+            g = b.fmul(g, k["scale"])
+        if spec.maximize:
+            g = b.fneg(g)
+        w = load(w_p, pt)
         if spec.decoupled_wd:
-            z = b.fmul(z, k["decay"])
-        z = b.fadd(b.fmul(z, k["beta1"]), b.fmul(g, k["one_minus_beta1"]))
-        z = b.fsub(z, b.fmul(b.fsub(d_t, b.fmul(load(d_p, st), k["beta1"])), w))
-        store(z_p, st, z)
-        store(d_p, st, d_t)
-        new_w = b.fdiv(b.fneg(z), d_t)
-    store(out_p if spec.separate_out else w_p, pt, new_w)
-    nxt = b.add(j, i64(1))
-    j.add_incoming(nxt, b.block)
-    b.cbranch(b.icmp_signed("<", nxt, n), loop, done)
-    b.position_at_end(done)
+            w = b.fmul(w, k["decay"])
+        if spec.coupled_wd or spec.form == "operator":
+            g = b.fadd(g, b.fmul(w, k["wd"]))
+        if spec.clip:
+            c = k["clip"]
+            g = b.select(b.fcmp_ordered(">", g, c), c, g)
+            neg = b.fneg(c)
+            g = b.select(b.fcmp_ordered("<", g, neg), neg, g)
+        v = b.fadd(b.fmul(load(v_p, st), k["beta2"]), b.fmul(b.fmul(g, g), k["one_minus_beta2"]))
+        store(v_p, st, v)
+        root = b.fadd(b.call(sqrt, [b.fdiv(v, bias2)]), k["eps"])
+        if not mxnet:
+            new_w = b.fsub(w, b.fdiv(b.fmul(g, coef), root))
+        else:
+            d_t = b.fmul(root, coef)
+            z = load(z_p, st)
+            if spec.decoupled_wd:
+                z = b.fmul(z, k["decay"])
+            z = b.fadd(b.fmul(z, k["beta1"]), b.fmul(g, k["one_minus_beta1"]))
+            z = b.fsub(z, b.fmul(b.fsub(d_t, b.fmul(load(d_p, st), k["beta1"])), w))
+            store(z_p, st, z)
+            store(d_p, st, d_t)
+            new_w = b.fdiv(b.fneg(z), d_t)
+        store(out_p if spec.separate_out else w_p, pt, new_w)
     b.ret_void()
 
     # run(n_pieces, ptrs[6 per piece], counts[per piece], coefs[2 per piece], k[K_FIELDS])
     vp = i64.as_pointer()
     fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [i64, vp, vp, ct.as_pointer(), ct.as_pointer()]), "run")
     n_pieces, ptrs, counts, coefs, kp = fn.args
-    entry = fn.append_basic_block("entry")
-    body = fn.append_basic_block("body")
-    end = fn.append_basic_block("end")
-    b = ir.IRBuilder(entry)
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
     kvals = [b.load(b.gep(kp, [i64(i)])) for i in range(len(K_FIELDS))]
-    b.cbranch(b.icmp_signed(">", n_pieces, i64(0)), body, end)
-    b.position_at_end(body)
-    p = b.phi(i64)
-    p.add_incoming(i64(0), entry)
-    base = b.mul(p, i64(6))
-    types = (pt, pt, st, st, st, pt)
-    args = [b.inttoptr(b.load(b.gep(ptrs, [b.add(base, i64(r))])), ty.as_pointer()) for r, ty in enumerate(types)]
-    count = b.load(b.gep(counts, [p]))
-    pc = [b.load(b.gep(coefs, [b.add(b.mul(p, i64(2)), i64(r))])) for r in range(2)]
-    b.call(piece, [*args, count, *pc, *kvals])
-    nxt = b.add(p, i64(1))
-    p.add_incoming(nxt, b.block)
-    b.cbranch(b.icmp_signed("<", nxt, n_pieces), body, end)
-    b.position_at_end(end)
+    with _loop(b, n_pieces, ("body", "end")) as p:
+        base = b.mul(p, i64(6))
+        types = (pt, pt, st, st, st, pt)
+        args = [b.inttoptr(b.load(b.gep(ptrs, [b.add(base, i64(r))])), ty.as_pointer()) for r, ty in enumerate(types)]
+        count = b.load(b.gep(counts, [p]))
+        pc = [b.load(b.gep(coefs, [b.add(b.mul(p, i64(2)), i64(r))])) for r in range(2)]
+        b.call(piece, [*args, count, *pc, *kvals])
     b.ret_void()
     return str(module)
 
 
 def _compile(spec: Spec) -> Callable[..., None]:
-    assert _LLVM is not None
-    llvm = _LLVM[0]
-    tm = _target_machine()
+    _target_machine()
     if spec.param == "float16" or spec.state == "float16":
         if not _TARGET[1]:
             raise RuntimeError("float16 kernels need a CPU with F16C instructions")
-    mod = llvm.parse_assembly(_codegen(spec))
-    mod.triple = tm.triple
-    mod.data_layout = str(tm.target_data)
-    mod.verify()
-    pto = llvm.create_pipeline_tuning_options(speed_level=3)
-    pto.loop_vectorization = True
-    pto.slp_vectorization = True
-    builder = llvm.create_pass_builder(tm, pto)
-    builder.getModulePassManager().run(mod, builder)
-    engine = llvm.create_mcjit_compiler(mod, tm)
-    engine.finalize_object()
-    _KEEP.append(engine)
-    return _SIGNATURE(engine.get_function_address("run"))  # a ctypes call: releases the GIL
+    return _SIGNATURE(_jit(_codegen(spec)))  # a ctypes call: releases the GIL
 
 
 def kernel(spec: Spec) -> Callable[..., None]:
@@ -330,18 +349,7 @@ def kernel(spec: Spec) -> Callable[..., None]:
 
 def assembly(spec: Spec) -> str:
     """The x86 (or host) assembly of ``spec``'s kernel, to check vectorization by eye."""
-    assert _LLVM is not None
-    llvm = _LLVM[0]
-    tm = _target_machine()
-    mod = llvm.parse_assembly(_codegen(spec))
-    mod.triple = tm.triple
-    mod.data_layout = str(tm.target_data)
-    pto = llvm.create_pipeline_tuning_options(speed_level=3)
-    pto.loop_vectorization = True
-    pto.slp_vectorization = True
-    builder = llvm.create_pass_builder(tm, pto)
-    builder.getModulePassManager().run(mod, builder)
-    return str(tm.emit_assembly(mod))
+    return str(_target_machine().emit_assembly(_module(_codegen(spec))))
 
 
 _COUNTERS: dict[str, Callable[..., None]] = {}
@@ -356,21 +364,13 @@ def _counter_ir(dtype: str) -> str:
     module = ir.Module(name=f"ftml_counters_{dtype}")
     fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [i64, i64.as_pointer(), f64.as_pointer(), f64]), "run")
     n, ptrs, out, inc = fn.args
-    entry, body, end = fn.append_basic_block("e"), fn.append_basic_block("b"), fn.append_basic_block("x")
-    b = ir.IRBuilder(entry)
-    b.cbranch(b.icmp_signed(">", n, i64(0)), body, end)
-    b.position_at_end(body)
-    i = b.phi(i64)
-    i.add_incoming(i64(0), entry)
-    ptr = b.inttoptr(b.load(b.gep(ptrs, [i])), ty.as_pointer())
-    add = inc if ty == f64 else b.fptrunc(inc, ty)
-    value = b.fadd(b.load(ptr), add)
-    b.store(value, ptr)
-    b.store(value if ty == f64 else b.fpext(value, f64), b.gep(out, [i]))
-    nxt = b.add(i, i64(1))
-    i.add_incoming(nxt, b.block)
-    b.cbranch(b.icmp_signed("<", nxt, n), body, end)
-    b.position_at_end(end)
+    b = ir.IRBuilder(fn.append_basic_block("e"))
+    with _loop(b, n, ("b", "x")) as i:
+        ptr = b.inttoptr(b.load(b.gep(ptrs, [i])), ty.as_pointer())
+        add = inc if ty == f64 else b.fptrunc(inc, ty)
+        value = b.fadd(b.load(ptr), add)
+        b.store(value, ptr)
+        b.store(value if ty == f64 else b.fpext(value, f64), b.gep(out, [i]))
     b.ret_void()
     return str(module)
 
@@ -392,17 +392,8 @@ def bump_counters(addresses: np.ndarray, dtype: str, increment: float = 1.0) -> 
     if fn is None:
         if not AVAILABLE:
             kernel(Spec("compact", "float32", "float32"))  # raises ImportError, naming what to install
-        assert _LLVM is not None
-        llvm = _LLVM[0]
         with _ENGINE_LOCK:
-            tm = _target_machine()
-            mod = llvm.parse_assembly(_counter_ir(dtype))
-            mod.triple = tm.triple
-            mod.data_layout = str(tm.target_data)
-            engine = llvm.create_mcjit_compiler(mod, tm)
-            engine.finalize_object()
-            _KEEP.append(engine)
-            fn = _COUNTERS[dtype] = _COUNTER_SIGNATURE(engine.get_function_address("run"))
+            fn = _COUNTERS[dtype] = _COUNTER_SIGNATURE(_jit(_counter_ir(dtype), optimize=False))
     addresses = np.ascontiguousarray(addresses, dtype=np.int64)
     out = np.empty(addresses.size, dtype=np.float64)
     fn(addresses.size, addresses.ctypes.data, out.ctypes.data, float(increment))
