@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["device_name", "extras_table", "format_bytes", "header", "load_average", "table"]
@@ -66,21 +67,19 @@ def extras_table(extras: dict[str, Any]) -> str:
     """The first-step and forward+backward tables of :func:`ftmlopt.bench.probes.extras`'s result."""
     lines = ["first step of a new process (1M float32 params; kernel compilation included; two processes)", "",
              "| optimizer | first step s | second step s | import+setup s |", "|---|---|---|---|"]
-    for kind, runs in extras["first_step"].items():
-        for r in runs:
-            if "error" in r:
-                lines.append(f"| {kind} | error: {r['error']} | | |")
-            else:
-                lines.append(f"| {kind} | {r['first_step_s']:.3f} | {r['second_step_s']:.4f} | {r['import_s']:.2f} |")
+    lines += _run_rows(extras["first_step"], 3,
+                       lambda r: f"{r['first_step_s']:.3f} | {r['second_step_s']:.4f} | {r['import_s']:.2f}")
     lines += ["", "forward+backward of a 4x1024 MLP (batch 256) between optimizer steps, fresh processes A B A B", "",
               "| optimizer | fwd+bwd ms (median) | torch threads before -> after |", "|---|---|---|"]
-    for kind, runs in extras["forward_backward"].items():
-        for r in runs:
-            if "error" in r:
-                lines.append(f"| {kind} | error: {r['error']} | |")
-            else:
-                lines.append(f"| {kind} | {r['fwd_bwd_ms']:.1f} | {r['threads_before']} -> {r['threads_after']} |")
+    lines += _run_rows(extras["forward_backward"], 2,
+                       lambda r: f"{r['fwd_bwd_ms']:.1f} | {r['threads_before']} -> {r['threads_after']}")
     return "\n".join(lines)
+
+
+def _run_rows(runs: dict[str, list[dict[str, Any]]], columns: int, cells: Callable[[dict[str, Any]], str]) -> list[str]:
+    """A table row per run, ``| kind | cells(run) |``; a failed run's error fills the first of its ``columns``."""
+    return [f"| {kind} | error: {r['error']} |" + " |" * (columns - 1) if "error" in r else f"| {kind} | {cells(r)} |"
+            for kind, kind_runs in runs.items() for r in kind_runs]
 
 
 def header(report: dict[str, Any]) -> str:

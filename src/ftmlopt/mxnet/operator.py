@@ -74,13 +74,10 @@ def _dmlc_parse(text: str, double: bool) -> np.floating:
     p, n = 0, len(text)
     while p < n and text[p] in " \t\r\n\f":
         p += 1
-    positive = True
-    if p < n and text[p] in "+-":
-        positive = text[p] == "+"
-        p += 1
+    negative, p = _sign(text, p)
     rest = text[p:].lower()
     if rest.startswith("inf"):
-        return ct(np.inf if positive else -np.inf)
+        return ct(-np.inf if negative else np.inf)
     if rest.startswith("nan"):
         return ct(np.nan)
     predec = 0
@@ -99,11 +96,7 @@ def _dmlc_parse(text: str, double: bool) -> np.floating:
                 count += 1
             value = ct(value + ct(float(val2) / float(pow10)))
         if p < n and text[p] in "eE":
-            p += 1
-            negative_exp = False
-            if p < n and text[p] in "+-":
-                negative_exp = text[p] == "-"
-                p += 1
+            negative_exp, p = _sign(text, p + 1)
             expon = 0
             while p < n and text[p].isdigit():
                 expon = expon * 10 + int(text[p])
@@ -115,7 +108,14 @@ def _dmlc_parse(text: str, double: bool) -> np.floating:
             while expon > 0:
                 scale, expon = ct(scale * ct(10)), expon - 1
             value = ct(value / scale) if negative_exp else ct(value * scale)
-    return value if positive else ct(-value)
+    return ct(-value) if negative else value
+
+
+def _sign(text: str, p: int) -> tuple[bool, int]:
+    """Whether an optional sign at ``text[p]`` is ``-``, and the position after the sign."""
+    if p < len(text) and text[p] in "+-":
+        return text[p] == "-", p + 1
+    return False, p
 
 
 def _mxnet_param(value: Any, double: bool = False) -> np.floating:
