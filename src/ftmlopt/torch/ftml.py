@@ -42,7 +42,8 @@ from torch.optim.optimizer import (
     _view_as_real,
 )
 
-from ftmlopt import rule
+from ftmlopt import lowbit, rule
+from ftmlopt.torch import _lowbit
 
 __all__ = ["FTML", "ftml"]
 
@@ -59,6 +60,7 @@ _FLAG_DEFAULTS: dict[str, Any] = {
     "compact": False,
     "multi_precision": False,
     "state_dtype": None,
+    "state_bits": 32,
     "maximize": False,
     "foreach": None,
     "fused": None,
@@ -114,6 +116,7 @@ def _check_hyperparameters(group: Mapping[str, Any]) -> None:
         raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
     if foreach and isinstance(group.get("lr"), Tensor) and not group.get("capturable"):
         raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+    _lowbit.check_options(group)
 
 
 def _check_group_at_step(group: Mapping[str, Any], index: int) -> None:
@@ -228,6 +231,11 @@ class FTML(Optimizer):
             never decays), the param's dtype otherwise (:func:`ftmlopt.rule.state_dtype`). Give
             ``torch.bfloat16`` to halve that memory at that cost. Ignored under ``multi_precision``
             (float32) and for complex params.
+        state_bits: 32 (default): float ``v``. 8 or 4: ``v`` quantized per block of 128 elements
+            (about 1.03 / 0.53 bytes per element: :mod:`ftmlopt.lowbit`), for params of at least
+            4096 elements (smaller ones keep float ``v``); state ``codes``, ``scales``, ``seed``
+            instead of ``v``. Needs ``compact=True``; not with ``capturable`` or ``differentiable``.
+            Per param group too. ``load_state_dict`` converts a checkpoint of another width.
         maximize: maximize the objective (the gradient is negated first).
         foreach: use the ``torch._foreach_*`` implementation (default: on CUDA).
         fused: use the fused kernels of :mod:`ftmlopt.torch._fused` (Numba on CPU, Triton on CUDA;
@@ -276,6 +284,7 @@ class FTML(Optimizer):
         compact: bool = True,
         multi_precision: bool = False,
         state_dtype: torch.dtype | None = None,
+        state_bits: int = 32,
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -292,6 +301,7 @@ class FTML(Optimizer):
             "compact": compact,
             "multi_precision": multi_precision,
             "state_dtype": state_dtype,
+            "state_bits": state_bits,
             "maximize": maximize,
             "foreach": foreach,
             "fused": fused,
@@ -313,8 +323,19 @@ class FTML(Optimizer):
         if isinstance(param_group, dict):
             _check_hyperparameters(param_group)
             merged = {**self.defaults, **param_group}
-            _check_hyperparameters({k: merged[k] for k in ("fused", "foreach", "differentiable", "lr", "capturable")})
+            _check_hyperparameters({k: merged[k] for k in ("fused", "foreach", "differentiable", "lr", "capturable",
+                                                           "compact", "state_bits")})
         super().add_param_group(param_group)
+
+    def _param_index(self, p: Tensor) -> int:
+        """``p``'s position among all params of this optimizer (the seed of its low-bit rounding)."""
+        index = 0
+        for group in self.param_groups:
+            for q in group["params"]:
+                if q is p:
+                    return index
+                index += 1
+        raise KeyError("parameter not in this optimizer")
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -364,7 +385,31 @@ class FTML(Optimizer):
                             saved_state[pid] = {k: v for k, v in saved_state[pid].items() if k not in ("d", "z")}
                 else:
                     to_mxnet.append((live, saved["params"]))
-            saved_groups[i] = {**saved, "compact": live["compact"]}
+            saved_groups[i] = {**saved, "compact": live["compact"], "state_bits": live["state_bits"]}
+        # low-bit <-> float state (and 8 <-> 4 bits): the live optimizer's state_bits decide, as its form does
+        low_saved: dict[int, dict[str, Any]] = {}
+        bit_notes: list[str] = []
+        for i, (live, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            original = state_dict["param_groups"][i]
+            for p, pid in zip(live["params"], saved["params"]):
+                entry = saved_state.get(pid)
+                if not entry:
+                    continue
+                entry, note = _lowbit.convert_entry(dict(entry), p, original, live, seed=self._param_index(p),
+                                                    state_dtype=_state_dtype(p, saved))
+                saved_state[pid] = entry
+                if note:
+                    bit_notes.append(f"param {pid}: {note}")
+                if "codes" in entry:
+                    low_saved[id(p)] = entry
+        if bit_notes:
+            warnings.warn(
+                "FTML.load_state_dict: the checkpoint's state is converted to this optimizer's state_bits ("
+                + "; ".join(bit_notes[:4]) + ("; ..." if len(bit_notes) > 4 else "")
+                + "). Low-bit state is decoded, float state quantized to the nearest code.",
+                UserWarning,
+                stacklevel=2,
+            )
         if converted:
             warnings.warn(
                 "FTML.load_state_dict: the checkpoint's state is converted to this optimizer's form ("
@@ -393,6 +438,8 @@ class FTML(Optimizer):
                     dtype = torch.float32 if key == "master" else wanted
                     if dtype != p.dtype:
                         state[key] = value.to(device=p.device, dtype=dtype, copy=True)
+                if id(p) in low_saved:  # codes and scales exactly as saved (the base loader casts them)
+                    _lowbit.restore_saved(state, low_saved[id(p)], p.device)
                 if group["multi_precision"] and p.dtype in _LOW_PRECISION:
                     if "master" not in state:  # a checkpoint written without multi_precision
                         state["master"] = p.detach().to(torch.float32, copy=True)
@@ -414,12 +461,15 @@ class FTML(Optimizer):
         zs: list[Tensor],
         state_steps: list[Tensor],
         masters: list[tuple[Tensor, Tensor]],
+        quantized: tuple[list[Tensor], list[Tensor], list[dict[str, Any]]] | None = None,
     ) -> bool:
         """Gather the tensors of the params with a gradient, creating their state on first sight.
 
         Under ``multi_precision`` a float16/bfloat16 param contributes its float32 master and a
         float32 copy of its gradient, and ``(param, master)`` is appended to ``masters`` so that
-        ``step`` can write the result back. Returns whether any param is complex.
+        ``step`` can write the result back. Params with low-bit state (``state_bits`` < 32, large
+        enough) go to ``quantized`` (params, grads, states) instead of the float-state lists.
+        Returns whether any param is complex.
         """
         if group["foreach"] and torch.is_tensor(group["lr"]) and not group["capturable"]:
             raise RuntimeError("lr as a Tensor is not supported for capturable=False and foreach=True")
@@ -446,20 +496,29 @@ class FTML(Optimizer):
                 if use_master:
                     master = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
                     like = state["master"] = master
-                dtype = _state_dtype(p, group)
-                for key in ("v",) if compact else ("d", "v", "z"):
-                    state[key] = torch.zeros_like(like, dtype=dtype, memory_format=torch.preserve_format)
+                bits = _lowbit.bits_for(p, group)
+                if bits < 32:
+                    _lowbit.init_state(state, p, bits, seed=self._param_index(p))
+                else:
+                    dtype = _state_dtype(p, group)
+                    for key in ("v",) if compact else ("d", "v", "z"):
+                        state[key] = torch.zeros_like(like, dtype=dtype, memory_format=torch.preserve_format)
             if group["differentiable"] and state["step"].requires_grad:
                 raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
 
+            low = quantized is not None and "codes" in state
+            to_params, to_grads = (quantized[0], quantized[1]) if low and quantized is not None else (params, grads)
             if use_master:
                 master = state["master"]
-                params.append(master)
-                grads.append(p.grad.to(torch.float32))
+                to_params.append(master)
+                to_grads.append(p.grad.to(torch.float32))
                 masters.append((p, master))
             else:
-                params.append(p)
-                grads.append(p.grad)
+                to_params.append(p)
+                to_grads.append(p.grad)
+            if low and quantized is not None:
+                quantized[2].append(state)
+                continue
             if not compact:
                 ds.append(state["d"])
                 zs.append(state["z"])
@@ -491,7 +550,8 @@ class FTML(Optimizer):
             for i, group in enumerate(self.param_groups):
                 _check_group_at_step(group, i)
                 # the common case (the state has the param's dtype, default flags) costs one comparison
-                plain = group.get("state_dtype") is None and not group["multi_precision"] and group["compact"]
+                plain = (group.get("state_dtype") is None and not group["multi_precision"] and group["compact"]
+                         and group["state_bits"] == 32)
                 for p in group["params"]:
                     grad = p.grad
                     if grad is None:
@@ -501,7 +561,7 @@ class FTML(Optimizer):
                     if not (p.is_floating_point() or p.is_complex()):
                         raise TypeError(f"FTML needs floating-point or complex parameters, got one of dtype {p.dtype}")
                     state = self.state.get(p)
-                    if state and not (plain and state["v"].dtype == p.dtype):
+                    if state and not (plain and "v" in state and state["v"].dtype == p.dtype):
                         _check_state(p, state, group)
         for group in self.param_groups:
             params: list[Tensor] = []
@@ -511,7 +571,8 @@ class FTML(Optimizer):
             zs: list[Tensor] = []
             state_steps: list[Tensor] = []
             masters: list[tuple[Tensor, Tensor]] = []
-            has_complex = self._init_group(group, params, grads, ds, vs, zs, state_steps, masters)
+            quantized: tuple[list[Tensor], list[Tensor], list[dict[str, Any]]] = ([], [], [])
+            has_complex = self._init_group(group, params, grads, ds, vs, zs, state_steps, masters, quantized)
             beta1, beta2 = group["betas"]
             ftml(
                 params,
@@ -537,6 +598,8 @@ class FTML(Optimizer):
                 compact=group["compact"],
                 maximize=group["maximize"],
             )
+            _lowbit.step_quantized(*quantized, group, grad_scale=getattr(self, "grad_scale", None),
+                                   found_inf=getattr(self, "found_inf", None), fused=bool(group["fused"]))
             for p, master in masters:
                 p.detach().copy_(master)
         return loss
@@ -548,6 +611,22 @@ def _form_name(compact: bool) -> str:
 
 def _check_state(p: Tensor, state: Mapping[str, Any], group: Mapping[str, Any]) -> None:
     """The existing state fits the group's form and the param's current dtype (raises RuntimeError)."""
+    low_bits = _lowbit.bits_for(p, group)
+    if (low_bits < 32) != ("codes" in state):
+        have = "low-bit (codes, scales)" if "codes" in state else "float ('v')"
+        raise RuntimeError(
+            f"this FTML state is {have} but its param group asks for state_bits={group['state_bits']} (a param of "
+            f"{p.numel()} elements gets {'low-bit' if low_bits < 32 else 'float'} state): the group's state_bits "
+            "changed after the state was created; convert it with opt.load_state_dict(state_dict) into an FTML "
+            "built with the state_bits you want"
+        )
+    if low_bits < 32:
+        if state["codes"].numel() != lowbit.n_code_bytes(_lowbit.real_numel(p), low_bits):
+            raise RuntimeError(
+                f"this FTML state holds codes of another width than state_bits={low_bits}: the group's state_bits "
+                "changed after the state was created; convert it with opt.load_state_dict(state_dict)"
+            )
+        return
     if not group["compact"] and "d" not in state:
         raise RuntimeError(
             "this FTML state was created with compact=True (it has no 'd' and 'z'); keep compact=True for "
@@ -608,7 +687,13 @@ def _check_state_dict(opt: FTML, state_dict: Any) -> None:
             entry = saved_state.get(pid)
             if entry is None:
                 continue  # a parameter that has not been stepped yet
-            expected = {"step", "v"} | (set() if compact else {"d", "z"})
+            low = isinstance(entry, Mapping) and "codes" in entry
+            if low:
+                if not compact:
+                    raise ValueError(f"state of param {pid} (group {i}) is low-bit (codes, scales) in a group saved "
+                                     "with compact=False: not an FTML state dict")
+                _lowbit.check_saved_entry(entry, p, saved, f"param {pid} (group {i})")
+            expected = {"step", *_lowbit.LOWBIT_KEYS} if low else {"step", "v"} | (set() if compact else {"d", "z"})
             allowed = expected | ({"master"} if mp and p.dtype in _LOW_PRECISION else set())
             if not isinstance(entry, Mapping) or not expected <= set(entry) <= allowed:
                 got = sorted(entry) if isinstance(entry, Mapping) else type(entry).__name__
@@ -622,7 +707,7 @@ def _check_state_dict(opt: FTML, state_dict: Any) -> None:
                 raise ValueError(
                     f"state 'step' of param {pid} (group {i}) must be an integral count >= 0, got {step!r}"
                 )
-            for key in set(entry) - {"step"}:
+            for key in set(entry) - {"step", *_lowbit.LOWBIT_KEYS}:
                 t = entry[key]
                 if not isinstance(t, Tensor) or not (t.is_floating_point() or t.is_complex()) or t.shape != p.shape:
                     desc = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
