@@ -39,13 +39,15 @@ Example (a toy task, one optimizer, two rates, no files written):
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import math
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +83,22 @@ OPTIMIZER_NOTES: dict[str, str] = {
 }
 
 
+#: FTML's ``state_bits`` while experiments build optimizers (``--state-bits``; see :func:`ftml_state_bits`)
+FTML_STATE_BITS: contextvars.ContextVar[int] = contextvars.ContextVar("ftml_state_bits", default=32)
+
+
+@contextlib.contextmanager
+def ftml_state_bits(bits: int) -> Iterator[None]:
+    """Build FTML with ``state_bits=bits`` (32, 8, 4) inside this block, in every task and the demo."""
+    from ftmlopt import lowbit
+
+    token = FTML_STATE_BITS.set(lowbit.check_state_bits(bits))
+    try:
+        yield
+    finally:
+        FTML_STATE_BITS.reset(token)
+
+
 def make_optimizer(name: str, params: Iterable[Any], lr: float) -> Any:
     """Build optimizer ``name`` (a key of :data:`OPTIMIZER_NOTES`) over ``params`` at rate ``lr``.
 
@@ -98,7 +116,8 @@ def make_optimizer(name: str, params: Iterable[Any], lr: float) -> Any:
 
         # The readable single-tensor path (the ground truth of the fast paths): the stored results in
         # docs/results.md were produced with it, and it keeps every curve reproducible bit for bit.
-        return FTML(params, lr=lr, betas=FTML_BETAS, eps=FTML_EPS, foreach=False, fused=False)
+        return FTML(params, lr=lr, betas=FTML_BETAS, eps=FTML_EPS, foreach=False, fused=False,
+                    state_bits=FTML_STATE_BITS.get())
     if name == "Adam":
         return torch.optim.Adam(params, lr=lr)
     if name == "RMSprop":

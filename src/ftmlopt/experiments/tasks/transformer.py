@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ftmlopt.experiments.data import load_tinyshakespeare, resolve_data
-from ftmlopt.experiments.harness import CONTROL, FTML_BETAS, Run, TaskSpec
+from ftmlopt.experiments.harness import CONTROL, FTML_BETAS, FTML_STATE_BITS, Run, TaskSpec
 
 D, LAYERS, HEADS, BLOCK, BATCH = 64, 2, 4, 64, 16
 STEPS_PER_UNIT = 50
@@ -75,7 +75,8 @@ def make_optimizer(name: str, groups: Any, lr: float) -> Any:
         from ftmlopt.torch import FTML
 
         # foreach=True, fused=False: the same arithmetic as the default path; see PATH_NOTE
-        return FTML(groups, lr=lr, weight_decay=WD, decoupled_weight_decay=True, foreach=True, fused=False)
+        return FTML(groups, lr=lr, weight_decay=WD, decoupled_weight_decay=True, foreach=True, fused=False,
+                    state_bits=FTML_STATE_BITS.get())
     if name == "AdamW":
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), weight_decay=WD)
     if name == "Adam":
