@@ -33,6 +33,7 @@ __all__ = [
     "LOWBIT_KEYS",
     "bits_for",
     "check_options",
+    "check_param",
     "check_saved_entry",
     "convert_entry",
     "init_state",
@@ -62,6 +63,15 @@ def check_options(group: Mapping[str, Any]) -> None:
         if group.get(flag):
             raise ValueError(f"Invalid state_bits: {bits} with {flag}=True (low-bit state supports neither "
                              "capturable nor differentiable steps; use state_bits=32)")
+
+
+def check_param(p: Tensor, group: Mapping[str, Any]) -> None:
+    """Refuse what low-bit state does not support yet: sharded (DTensor) params, e.g. FSDP2 (NotImplementedError)."""
+    if bits_for(p, group) < 32 and type(p).__name__ == "DTensor":
+        raise NotImplementedError(
+            "FTML(state_bits<32) does not support DTensor (FSDP2, tensor-parallel) params yet; use state_bits=32 "
+            "for them (a param group of their own)"
+        )
 
 
 def real_numel(p: Tensor) -> int:

@@ -560,6 +560,8 @@ class FTML(Optimizer):
                         raise RuntimeError("FTML does not support sparse gradients")
                     if not (p.is_floating_point() or p.is_complex()):
                         raise TypeError(f"FTML needs floating-point or complex parameters, got one of dtype {p.dtype}")
+                    if group["state_bits"] < 32:
+                        _lowbit.check_param(p, group)
                     state = self.state.get(p)
                     if state and not (plain and "v" in state and state["v"].dtype == p.dtype):
                         _check_state(p, state, group)
