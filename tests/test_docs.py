@@ -22,6 +22,7 @@ DOCTEST_MODULES = [
     "ftmlopt.mxnet.optimizer.sgd",
     "ftmlopt.mxnet.optimizer.updater",
     "ftmlopt.mxnet.lr_scheduler",
+    "ftmlopt.lowbit",
 ]
 
 
