@@ -28,10 +28,10 @@ six words are ``(w, g, codes, scales, first element, key)``.
 
 Example:
     >>> import numpy as np
-    >>> from ftmlopt import rule
+    >>> from ftmlopt import lowbit, rule
     >>> from ftmlopt.kernels import cpu_lowbit
     >>> w, g = np.ones(300, dtype=np.float32), np.full(300, 0.5, dtype=np.float32)
-    >>> codes, scales = np.zeros(300, dtype=np.uint8), np.zeros(3, dtype=np.float32)
+    >>> codes, scales = lowbit.zeros_state(300, bits=8)
     >>> c = rule.constants(lr=0.1, t=1, beta1=0.6, beta2=0.999, eps=1e-8)
     >>> if cpu_lowbit.AVAILABLE:
     ...     cpu_lowbit.step_arrays([w], [g], [codes], [scales], c, seeds=[0], step=1, bits=8, rounding="nearest")
@@ -48,25 +48,20 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ftmlopt import rule
+from ftmlopt import lowbit, rule
 from ftmlopt.kernels import cpu
 
-__all__ = ["AVAILABLE", "BLOCK", "CHUNK", "FORMATS", "LowbitSpec", "code_bytes", "kernel", "make_pieces", "mix32",
-           "step_arrays", "step_key"]
+__all__ = ["AVAILABLE", "BLOCK", "CHUNK", "LowbitSpec", "kernel", "make_pieces", "step_arrays"]
 
 #: whether the kernels can be compiled here (see :data:`ftmlopt.kernels.cpu.AVAILABLE`)
 AVAILABLE: bool = cpu.AVAILABLE
 
-#: elements per quantization block (one float32 scale each)
-BLOCK = 128
+#: elements per quantization block (one float32 scale each): the format's
+BLOCK = lowbit.BLOCK
 
 #: elements per piece of work handed to a thread: whole blocks
 CHUNK = 512 * BLOCK
 
-#: state bits -> (exponent bits, mantissa bits) of the codes
-FORMATS: dict[int, tuple[int, int]] = {8: (4, 4), 4: (3, 1)}
-
-_ROUNDINGS = ("stochastic", "nearest")
 
 
 class LowbitSpec(NamedTuple):
@@ -89,46 +84,6 @@ class LowbitSpec(NamedTuple):
         return rule.compute_dtype(self.param)
 
 
-# ============================================================================ host-side helpers
-_MASK32 = 0xFFFFFFFF
-
-
-def mix32(h: int) -> int:
-    """The 32-bit finalizer the random bits come from (the format's ``mix32``).
-
-    Example:
-        >>> mix32(0), mix32(1)
-        (0, 1364076727)
-    """
-    h &= _MASK32
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & _MASK32
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & _MASK32
-    h ^= h >> 16
-    return h
-
-
-def step_key(seed: int, step: int) -> int:
-    """The per-tensor, per-step key: ``mix32(seed * 0x9E3779B1 + step)`` (mod 2**32).
-
-    Example:
-        >>> step_key(0, 1) == mix32(1)
-        True
-    """
-    return mix32((int(seed) * 0x9E3779B1 + int(step)) & _MASK32)
-
-
-def code_bytes(numel: int, bits: int) -> int:
-    """Bytes of the code tensor of a ``numel``-element parameter (4-bit: two codes per byte).
-
-    Example:
-        >>> code_bytes(257, 8), code_bytes(257, 4)
-        (257, 129)
-    """
-    return numel if bits == 8 else (numel + 1) // 2
-
-
 # ============================================================================ code generation
 def _codegen(spec: LowbitSpec) -> str:
     """LLVM IR of ``run(n_pieces, ptrs, counts, coefs, k)`` for ``spec`` (see the module docstring)."""
@@ -139,11 +94,11 @@ def _codegen(spec: LowbitSpec) -> str:
     storage = {"float32": f32, "float64": f64, "float16": ir.HalfType(), "bfloat16": i16}
     ct = f64 if spec.compute == "float64" else f32
     pt = storage[spec.param]
-    e_bits, m_bits = FORMATS[spec.bits]
+    e_bits, m_bits = lowbit.format_of(spec.bits)
     shift = 23 - m_bits
     bias = 127 - (2**e_bits - 1)
     top_code = 2 ** (e_bits + m_bits) - 1
-    top = 2.0 - 2.0**-m_bits
+    top = lowbit.top(spec.bits)
     module = ir.Module(name=f"ftml_lowbit_{'_'.join(map(str, spec))}")
     k_fields = cpu.K_FIELDS
     piece_args = [pt.as_pointer(), pt.as_pointer(), i8.as_pointer(), f32.as_pointer(), i64, i32, i64,
@@ -374,10 +329,8 @@ def kernel(spec: LowbitSpec) -> Callable[..., None]:
         >>> callable(cpu_lowbit.kernel(cpu_lowbit.LowbitSpec(8, "float32"))) if cpu_lowbit.AVAILABLE else True
         True
     """
-    if spec.bits not in FORMATS:
-        raise ValueError(f"Invalid state_bits: {spec.bits} (the low-bit kernels take 8 or 4)")
-    if spec.rounding not in _ROUNDINGS:
-        raise ValueError(f"Invalid rounding: {spec.rounding!r} (use 'stochastic' or 'nearest')")
+    lowbit.format_of(spec.bits)  # ValueError naming a width other than 8 or 4
+    lowbit.check_rounding(spec.rounding)
     fn = _KERNELS.get(spec)
     if fn is None:
         if spec.param not in cpu.available_dtypes():
@@ -433,7 +386,7 @@ def step_arrays(
 ) -> None:
     """One low-bit compact step on NumPy arrays, in place (C-contiguous; float32 or float64 ``ws``/``gs``).
 
-    ``codes`` are uint8 arrays of :func:`code_bytes` bytes, ``scales`` float32 arrays of
+    ``codes`` are uint8 arrays of :func:`ftmlopt.lowbit.n_code_bytes` bytes, ``scales`` float32 arrays of
     ``ceil(numel / BLOCK)`` elements; ``c`` comes from :func:`ftmlopt.rule.constants` for ``step``
     (``grad_scale`` multiplies, as in the rule); ``seeds`` are the tensors' seeds. The readable
     entry point the tests hold against :mod:`ftmlopt.lowbit`.
@@ -450,7 +403,7 @@ def step_arrays(
         _check_arrays(w, g, q, s, bits)
     addresses = np.array([[a.ctypes.data for a in row] for row in zip(ws, gs, codes, scales)],
                          dtype=np.int64).reshape(-1, 4)
-    keys = np.array([step_key(seed, step) for seed in seeds], dtype=np.int64)
+    keys = np.array([lowbit.step_key(seed, step) for seed in seeds], dtype=np.int64)
     per = np.tile(np.array([c.step_size, c.bias2], dtype=np.float64).astype(ct), (len(ws), 1))
     ptrs, counts, coefs = make_pieces(addresses, sizes, keys, per)
     cpu.run(fn, ptrs, counts, coefs, cpu.k_vector(c, ct), cpu.default_threads() if threads is None else threads)
@@ -460,8 +413,8 @@ def _check_arrays(w: np.ndarray, g: np.ndarray, q: np.ndarray, s: np.ndarray, bi
     n = w.size
     if g.size != n or g.dtype != w.dtype or not (w.flags.c_contiguous and g.flags.c_contiguous):
         raise ValueError(f"w and g must be C-contiguous arrays of one dtype and size, got {w.dtype}/{g.dtype}")
-    if q.dtype != np.uint8 or q.size != code_bytes(n, bits) or not q.flags.c_contiguous:
-        raise ValueError(f"codes must be {code_bytes(n, bits)} contiguous uint8 bytes for {n} elements at {bits} "
+    if q.dtype != np.uint8 or q.size != lowbit.n_code_bytes(n, bits) or not q.flags.c_contiguous:
+        raise ValueError(f"codes must be {lowbit.n_code_bytes(n, bits)} contiguous uint8 bytes for {n} elements at {bits} "
                          f"bits, got {q.size} of {q.dtype}")
-    if s.dtype != np.float32 or s.size != -(-n // BLOCK) or not s.flags.c_contiguous:
-        raise ValueError(f"scales must be {-(-n // BLOCK)} contiguous float32 values, got {s.size} of {s.dtype}")
+    if s.dtype != np.float32 or s.size != lowbit.n_blocks(n) or not s.flags.c_contiguous:
+        raise ValueError(f"scales must be {lowbit.n_blocks(n)} contiguous float32 values, got {s.size} of {s.dtype}")
