@@ -101,7 +101,7 @@ def test_half_params_are_the_float32_reference_rounded_once(bits, p_dtype) -> No
 def test_pieces_are_whole_blocks() -> None:
     sizes = np.array([3 * cpu_lowbit.CHUNK + 1, 5, cpu_lowbit.CHUNK], dtype=np.int64)
     addresses = np.arange(12, dtype=np.int64).reshape(3, 4) * 1000
-    ptrs, counts, coefs = cpu_lowbit.make_pieces(addresses, sizes, np.array([7, 8, 9]), np.ones((3, 2)))
+    ptrs, counts, _ = cpu_lowbit.make_pieces(addresses, sizes, np.array([7, 8, 9]), np.ones((3, 2)))
     assert counts.tolist() == [cpu_lowbit.CHUNK] * 3 + [1, 5, cpu_lowbit.CHUNK]
     assert (ptrs[:, 4] % cpu_lowbit.BLOCK == 0).all() and cpu_lowbit.CHUNK % cpu_lowbit.BLOCK == 0
     assert ptrs[:, 4].tolist() == [0, cpu_lowbit.CHUNK, 2 * cpu_lowbit.CHUNK, 3 * cpu_lowbit.CHUNK, 0, 0]

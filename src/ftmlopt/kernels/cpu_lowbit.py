@@ -414,7 +414,7 @@ def _check_arrays(w: np.ndarray, g: np.ndarray, q: np.ndarray, s: np.ndarray, bi
     if g.size != n or g.dtype != w.dtype or not (w.flags.c_contiguous and g.flags.c_contiguous):
         raise ValueError(f"w and g must be C-contiguous arrays of one dtype and size, got {w.dtype}/{g.dtype}")
     if q.dtype != np.uint8 or q.size != lowbit.n_code_bytes(n, bits) or not q.flags.c_contiguous:
-        raise ValueError(f"codes must be {lowbit.n_code_bytes(n, bits)} contiguous uint8 bytes for {n} elements at {bits} "
-                         f"bits, got {q.size} of {q.dtype}")
+        raise ValueError(f"codes must be {lowbit.n_code_bytes(n, bits)} contiguous uint8 bytes for {n} elements "
+                         f"at {bits} bits, got {q.size} of {q.dtype}")
     if s.dtype != np.float32 or s.size != lowbit.n_blocks(n) or not s.flags.c_contiguous:
         raise ValueError(f"scales must be {lowbit.n_blocks(n)} contiguous float32 values, got {s.size} of {s.dtype}")

@@ -72,15 +72,16 @@ def _check(params: Sequence[Tensor], grads: Sequence[Tensor], codes: Sequence[Te
                              f"with {p.numel()} and {g.numel()} elements")
         numel = p.numel()
         if q.dtype != torch.uint8 or q.numel() != lowbit.n_code_bytes(numel, bits) or not q.is_contiguous():
-            raise ValueError(f"param {i}: codes must be a contiguous uint8 tensor of {lowbit.n_code_bytes(numel, bits)} "
-                             f"elements ({bits}-bit codes of {numel}), got {q.dtype} {tuple(q.shape)}")
+            raise ValueError(f"param {i}: codes must be a contiguous uint8 tensor of "
+                             f"{lowbit.n_code_bytes(numel, bits)} elements ({bits}-bit codes of {numel}), got "
+                             f"{q.dtype} {tuple(q.shape)}")
         if s.dtype != torch.float32 or s.numel() != lowbit.n_blocks(numel) or not s.is_contiguous():
             raise ValueError(f"param {i}: scales must be a contiguous float32 tensor of {lowbit.n_blocks(numel)} "
                              f"elements, got {s.dtype} {tuple(s.shape)}")
-    for seed, t in zip(seeds, steps):
+    for seed, count in zip(seeds, steps):
         if isinstance(seed, bool) or not 0 <= int(seed) < 2**32:
             raise ValueError(f"Invalid seed: {seed!r} (an int in [0, 2**32))")
-        rule.check_step(t, "step")
+        rule.check_step(count, "step")
 
 
 def step_lowbit(
@@ -143,7 +144,8 @@ def step_lowbit(
     from ftmlopt.kernels import cpu, cpu_lowbit
 
     if not cpu_lowbit.AVAILABLE:
-        raise RuntimeError("the fused low-bit CPU step needs llvmlite (it comes with numba): pip install 'ftmlopt[numba]'")
+        raise RuntimeError("the fused low-bit CPU step needs llvmlite (it comes with numba): "
+                           "pip install 'ftmlopt[numba]'")
     p_dtype = params[0].dtype
     name = _NAMES[str(p_dtype)]
     if name not in cpu.available_dtypes() or any(p.dtype != p_dtype for p in params):
