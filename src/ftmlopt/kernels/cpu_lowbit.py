@@ -117,6 +117,8 @@ def _codegen(spec: LowbitSpec) -> str:
     b = ir.IRBuilder(entry)
     buf = b.alloca(ir.ArrayType(f32, BLOCK), name="u")
     buf.align = 64
+    qbuf = b.alloca(ir.ArrayType(i8, BLOCK), name="q")
+    qbuf.align = 64
 
     def loop(n: Any, inits: list[Any], body: Callable[[Any, list[Any]], list[Any]], name: str) -> list[Any]:
         """``for j in range(n)`` carrying ``inits`` through ``body``; returns their final values."""
@@ -228,31 +230,26 @@ def _codegen(spec: LowbitSpec) -> str:
         s_ptr = b.gep(s_p, [b.lshr(base, i64(7))])
         old_scale = b.load(s_ptr)
         if spec.bits == 8:
-            def step8(j: Any, carried: list[Any]) -> list[Any]:
-                i = b.add(base, j)
-                q = b.zext(b.load(b.gep(c_p, [i])), i32)
-                return [keep(j, element(i, q, old_scale), carried[0])]
-
-            mx = loop(nb, [i32(0)], step8, "step")[0]
-        else:
+            codes_of, first = c_p, base
+        else:  # unpack the block's bytes into a buffer of one code per element (a loop LLVM vectorizes)
             half = b.lshr(nb, i64(1))
             c_base = b.lshr(base, i64(1))
 
-            def step4(j: Any, carried: list[Any]) -> list[Any]:
-                byte = b.zext(b.load(b.gep(c_p, [b.add(c_base, j)])), i32)
+            def unpack(j: Any, _: list[Any]) -> list[Any]:
+                byte = b.load(b.gep(c_p, [b.add(c_base, j)]))
                 j0 = b.shl(j, i64(1))
-                j1 = b.add(j0, i64(1))
-                i0 = b.add(base, j0)
-                mx = keep(j0, element(i0, b.and_(byte, i32(15)), old_scale), carried[0])
-                return [keep(j1, element(b.add(i0, i64(1)), b.lshr(byte, i32(4)), old_scale), mx)]
+                b.store(b.and_(byte, i8(15)), b.gep(qbuf, [i64(0), j0]))
+                b.store(b.lshr(byte, i8(4)), b.gep(qbuf, [i64(0), b.add(j0, i64(1))]))
+                return []
 
-            def tail4(_: Any, carried: list[Any]) -> list[Any]:
-                j0 = b.sub(nb, i64(1))
-                byte = b.zext(b.load(b.gep(c_p, [b.add(c_base, half)])), i32)
-                return [keep(j0, element(b.add(base, j0), b.and_(byte, i32(15)), old_scale), carried[0])]
+            loop(b.lshr(b.add(nb, i64(1)), i64(1)), [], unpack, "unpack")
+            codes_of, first = b.gep(qbuf, [i64(0), i64(0)]), i64(0)
 
-            mx = loop(half, [i32(0)], step4, "step")[0]
-            mx = loop(b.and_(nb, i64(1)), [mx], tail4, "step_tail")[0]
+        def step(j: Any, carried: list[Any]) -> list[Any]:
+            q = b.zext(b.load(b.gep(codes_of, [b.add(first, j)])), i32)
+            return [keep(j, element(b.add(base, j), q, old_scale), carried[0])]
+
+        mx = loop(nb, [i32(0)], step, "step")[0]
         umax = b.bitcast(mx, f32)
         new_scale = b.fdiv(umax, f32(top))
         # an all-zero block: scale 0, and every code 0 (u / 1 = 0 encodes below the smallest code)
