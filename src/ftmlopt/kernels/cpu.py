@@ -286,13 +286,19 @@ def _codegen(spec: Spec) -> str:
 
 
 def _compile(spec: Spec) -> Callable[..., None]:
-    assert _LLVM is not None
-    llvm = _LLVM[0]
-    tm = _target_machine()
+    _target_machine()
     if spec.param == "float16" or spec.state == "float16":
         if not _TARGET[1]:
             raise RuntimeError("float16 kernels need a CPU with F16C instructions")
-    mod = llvm.parse_assembly(_codegen(spec))
+    return compile_ir(_codegen(spec))
+
+
+def compile_ir(text: str) -> Callable[..., None]:
+    """Compile LLVM IR defining ``run`` with :func:`kernel`'s C signature (another kernel family's hook)."""
+    assert _LLVM is not None
+    llvm = _LLVM[0]
+    tm = _target_machine()
+    mod = llvm.parse_assembly(text)
     mod.triple = tm.triple
     mod.data_layout = str(tm.target_data)
     mod.verify()
