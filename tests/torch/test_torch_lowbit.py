@@ -319,3 +319,73 @@ def test_replicas_with_the_same_gradients_stay_identical() -> None:
         ob.step()
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
     assert torch.equal(oa.state[a.weight]["codes"], ob.state[b.weight]["codes"])
+
+
+# ----------------------------------------------------------------------------------------------- dispatch
+def _forbid(monkeypatch: pytest.MonkeyPatch, target: str) -> None:
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError(f"{target} was called")
+
+    module, name = target.rsplit(".", 1)
+    monkeypatch.setattr(module + "." + name, fail)
+
+
+@pytest.mark.parametrize("flags", [{"fused": True}, {}], ids=["fused", "default"])
+def test_fused_and_default_dispatch_use_the_kernel(flags: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    from ftmlopt.torch import _lowbit
+
+    model = _model()
+    assert _lowbit.fused_available([model.weight])
+    _forbid(monkeypatch, "ftmlopt.lowbit.compact_step")
+    opt = FTML(model.parameters(), lr=LR, state_bits=8, **flags)
+    _train(model, opt, range(1, 3))
+    assert float(opt.state[model.weight]["step"]) == 2
+
+
+@pytest.mark.parametrize("flags", [{"foreach": False}, {"foreach": True}, {"fused": False}])
+def test_forloop_and_foreach_use_the_reference(flags: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    _forbid(monkeypatch, "ftmlopt.torch._fused_lowbit.fused_ftml_lowbit")
+    model = _model()
+    opt = FTML(model.parameters(), lr=LR, state_bits=8, **flags)
+    _train(model, opt, range(1, 3))
+    assert float(opt.state[model.weight]["step"]) == 2
+
+
+def _scaled_step(opt: FTML, p: torch.nn.Parameter, scaler: torch.amp.GradScaler, t: int, poison: bool) -> None:
+    opt.zero_grad()
+    x = torch.randn(p.shape, generator=torch.Generator().manual_seed(t))
+    scaler.scale((p * x).sum() + (p**2).sum()).backward()
+    if poison:
+        p.grad[0, 1] = float("inf")
+    scaler.step(opt)
+    scaler.update()
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "reference"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_grad_scaler_fused_protocol(kernel: bool, bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GradScaler hands the fused optimizer the scale and the inf flag: a power-of-two scale gives the unscaled
+    step exactly, and a step with an inf changes nothing (state, codes and the step count included)."""
+    if not kernel:
+        monkeypatch.setattr("ftmlopt.torch._lowbit.fused_available", lambda params: False)
+    torch.manual_seed(0)
+    w0 = torch.randn(70, 80)
+    p, q = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    opt_scaled = FTML([p], lr=0.01, fused=True, state_bits=bits)
+    opt_plain = FTML([q], lr=0.01, fused=True, state_bits=bits)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for t in range(3):
+        _scaled_step(opt_scaled, p, scaler, t, poison=False)
+        opt_plain.zero_grad()
+        x = torch.randn(q.shape, generator=torch.Generator().manual_seed(t))
+        ((q * x).sum() + (q**2).sum()).backward()
+        opt_plain.step()
+    assert torch.equal(p, q)
+    for key in ("codes", "scales", "step"):
+        assert torch.equal(opt_scaled.state[p][key], opt_plain.state[q][key]), key
+    before = p.detach().clone()
+    state_before = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in opt_scaled.state[p].items()}
+    _scaled_step(opt_scaled, p, scaler, 9, poison=True)
+    assert torch.equal(p, before) and scaler.get_scale() == 2.0**9
+    for key, value in opt_scaled.state[p].items():
+        assert torch.equal(value, state_before[key]) if torch.is_tensor(value) else value == state_before[key], key

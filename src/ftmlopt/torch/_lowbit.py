@@ -11,8 +11,9 @@ their checkpoints.
   agree and a resumed run is bit-identical) instead of ``v``. Smaller params keep float ``v``.
 * **The step.** Every path (for-loop, foreach, fused) steps a quantized param with
   :func:`ftmlopt.lowbit.compact_step` on torch tensors: decode ``v``, the rule's compact step in the
-  compute dtype, requantize with the step's counter-based random bits. A fused low-bit kernel, where
-  one is installed (:func:`_kernel`), replaces it on the fused path.
+  compute dtype, requantize with the step's counter-based random bits. On the fused path (``fused``
+  True, or the default dispatch) the fused low-bit kernel replaces it where one is available
+  (:func:`fused_available`: the CPU kernel; CUDA once a Triton low-bit kernel is installed).
 * **Checkpoints.** ``torch.optim.Optimizer.load_state_dict`` casts every tensor of a param's state to
   a floating param's dtype (codes and scales included); :func:`restore_saved` puts the saved tensors
   back, so a ``state_dict`` round-trips bit for bit. A checkpoint of another ``state_bits`` is
@@ -36,6 +37,7 @@ __all__ = [
     "check_param",
     "check_saved_entry",
     "convert_entry",
+    "fused_available",
     "init_state",
     "real_numel",
     "restore_saved",
@@ -97,9 +99,25 @@ def _real(x: Tensor) -> Tensor:
     return torch.view_as_real(x) if x.is_complex() else x
 
 
-def _kernel(device: torch.device) -> Any:
-    """The fused low-bit kernel for ``device`` (None where none is installed: the reference steps)."""
-    return None
+def fused_available(params: list[Tensor]) -> bool:
+    """Whether the fused low-bit kernel (:mod:`ftmlopt.torch._fused_lowbit`) can step these params.
+
+    CPU: the LLVM kernel (:mod:`ftmlopt.kernels.cpu_lowbit`, needs llvmlite). CUDA: a Triton
+    low-bit kernel where one is installed (``ftmlopt.kernels.triton_lowbit``). Otherwise the
+    reference steps them.
+    """
+    import importlib.util
+
+    kinds = {p.device.type for p in params}
+    if kinds == {"cpu"}:
+        from ftmlopt.kernels import cpu_lowbit
+
+        return bool(cpu_lowbit.AVAILABLE)
+    if kinds == {"cuda"} and importlib.util.find_spec("ftmlopt.kernels.triton_lowbit") is not None:
+        from ftmlopt.kernels import triton_lowbit  # type: ignore[attr-defined, unused-ignore]
+
+        return bool(getattr(triton_lowbit, "AVAILABLE", False))
+    return False
 
 
 def step_quantized(
@@ -110,41 +128,53 @@ def step_quantized(
     *,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
-    fused: bool = False,
+    fused: bool | None = None,
+    foreach: bool | None = None,
 ) -> None:
     """One step of the quantized params of one group, in place (``params`` may be float32 masters).
 
-    Per param: ``step += 1``, then :func:`ftmlopt.lowbit.compact_step` with the group's
-    hyper-parameters and Python-float constants (as the for-loop's), in the compute dtype
-    (float32 for float16/bfloat16), on the real view. ``grad_scale`` / ``found_inf`` (GradScaler on
-    the fused path): a step with ``found_inf`` set changes nothing; otherwise the gradient is divided
-    by ``grad_scale`` and written back unscaled, as the fused kernels do.
+    The group's ``fused`` True, or both ``fused`` and ``foreach`` None (the default, as for float
+    state), with the fused low-bit kernel available for these params (:func:`fused_available`): one
+    kernel call through
+    :func:`ftmlopt.torch._fused_lowbit.fused_ftml_lowbit`. Otherwise, per param: ``step += 1``, then
+    :func:`ftmlopt.lowbit.compact_step` with the group's hyper-parameters and Python-float constants
+    (as the for-loop's), in the compute dtype (float32 for float16/bfloat16), on the real view.
+    ``grad_scale`` / ``found_inf`` (GradScaler on the fused path): a step with ``found_inf`` set
+    changes nothing; otherwise the gradient is divided by ``grad_scale`` and written back unscaled,
+    as the fused kernels do.
     """
     if not params:
-        return
-    if found_inf is not None and bool(found_inf):
         return
     bits = int(group["state_bits"])
     beta1, beta2 = group["betas"]
     lr = group["lr"]
     lr = float(lr) if isinstance(lr, Tensor) else lr
+    reals, real_grads = [_real(p) for p in params], [_real(g) for g in grads]
+    if (fused or (fused is None and foreach is None)) and fused_available(reals):
+        from ftmlopt.torch._fused_lowbit import fused_ftml_lowbit
+
+        fused_ftml_lowbit(
+            reals, real_grads, [s["codes"] for s in states], [s["scales"] for s in states],
+            [int(s["seed"]) for s in states], [s["step"] for s in states], grad_scale=grad_scale,
+            found_inf=found_inf, lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
+            weight_decay=group["weight_decay"], clip_gradient=group["clip_gradient"],
+            decoupled_weight_decay=group["decoupled_weight_decay"], maximize=group["maximize"], bits=bits,
+        )
+        return
+    if found_inf is not None and bool(found_inf):
+        return
     hyper = dict(weight_decay=group["weight_decay"], decoupled=group["decoupled_weight_decay"],
                  clip=group["clip_gradient"], maximize=group["maximize"])
     cache: dict[int, rule.Constants] = {}
-    for p, g, state in zip(params, grads, states):
+    for w, g, state in zip(reals, real_grads, states):
         if grad_scale is not None:
             g.div_(grad_scale.to(g.device))
         state["step"] += 1
         t = int(state["step"].item())
         c = cache.get(t) or cache.setdefault(t, rule.constants(lr, t, beta1, beta2, group["eps"], **hyper))
-        w, gr = _real(p), _real(g)
         compute = torch.float64 if w.dtype == torch.float64 else torch.float32
-        kernel = _kernel(p.device) if fused else None
-        if kernel is not None:
-            kernel(w, gr, state["codes"], state["scales"], c, bits=bits, seed=state["seed"], step=t)
-            continue
         new_w, codes, scales = lowbit.compact_step(
-            w.to(compute), gr.to(compute), state["codes"], state["scales"], c, bits=bits, seed=state["seed"], step=t
+            w.to(compute), g.to(compute), state["codes"], state["scales"], c, bits=bits, seed=state["seed"], step=t
         )
         w.copy_(new_w)
         state["codes"].copy_(codes)

@@ -601,7 +601,8 @@ class FTML(Optimizer):
                 maximize=group["maximize"],
             )
             _lowbit.step_quantized(*quantized, group, grad_scale=getattr(self, "grad_scale", None),
-                                   found_inf=getattr(self, "found_inf", None), fused=bool(group["fused"]))
+                                   found_inf=getattr(self, "found_inf", None), fused=group["fused"],
+                                   foreach=group["foreach"])
             for p, master in masters:
                 p.detach().copy_(master)
         return loss
