@@ -526,8 +526,9 @@ def compact_step(
 
     ``w`` and ``g`` are in the compute dtype (:func:`ftmlopt.rule.compute_dtype`), any shape
     (flattened row-major); ``c`` are the step's constants cast to that dtype, ``step`` the 1-based
-    step count that ``c`` was made for (a Python int, or an integer array under ``jax.jit``). The weights are exactly :func:`ftmlopt.rule.compact_step`'s
-    from the decoded ``v``; the new ``v`` is requantized with new block scales.
+    step count that ``c`` was made for (a Python int, or an integer array under ``jax.jit``). The
+    weights are exactly :func:`ftmlopt.rule.compact_step`'s from the decoded ``v``; the new ``v`` is
+    requantized with new block scales.
     """
     ops = ops or ops_for(w)
     numel = math.prod(w.shape)
