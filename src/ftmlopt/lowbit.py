@@ -497,7 +497,7 @@ def quantize(
     if check_rounding(rounding) == "nearest":
         r: Array | int = ops.int32_scalar(1 << (22 - m))
     else:
-        key = step_key(seed, step) if isinstance(step, numbers.Integral) else traced_step_key(seed, step, ops)
+        key = step_key(seed, int(step)) if isinstance(step, numbers.Integral) else traced_step_key(seed, step, ops)
         r = random_bits(numel, key, bits, ops)
     return encode(u, bits, r=r, ops=ops)
 

@@ -156,10 +156,11 @@ def _argv_of(args: argparse.Namespace) -> list[str]:
     return out
 
 
+DESCRIPTION = "Every FTML implementation against torch.optim.Adam, in one interleaved run."
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m ftmlopt.bench [options]``: the same as ``ftmlopt bench``."""
-    from ftmlopt import bench
-
-    parser = argparse.ArgumentParser(prog="python -m ftmlopt.bench", description=(bench.__doc__ or "").split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m ftmlopt.bench", description=DESCRIPTION)
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -15,7 +15,6 @@ Example:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -134,10 +133,14 @@ def _operator_maker(compiled: bool) -> Maker:
     """``ftmlopt.ftml_update`` per tensor on NumPy views, with or without the compiled kernel."""
 
     def make(params: list[Any], grads: list[Any]) -> Callable[[], None]:
-        from ftmlopt import ftml_update
+        from ftmlopt.mxnet import _kernel, operator
 
         if params[0].dtype.itemsize < 4:
             raise RuntimeError("ftml_update runs for float32/float64 here")
+        if compiled and not _kernel.AVAILABLE:
+            raise RuntimeError("the compiled operator kernel needs llvmlite (pip install 'ftmlopt[cpu]')")
+        # ftml_update's two kernels, chosen here directly (no environment variable is touched)
+        kernel = _kernel.operator_kernel if compiled else operator._numpy_kernel
         ws = [p.clone().numpy() for p in params]
         gs = [g.numpy() for g in grads]
         states = [tuple(np.zeros_like(w) for _ in range(3)) for w in ws]
@@ -145,17 +148,11 @@ def _operator_maker(compiled: bool) -> Maker:
 
         def step() -> None:
             t[0] += 1
-            old = os.environ.get("FTMLOPT_DISABLE_NUMBA")
-            os.environ["FTMLOPT_DISABLE_NUMBA"] = "0" if compiled else "1"
-            try:
-                for w, g, (d, v, z) in zip(ws, gs, states):
-                    ftml_update(w, g, d, v, z, HYPER["lr"], t[0], HYPER["beta1"], HYPER["beta2"],
-                                HYPER["eps"], out=w)
-            finally:
-                if old is None:
-                    del os.environ["FTMLOPT_DISABLE_NUMBA"]
-                else:
-                    os.environ["FTMLOPT_DISABLE_NUMBA"] = old
+            for w, g, (d, v, z) in zip(ws, gs, states):
+                s = operator.prepare_scalars(
+                    w.dtype, HYPER["lr"], t[0], HYPER["beta1"], HYPER["beta2"], HYPER["eps"], 0.0, 1.0, -1.0
+                )
+                kernel(w, g, d, v, z, w, s)
 
         return step
 
