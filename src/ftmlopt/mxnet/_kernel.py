@@ -17,7 +17,9 @@ Example:
     >>> g = np.array([0.5, 0.0], dtype=np.float32)
     >>> d, v, z = (np.zeros_like(w) for _ in range(3))
     >>> c = prepare_scalars(np.float32, 0.1, 1, 0.6, 0.999, 1e-8, 0.0, 1.0, -1.0)
-    >>> new = _kernel.operator_kernel(w, g, d, v, z, None, c) if _kernel.AVAILABLE else np.float32([0.9, -2])
+    >>> _kernel.AVAILABLE  # llvmlite is installed ('ftmlopt[cpu]')
+    True
+    >>> new = _kernel.operator_kernel(w, g, d, v, z, None, c)
     >>> [round(float(x), 6) for x in new]  # each weight moves by about lr on the first step
     [0.9, -2.0]
 """

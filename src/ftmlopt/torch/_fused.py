@@ -121,13 +121,12 @@ def _fused_ftml(
         >>> from ftmlopt.torch._fused import _fused_ftml, fused_supported
         >>> w = torch.ones(3); g = torch.full((3,), 0.5); step = torch.zeros(())
         >>> d, v, z = torch.zeros(3), torch.zeros(3), torch.zeros(3)
-        >>> if fused_supported([w]):
-        ...     _fused_ftml([w], [g], [d], [v], [z], [step], grad_scale=None, found_inf=None, lr=0.1,
-        ...                 beta1=0.6, beta2=0.999, eps=1e-8, weight_decay=0.0, clip_gradient=None,
-        ...                 decoupled_weight_decay=False, compact=False, maximize=False, has_complex=False,
-        ...                 capturable=False, differentiable=False)
-        ... else:
-        ...     _ = w.fill_(0.9), step.fill_(1)
+        >>> fused_supported([w])  # llvmlite is installed ('ftmlopt[cpu]')
+        True
+        >>> _fused_ftml([w], [g], [d], [v], [z], [step], grad_scale=None, found_inf=None, lr=0.1,
+        ...             beta1=0.6, beta2=0.999, eps=1e-8, weight_decay=0.0, clip_gradient=None,
+        ...             decoupled_weight_decay=False, compact=False, maximize=False, has_complex=False,
+        ...             capturable=False, differentiable=False)
         >>> [round(x, 4) for x in w.tolist()], float(step)
         ([0.9, 0.9, 0.9], 1.0)
     """
