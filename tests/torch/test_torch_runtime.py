@@ -249,7 +249,7 @@ def test_differentiable_gradient_matches_closed_form() -> None:
 @pytest.mark.parametrize("name", ["ftmlopt.torch", "ftmlopt.torch.ftml", "ftmlopt.torch.functional",
                                   "ftmlopt.torch._validation", "ftmlopt.torch._checkpoint", "ftmlopt.torch._dtypes",
                                   "ftmlopt.torch._constants", "ftmlopt.torch._single_tensor",
-                                  "ftmlopt.torch._multi_tensor"])
+                                  "ftmlopt.torch._multi_tensor", "ftmlopt.torch._lowbit"])
 def test_docstring_examples(name: str) -> None:
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)

@@ -18,6 +18,20 @@ their checkpoints.
   a floating param's dtype (codes and scales included); :func:`restore_saved` puts the saved tensors
   back, so a ``state_dict`` round-trips bit for bit. A checkpoint of another ``state_bits`` is
   converted (:func:`convert_entry`: float ``v`` <-> codes and scales, round-to-nearest).
+
+Example:
+    >>> import torch
+    >>> from ftmlopt.torch import FTML
+    >>> w, b = torch.nn.Parameter(torch.ones(64, 100)), torch.nn.Parameter(torch.ones(100))
+    >>> opt = FTML([w, b], lr=0.1, state_bits=4)
+    >>> w.grad, b.grad = torch.ones_like(w), torch.ones_like(b)
+    >>> opt.step()
+    >>> sorted(opt.state[w]), sorted(opt.state[b])  # 6400 elements: low-bit; 100: float v
+    (['codes', 'scales', 'seed', 'step'], ['step', 'v'])
+    >>> state_bytes(opt.state[w]) / w.numel()  # 3200 bytes of codes + 50 float32 scales
+    0.53125
+    >>> round(float(w.detach()[0, 0]), 6)  # the first step moves by lr, as with float state
+    0.9
 """
 
 from __future__ import annotations
