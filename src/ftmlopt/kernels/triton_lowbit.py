@@ -49,10 +49,41 @@ def _build() -> dict[str, Any]:
     import triton.language as tl
 
     @triton.jit
+    def div_ct(a, b, F64: tl.constexpr):  # type: ignore[no-untyped-def]
+        """``a / b`` correctly rounded (float64's ``/`` is; float32 needs ``div_rn``)."""
+        if F64:
+            return a / b
+        else:
+            return tl.div_rn(a, b)
+
+    @triton.jit
+    def sqrt_ct(a, F64: tl.constexpr):  # type: ignore[no-untyped-def]
+        """The correctly rounded square root in the compute dtype."""
+        if F64:
+            return tl.sqrt(a)
+        else:
+            return tl.sqrt_rn(a)
+
+    @triton.jit
+    def store_p(ptr, idx, x, m, BF16: tl.constexpr):  # type: ignore[no-untyped-def]
+        """Store in the param dtype; bfloat16 rounded to nearest even on the bits (torch's rule, any backend)."""
+        if BF16:
+            f = x.to(tl.float32)
+            b = f.to(tl.int32, bitcast=True)
+            r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+            r = tl.where(f != f, 0x7FC0, r & 0xFFFF)
+            tl.store(ptr + idx, r.to(tl.int16).to(tl.bfloat16, bitcast=True), mask=m)
+        else:
+            tl.store(ptr + idx, x.to(ptr.dtype.element_ty), mask=m)
+
+    globals().update(div_ct=div_ct, sqrt_ct=sqrt_ct, store_p=store_p)
+
+    @triton.jit
     def lowbit_tile(  # type: ignore[no-untyped-def]
         w_ptr, g_ptr, idx, m, q, old_scale, coef, bias2, b2, omb2, eps, wd, clip, decay, scale,
         SHIFT: tl.constexpr, BIAS: tl.constexpr, MAXIMIZE: tl.constexpr, COUPLED_WD: tl.constexpr,
         DECOUPLED_WD: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_SCALE: tl.constexpr, MT: tl.constexpr,
+        F64: tl.constexpr, BF16: tl.constexpr,
     ):
         """Decode, step and store ``w`` for one tile; returns ``u = sqrt(float32(v))`` (0 where masked)."""
         x = ((q << SHIFT) + (BIAS << 23)).to(tl.float32, bitcast=True)
@@ -60,8 +91,8 @@ def _build() -> dict[str, Any]:
         v_old = (u_old * u_old).to(MT)
         g = tl.load(g_ptr + idx, mask=m, other=0.0).to(MT)
         if HAS_SCALE:
-            g = tl.div_rn(g, scale)
-            tl.store(g_ptr + idx, g.to(g_ptr.dtype.element_ty), mask=m)
+            g = div_ct(g, scale, F64)
+            store_p(g_ptr, idx, g, m, BF16)
         if MAXIMIZE:
             g = -g
         w = tl.load(w_ptr + idx, mask=m, other=0.0).to(MT)
@@ -73,9 +104,9 @@ def _build() -> dict[str, Any]:
             g = tl.where(g > clip, clip, g)
             g = tl.where(g < -clip, -clip, g)
         v = v_old * b2 + (g * g) * omb2
-        root = tl.sqrt_rn(tl.div_rn(v, bias2)) + eps
-        w = w - tl.div_rn(g * coef, root)
-        tl.store(w_ptr + idx, w.to(w_ptr.dtype.element_ty), mask=m)
+        root = sqrt_ct(div_ct(v, bias2, F64), F64) + eps
+        w = w - div_ct(g * coef, root, F64)
+        store_p(w_ptr, idx, w, m, BF16)
         return tl.where(m, tl.sqrt_rn(v.to(tl.float32)), 0.0)
 
     @triton.jit
@@ -107,7 +138,7 @@ def _build() -> dict[str, Any]:
         BITS: tl.constexpr, SHIFT: tl.constexpr, BIAS: tl.constexpr, M: tl.constexpr, TOP_CODE: tl.constexpr,
         TOP: tl.constexpr, STOCHASTIC: tl.constexpr, MAXIMIZE: tl.constexpr, COUPLED_WD: tl.constexpr,
         DECOUPLED_WD: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_SCALE: tl.constexpr, MT: tl.constexpr,
-        NB: tl.constexpr,
+        F64: tl.constexpr, BF16: tl.constexpr, NB: tl.constexpr,
     ):
         c = tl.program_id(0)
         # hyper: (beta2, 1 - beta2, eps, wd, clip, decay, grad scale) in the compute dtype
@@ -136,7 +167,7 @@ def _build() -> dict[str, Any]:
             m = idx < n
             q = tl.load(c_ptr + idx, mask=m, other=0).to(tl.int32)
             u = lowbit_tile(w_ptr, g_ptr, idx, m, q, old_scale, coef, bias2, b2, omb2, eps, wd, clip, decay, scale,
-                            SHIFT, BIAS, MAXIMIZE, COUPLED_WD, DECOUPLED_WD, HAS_CLIP, HAS_SCALE, MT)
+                            SHIFT, BIAS, MAXIMIZE, COUPLED_WD, DECOUPLED_WD, HAS_CLIP, HAS_SCALE, MT, F64, BF16)
             umax = tl.max(u.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1).to(tl.float32, bitcast=True)
             new_scale = tl.div_rn(umax, TOP)
             divisor = tl.where(new_scale == 0.0, 1.0, new_scale)
@@ -150,10 +181,10 @@ def _build() -> dict[str, Any]:
             byte = tl.load(c_ptr + byte_idx, mask=m_even, other=0).to(tl.int32)
             u_lo = lowbit_tile(w_ptr, g_ptr, even, m_even, byte & 15, old_scale, coef, bias2, b2, omb2, eps, wd,
                                clip, decay, scale, SHIFT, BIAS, MAXIMIZE, COUPLED_WD, DECOUPLED_WD, HAS_CLIP,
-                               HAS_SCALE, MT)
+                               HAS_SCALE, MT, F64, BF16)
             u_hi = lowbit_tile(w_ptr, g_ptr, even + 1, m_odd, byte >> 4, old_scale, coef, bias2, b2, omb2, eps, wd,
                                clip, decay, scale, SHIFT, BIAS, MAXIMIZE, COUPLED_WD, DECOUPLED_WD, HAS_CLIP,
-                               HAS_SCALE, MT)
+                               HAS_SCALE, MT, F64, BF16)
             bits_max = tl.maximum(u_lo.to(tl.int32, bitcast=True) & 0x7FFFFFFF,
                                   u_hi.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
             umax = tl.max(bits_max, axis=1).to(tl.float32, bitcast=True)
@@ -246,7 +277,8 @@ def step(
         BITS=bits, SHIFT=23 - m_bits, BIAS=127 - (2**e_bits - 1), M=m_bits, TOP_CODE=2 ** (e_bits + m_bits) - 1,
         TOP=lowbit.top(bits), STOCHASTIC=lowbit.check_rounding(rounding) == "stochastic", MAXIMIZE=c0.sign < 0,
         COUPLED_WD=c0.wd is not None, DECOUPLED_WD=c0.decay is not None, HAS_CLIP=c0.clip is not None,
-        HAS_SCALE=grad_scale is not None, MT=tl.float64 if mt == torch.float64 else tl.float32, NB=BLOCKS,
+        HAS_SCALE=grad_scale is not None, MT=tl.float64 if mt == torch.float64 else tl.float32,
+        F64=mt == torch.float64, BF16=p_dtype == torch.bfloat16, NB=BLOCKS,
         enable_fp_fusion=False,
     )
     for original, copy in staged:
