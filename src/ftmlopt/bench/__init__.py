@@ -53,6 +53,8 @@ from typing import Any
 
 import numpy as np
 
+from ftmlopt.bench import lowbit_rows
+
 __all__ = ["WORKLOADS", "add_arguments", "main", "parse_dtypes", "parse_sizes", "run", "strict", "write_json"]
 
 #: ResNet-18 (torchvision) parameter shapes: convolutions, batch-norm weights/biases, the classifier.
@@ -77,7 +79,7 @@ WORKLOADS: dict[str, list[tuple[int, ...]]] = {
 #: FTML: w, g read, w written; d, v, z read and written. Compact: v only. Adam: m, v. Under
 #: multi_precision the float32 master is read and written, the gradient is converted to a float32
 #: copy (read p, write 4, read 4) and the param is written back from the master.
-_TRAFFIC: dict[str, Callable[[int, int], int]] = {
+_TRAFFIC: dict[str, Callable[[int, int], float]] = {
     "ftml": lambda p, s: 3 * p + 6 * s,
     "ftml-compact": lambda p, s: 3 * p + 2 * s,
     "adam": lambda p, s: 3 * p + 4 * s,
@@ -87,6 +89,7 @@ _TRAFFIC: dict[str, Callable[[int, int], int]] = {
     "mxnet": lambda p, s: 3 * p + 6 * s,
     "ftml-mp": lambda p, s: 8 + (p + 8) + 24 + p,
     "ftml-compact-mp": lambda p, s: 8 + (p + 8) + 8 + p,
+    **lowbit_rows.TRAFFIC,
 }
 
 #: the floor each family is compared with in "% floor"
@@ -231,6 +234,7 @@ def _torch_impls(device: Any, dtype: Any) -> list[_Impl]:
     ]
     for impl in impls:
         impl_of[id(impl.make)] = impl
+    impls[2:2] = lowbit_rows.impls(device, dtype, _Impl)
     return impls
 
 
@@ -495,7 +499,7 @@ def _table(result: dict[str, Any]) -> str:
         lines.append("| " + " | ".join([
             row["name"], f"{row['median_ms']:.2f}", f"{row['min_ms']:.2f}-{row['max_ms']:.2f}",
             f"{row['gb_per_s']:.1f}", opt("ratio_to_fused_adam", ".2f"), opt("bandwidth_vs_fused_adam", ".0%"),
-            opt("percent_of_floor", ".0f"), opt("state_bytes_per_param", ".0f"), "-" if peak is None else _bytes(peak),
+            opt("percent_of_floor", ".0f"), opt("state_bytes_per_param", ".3g"), "-" if peak is None else _bytes(peak),
         ]) + " |")
     return "\n".join(lines)
 
