@@ -26,11 +26,17 @@ __all__ = ["ROWS", "TRAFFIC", "impls"]
 #: row name -> state bits
 ROWS = {"ftml fused 8-bit": 8, "ftml fused 4-bit": 4}
 
+def _traffic(bits: int) -> Callable[[int, int], float]:
+    per_element = lowbit.state_bytes(lowbit.BLOCK, bits) / lowbit.BLOCK  # codes + scale of a full block
+
+    def traffic(p: int, s: int) -> float:
+        return 3 * p + 2 * per_element
+
+    return traffic
+
+
 #: bytes read + written per element from (param bytes, state bytes): the low-bit families
-TRAFFIC: dict[str, Callable[[int, int], float]] = {
-    f"ftml-lowbit{bits}": (lambda p, s, bits=bits: 3 * p + 2 * lowbit.state_bytes(lowbit.BLOCK, bits) / lowbit.BLOCK)
-    for bits in (8, 4)
-}
+TRAFFIC: dict[str, Callable[[int, int], float]] = {f"ftml-lowbit{bits}": _traffic(bits) for bits in (8, 4)}
 
 
 def _maker(bits: int, sink: Any) -> Callable[[list[Any], list[Any]], Callable[[], None]]:
