@@ -43,8 +43,8 @@ def test_dry_run_runs_every_section_and_writes_strict_json_and_markdown(tmp_path
     assert [(w["dtype"]) for w in bench["workloads"]] == ["float32", "bfloat16"]
     for w in bench["workloads"]:
         names = {r["name"] for r in w["results"]}
-        assert {"ftml fused", "ftml fused compact", "ftml fused 8-bit", "ftml fused 4-bit", "adam fused", "adam foreach",
-                "floor"} <= names
+        assert {"ftml fused", "ftml fused compact", "ftml fused 8-bit", "ftml fused 4-bit", "adam fused",
+                "adam foreach", "floor"} <= names
         for r in w["results"]:
             assert r["error"] is None, r
             assert r["percent_of_copy_bandwidth"] > 0
