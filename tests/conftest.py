@@ -209,17 +209,17 @@ def vectors() -> dict[str, Any]:
 
 @pytest.fixture(params=["numpy", "default"])
 def kernel_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a test on the NumPy kernel (``FTMLOPT_DISABLE_NUMBA=1``) and on the default dispatch."""
+    """Run a test on the NumPy kernel (``FTMLOPT_DISABLE_CPU_KERNELS=1``) and on the default dispatch."""
     if request.param == "numpy":
-        monkeypatch.setenv("FTMLOPT_DISABLE_NUMBA", "1")
+        monkeypatch.setenv("FTMLOPT_DISABLE_CPU_KERNELS", "1")
     else:
-        monkeypatch.delenv("FTMLOPT_DISABLE_NUMBA", raising=False)
+        monkeypatch.delenv("FTMLOPT_DISABLE_CPU_KERNELS", raising=False)
     return request.param
 
 
 
 # --------------------------------------------------------------------------- the `frameworks` marker
-# Tests that need an optional extra (torch, JAX/optax/flax, Keras, Numba, Triton, scikit-learn, matplotlib,
+# Tests that need an optional extra (torch, JAX/optax/flax, Keras, llvmlite, Triton, scikit-learn, matplotlib,
 # Lightning) carry the `frameworks` marker: every test in the folders and files below gets it here, other
 # tests declare it themselves. The NumPy-only run (`make test-bare`: `pytest -m "not frameworks"`) does
 # not even import those files, so a module-level `import torch` cannot break its collection. Deselected

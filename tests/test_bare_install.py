@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 EXTRAS = ("torch", "jax", "jaxlib", "optax", "flax", "keras", "numba", "llvmlite", "triton", "sklearn", "scipy",
-          "matplotlib", "tqdm", "tensorflow", "lightning", "transformers")
+          "matplotlib", "tqdm", "tensorflow", "lightning", "transformers", "pooch", "requests")
 
 SCRIPT = f"""
 import sys

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("ftmlopt.experiments.demo", "train a small model with FTML and baselines, print a table, save a plot"),
     "reproduce": ("ftmlopt.experiments.reproduce", "re-run one of the paper's experiments at CPU scale"),
-    "bench": ("ftmlopt.bench", "time every FTML implementation against torch.optim.Adam (one interleaved run)"),
+    "bench": ("ftmlopt.bench.cli", "time every FTML implementation against torch.optim.Adam (one interleaved run)"),
 }
 
 

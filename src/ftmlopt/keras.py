@@ -22,14 +22,16 @@ Keras' own arguments keep their Keras meaning and run *before* the update, in Ke
 is Keras' decoupled decay ``w <- w - w * weight_decay * lr`` on the variables Keras selects; in the
 MXNet form ``z`` gets the same factor (otherwise the next step would undo most of the decay).
 ``use_ema``, ``loss_scale_factor``, ``gradient_accumulation_steps`` and ``LossScaleOptimizer``
-work as for every Keras optimizer; sparse gradients (TensorFlow's ``IndexedSlices``, from an
-``Embedding``) are made dense, since FTML's ``v`` decays everywhere.
+work as for every Keras optimizer; sparse gradients (TensorFlow's ``IndexedSlices`` from an
+``Embedding``, JAX's ``BCOO``, torch's sparse layouts) are made dense, since FTML's ``v`` decays
+everywhere: the step equals the one for the same gradient given dense.
 
 **lr 0 is "no step"** (a schedule that warms up from 0): the weights do not move, ``v`` takes
 the gradient in, and Keras counts the step as it always does. float16/bfloat16 variables are
 computed in float32 and rounded once; their state is float32 unless ``state_dtype`` says
-otherwise. Hyper-parameters are combined in float64 (the betas in the compute dtype, as
-``beta**t`` is) and cast to the compute dtype, never to a half type.
+otherwise, and a float64 ``state_dtype`` makes the step float64
+(:func:`ftmlopt.rule.compute_dtype`). Hyper-parameters are combined in float64 (the betas in the
+compute dtype, as ``beta**t`` is) and cast to the compute dtype, never to a half type.
 """
 
 from __future__ import annotations
@@ -45,15 +47,21 @@ __all__ = ["FTML"]
 
 
 def _dense(gradient: Any) -> Any:
-    """A dense tensor; TensorFlow's ``IndexedSlices`` (an ``Embedding``'s gradient) are scattered out.
+    """A dense tensor for any gradient a Keras backend hands over.
 
-    FTML's ``v`` decays everywhere, so a sparse gradient is a dense one with zero rows.
+    FTML's ``v`` decays everywhere (``v <- b2 v + (1 - b2) g'^2`` touches every row), so a sparse
+    gradient is a dense one with zero rows, and the step is written for dense tensors
+    (:mod:`ftmlopt.rule` uses ``+ - * /``; JAX's ``BCOO`` has no sparse-minus-dense). TensorFlow's
+    ``IndexedSlices`` (an ``Embedding``'s gradient) and ``SparseTensor``, JAX's ``BCOO``/``BCSR``
+    and torch's sparse layouts are all scattered out.
     """
     if type(gradient).__name__ == "IndexedSlices":
         import tensorflow as tf  # only the TensorFlow backend makes IndexedSlices
 
         return tf.convert_to_tensor(gradient)
-    return ops.convert_to_tensor(gradient)
+    if type(gradient).__module__.startswith("torch") and str(getattr(gradient, "layout", "")) != "torch.strided":
+        return gradient.to_dense()  # torch's sparse layouts: Keras' torch backend passes them through as they are
+    return ops.convert_to_tensor(gradient, sparse=False)
 
 
 @keras.saving.register_keras_serializable(package="ftmlopt")
@@ -93,10 +101,10 @@ class FTML(keras.optimizers.Optimizer):
 
     def __init__(
         self,
-        learning_rate: Any = 2.5e-3,
-        beta_1: float = 0.6,
-        beta_2: float = 0.999,
-        epsilon: float = 1e-8,
+        learning_rate: Any = rule.DEFAULT_LR,
+        beta_1: float = rule.DEFAULT_BETA1,
+        beta_2: float = rule.DEFAULT_BETA2,
+        epsilon: float = rule.DEFAULT_EPS,
         coupled_weight_decay: float = 0.0,
         clip_gradient: float | None = None,
         compact: bool = True,
@@ -122,11 +130,7 @@ class FTML(keras.optimizers.Optimizer):
         coupled_weight_decay = rule.check_weight_decay(coupled_weight_decay, "coupled_weight_decay")
         clip = rule.check_clip(clip_gradient, "clip_gradient")
         compact = rule.check_bool(compact, "compact")
-        if state_dtype is not None:
-            name_ = rule.dtype_name(state_dtype)
-            if name_ not in ("float16", "bfloat16", "float32", "float64"):
-                raise ValueError(f"Invalid state_dtype: {state_dtype!r} (a floating-point dtype is needed)")
-            state_dtype = name_
+        state_dtype = rule.check_state_dtype(state_dtype, "state_dtype")
         super().__init__(
             learning_rate=learning_rate,
             name=name,
@@ -186,15 +190,13 @@ class FTML(keras.optimizers.Optimizer):
             clip=self.clip_gradient,
             power=ops.power,
         )
-        fields: dict[str, Any] = {k: (None if x is None or k == "sign" else tensor(x)) for k, x in c._asdict().items()}
-        fields["sign"] = c.sign
-        return rule.Constants(**fields)
+        return c.cast(tensor)
 
     def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
         """One FTML step for one variable (called by ``apply``; ``t = iterations + 1``)."""
-        ct = rule.compute_dtype(variable.dtype)
-        c = self._constants(learning_rate, ct)
         i = self._get_variable_index(variable)
+        ct = rule.compute_dtype(variable.dtype, self._v[i].dtype)
+        c = self._constants(learning_rate, ct)
         g = ops.cast(_dense(gradient), ct)
         w = ops.cast(ops.convert_to_tensor(variable), ct)
         v = self._v[i]

@@ -1,9 +1,36 @@
 r"""The FTML rule, written once: both forms, every option, per-step constants, validation, dtypes.
 
-Every implementation in ftmlopt either calls the functions here (the MXNet-exact NumPy operator,
-the PyTorch for-loop, optax, Keras) or is a fused kernel that takes its constants from
-:func:`constants` and is tested element for element against :func:`compact_step` /
-:func:`mxnet_step` (``tests/conformance``).
+**Who calls what.** The validation (``check_*``), the dtype policy, the defaults
+(``DEFAULT_*``) and the per-step constants (:func:`constants`, brought to a compute dtype with
+:meth:`Constants.cast`) are used by every implementation. The step itself
+(:func:`compact_step` / :func:`mxnet_step`) is called by the PyTorch for-loop
+(``ftmlopt.torch``), optax, Keras, and the MXNet system's lr-0 step (``v`` only:
+:func:`gradient`, :func:`second_moment`). Four paths spell the per-element step out again, each
+for a reason the functions here cannot serve, and each is held to this module (or to MXNet) by
+a test:
+
+* ``ftmlopt.mxnet.operator._numpy_kernel`` (MXNet's ``ftml_update``): MXNet 1.9.1's order of
+  operations, rounded in the array dtype into preallocated buffers, for bit-exactness with MXNet;
+  its constants are :func:`constants` on MXNet-parsed float32 scalars (``prepare_scalars``).
+  Checked bit for bit against MXNet's own results (``tests/mxnet``, ``tests/data``) and against
+  this module (``tests/conformance``, ``ftml_update[numpy]``).
+* ``ftmlopt.torch``'s foreach path: the same operations in the same order as ``torch._foreach_*``
+  calls over lists of tensors (one call per list, not per tensor); constants from
+  :func:`constants`. Checked bit for bit against the for-loop on CPU
+  (``tests/torch/test_torch_generic.py``) and against this module (``tests/conformance``,
+  ``torch[foreach]``).
+* the CPU kernels (``ftmlopt.kernels.cpu``, and MXNet's operator form bound in
+  ``ftmlopt.mxnet._kernel``): the step as LLVM IR, one pass over memory, no FMA, this module's
+  order; constants from :func:`constants` via ``k_vector``. Checked bit for bit in float64
+  against :func:`compact_step` / :func:`mxnet_step` (``tests/kernels/test_cpu_kernel.py``), the
+  operator form against ``_numpy_kernel`` and MXNet (``tests/kernels/test_operator_kernel.py``),
+  and in ``tests/conformance`` (``torch[fused]``, ``ftml_update[default]``).
+* the Triton kernel (``ftmlopt.kernels.triton_cuda``): the step as a GPU kernel over many tensors
+  in one launch. Its wrapper takes the step-independent constants from :func:`constants`; the
+  lr- and step-dependent ones (``bias1``, ``bias2``, ``step_size``, ``d_scale``, ``decay``) are
+  derived in the kernel with the same formulas, because ``lr`` and the step counts live on the
+  device and reading them would sync. Checked under ``TRITON_INTERPRET=1``
+  (``tests/kernels/test_triton_interpret.py``, ``tests/conformance``, ``triton[interpreter]``).
 
 Per element, at step :math:`t = 1, 2, \dots` with learning rate :math:`\eta_t`:
 
@@ -40,6 +67,11 @@ step is counted, exactly as Adam does at lr 0 (so a warmup from 0 warms ``v`` up
 schedule driven by the step count moves on). The MXNet form cannot compute ``d_t`` at lr 0 (it
 would be infinite), so :func:`mxnet_step` keeps ``d`` and ``z``: as ``z = -d w`` still holds, the
 next step is the same as the compact form's, and the two forms stay equal through a warmup.
+Every path follows this, the MXNet system included: MXNet 1.9.1 itself folds ``g`` into ``v`` at
+lr 0 and then writes ``d = inf`` and NaN weights, so ``ftmlopt.mxnet.optimizer.FTML`` keeps
+MXNet's count and MXNet's bits of ``v`` and this module's ``w``, ``d``, ``z`` instead of the NaN
+(``tests/mxnet/test_lr_zero.py``). Only the bare operator ``ftml_update`` refuses lr 0 (it has no
+count and no caller that means "no step"; MXNet's would return NaN).
 
 **dtypes.** float16/bfloat16 parameters are computed in float32 and rounded once on the way out
 (:func:`compute_dtype`); their state is float32 unless the user asks otherwise

@@ -8,8 +8,7 @@
 
 from __future__ import annotations
 
-import urllib.error
-import urllib.request
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,10 +40,11 @@ def _no_real_data(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.Temp
     monkeypatch.delenv("FTMLOPT_DATA", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
 
-    def offline(url: Any, *args: Any, **kwargs: Any) -> Any:
-        raise urllib.error.URLError(f"the experiment tests never use the network ({getattr(url, 'full_url', url)})")
+    def offline(host: Any, *args: Any, **kwargs: Any) -> Any:
+        raise socket.gaierror(socket.EAI_AGAIN, f"the experiment tests never use the network ({host})")
 
-    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    # every HTTP client resolves the host name first: refusing that is being offline, whatever the library
+    monkeypatch.setattr(socket, "getaddrinfo", offline)
 
 
 @pytest.fixture(autouse=True)

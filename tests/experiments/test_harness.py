@@ -132,3 +132,33 @@ def test_summarize_ranks_by_mean_and_scores_divergence_as_inf() -> None:
 def test_plot_writes_png(tmp_path) -> None:
     out = H.plot_curves({"p": {"FTML": [[1.0, 0.5], [1.1, 0.4]], "Adam": [[1.0, math.nan]]}}, tmp_path / "f.png", "t")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_one_factory_for_every_task() -> None:
+    """The demo's, DQN's and the transformer's optimizers all come from harness.make_optimizer."""
+    import functools
+
+    from ftmlopt.experiments.tasks import dqn, transformer
+
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    for task in (dqn, transformer):
+        assert isinstance(task.make_optimizer, functools.partial) and task.make_optimizer.func is H.make_optimizer
+    nag = H.make_optimizer("SGD-Nesterov", p, 0.1)  # the demo's name for NAG
+    assert type(nag) is torch.optim.SGD and nag.defaults["nesterov"] is True
+    ftml = dqn.make_optimizer("FTML", p, 1e-3)
+    assert ftml.defaults["eps"] == 1e-2 and ftml.defaults["foreach"] is True and ftml.defaults["fused"] is False
+    assert H.make_optimizer("FTML", p, 1e-3).defaults["foreach"] is False
+    adam = transformer.make_optimizer("Adam", p, 1e-3)
+    assert type(adam) is torch.optim.AdamW and adam.defaults["betas"] == (0.9, 0.999)
+    assert adam.defaults["weight_decay"] == 0.1
+    with pytest.raises(ValueError, match=r"NAG: eps=0\.01"):
+        dqn.make_optimizer("NAG", p, 0.1)
+    with pytest.raises(ValueError, match=r"RMSprop: weight_decay=0\.1"):
+        transformer.make_optimizer("RMSprop", p, 0.1)
+
+
+def test_module_examples() -> None:
+    import doctest
+
+    result = doctest.testmod(H, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0

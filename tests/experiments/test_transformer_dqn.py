@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ftmlopt._json import write_json
 from ftmlopt.cli import main
 from ftmlopt.experiments import harness
 from ftmlopt.experiments.reproduce import parse_rates
@@ -154,7 +155,7 @@ def test_rates_outside_the_task_are_refused(capsys: pytest.CaptureFixture[str], 
 
 
 def test_write_json_is_strict(tmp_path: Path) -> None:
-    path = harness.write_json({"a": [1.0, math.nan, math.inf], "b": {"c": -math.inf}}, tmp_path / "x.json")
+    path = write_json({"a": [1.0, math.nan, math.inf], "b": {"c": -math.inf}}, tmp_path / "x.json")
     assert _strict(path) == {"a": [1.0, None, None], "b": {"c": None}}
 
 

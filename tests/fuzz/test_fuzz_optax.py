@@ -19,7 +19,7 @@ from _bad_values import bad_flag, bad_nonnegative, bad_unit, non_finite, not_rea
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ftmlopt.optax import ftml, ftml_direct
+from ftmlopt.optax import FTMLChainState, ftml, ftml_direct
 
 FUZZ = settings(max_examples=30, deadline=None)
 
@@ -28,7 +28,7 @@ HYPER = {
     "b1": bad_unit,
     "b2": bad_unit,
     "eps": bad_nonnegative,
-    "weight_decay": bad_nonnegative,
+    "weight_decay": bad_nonnegative.filter(lambda v: v is not None),  # None means "no decay" (ftml's default)
     "clip_gradient": (not_real | non_finite | st.floats(max_value=0.0, allow_nan=False)).filter(
         lambda v: v is not None  # None means "off"
     ),
@@ -53,9 +53,12 @@ def test_non_float_leaves_are_refused_at_init(dtype) -> None:
         ftml(0.1).init({"w": jnp.ones(3, jnp.float32), "i": jnp.ones(2, dtype)})
 
 
-def test_update_without_params_is_refused() -> None:
+@pytest.mark.parametrize(
+    "kwargs", [{"compact": False}, {"weight_decay": 0.1}, {"weight_decay": 0.1, "decoupled_weight_decay": True}]
+)
+def test_update_without_params_is_refused_where_the_weights_are_needed(kwargs) -> None:
     params = {"w": jnp.ones(3)}
-    tx = ftml(0.1)
+    tx = ftml(0.1, **kwargs)
     with pytest.raises(ValueError, match="params"):
         tx.update(params, tx.init(params))
 
@@ -70,8 +73,10 @@ def test_mismatched_trees_and_shapes_raise(case: str) -> None:
         grads = {"w": jnp.ones(4), "b": jnp.zeros(2)}
     elif case == "grad_tree":
         grads = {"w": jnp.ones(3)}
-    else:
-        state = state._replace(v={"w": jnp.ones(5), "b": jnp.zeros(2)})
+    else:  # v of the wrong shape inside the chain's scale_by_ftml state
+        bad = state.ftml._replace(v={"w": jnp.ones(5), "b": jnp.zeros(2)})
+        state = FTMLChainState(inner=tuple(bad if s is state.ftml else s for s in state.inner))
+        assert state.v["w"].shape == (5,)
     with pytest.raises((TypeError, ValueError)):
         tx.update(grads, state, params)
 

@@ -19,7 +19,7 @@ import pytest
 
 import ftmlopt.optax
 from ftmlopt import ftml_update
-from ftmlopt.optax import FTMLCompactState, FTMLState, ftml, ftml_direct
+from ftmlopt.optax import FTMLChainState, FTMLCompactState, FTMLState, ftml, ftml_direct
 
 N = 64
 STEPS = 30
@@ -148,8 +148,11 @@ def test_mxnet_form_fp64_trajectory_parity(case):
 # ============================================================================ the compact form (default)
 def test_compact_is_the_default_and_stores_v_only():
     params = {"w": jnp.ones(3)}
-    for state in (ftml().init(params), ftml_direct().init(params)):
-        assert isinstance(state, FTMLCompactState) and state._fields == ("count", "v")
+    direct = ftml_direct().init(params)
+    assert isinstance(direct, FTMLCompactState) and direct._fields == ("count", "v")
+    chained = ftml().init(params)  # optax's chain around scale_by_ftml: one v, no d or z
+    assert isinstance(chained, FTMLChainState) and chained.ftml._fields == ("count", "v")
+    assert [type(s).__name__ for s in chained.inner] == ["ScaleByFTMLState", "EmptyState"]
     assert isinstance(ftml(compact=False).init(params), FTMLState)
 
 
@@ -181,7 +184,7 @@ def test_direct_form_and_update_form_give_the_same_weights(form):
     tx = ftml(**HYPER, compact=form != "mxnet")
     update = jax.jit(tx.update)
     p_direct = p_tx = jnp.asarray(w0)
-    s_direct = s_tx = tx.init(p_tx)
+    s_direct, s_tx = ftml_direct(**HYPER, compact=form != "mxnet").init(p_tx), tx.init(p_tx)
     for t in range(STEPS):
         g = jnp.asarray(grads[t])
         p_direct, s_direct = direct(g, s_direct, p_direct)
@@ -259,7 +262,9 @@ def test_inject_hyperparams_on_bfloat16_params_refuses_half_hyperparameters(comp
     plain = ftml(learning_rate=0.01, compact=compact)
     u_inj, _ = jax.jit(injected.update)(grads, injected.init(params), params)
     u_plain, _ = jax.jit(plain.update)(grads, plain.init(params), params)
-    assert u_inj["w"].dtype == jnp.bfloat16
+    # the compact form's update is in the compute dtype (apply_updates rounds w + u once)
+    assert u_inj["w"].dtype == (jnp.float32 if compact else jnp.bfloat16)
+    assert optax.apply_updates(params, u_inj)["w"].dtype == jnp.bfloat16
     assert np.all(np.isfinite(np.asarray(u_inj["w"], np.float32)))
     np.testing.assert_array_equal(np.asarray(u_inj["w"], np.float32), np.asarray(u_plain["w"], np.float32))
 
@@ -584,7 +589,7 @@ def test_pytrees_are_handled_leaf_by_leaf(compact):
     tx = ftml(**HYPER, compact=compact)
     state = tx.init(params)
     assert state.count.dtype == jnp.int32 and state.count.shape == ()
-    for tree in state[1:]:
+    for tree in (state.v,) if compact else (state.d, state.v, state.z):
         assert jax.tree.structure(tree) == jax.tree.structure(params)
         assert all(a.shape == b.shape for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(params)))
     grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
@@ -603,11 +608,16 @@ def test_extra_args_are_ignored():
     np.testing.assert_array_equal(u1, u2)
 
 
-def test_update_without_params_raises():
-    tx = ftml()
+def test_update_without_params_raises_where_the_weights_are_needed():
+    """The MXNet form sets each weight from its state and the weight; the compact form needs the
+    weights only for a weight decay (tests/jax/test_optax_chain.py)."""
     p = jnp.ones(2)
-    with pytest.raises(ValueError, match="needs params"):
+    tx = ftml(compact=False)
+    with pytest.raises(ValueError, match=r"compact=False\) \(MXNet's form\) and ftml_direct need params"):
         tx.update(p, tx.init(p))
+    tx = ftml()
+    u, _ = tx.update(p, tx.init(p))
+    assert np.all(np.asarray(u) < 0)
 
 
 @pytest.mark.parametrize(

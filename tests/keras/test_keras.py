@@ -1,7 +1,9 @@
-"""Run tests/keras/keras_backend_cases.py once per Keras backend, each in its own process.
+"""Run the Keras cases once per Keras backend, each backend in one process of its own.
 
 Keras reads ``KERAS_BACKEND`` once, when it is first imported, so one pytest process cannot test
-two backends; each backend gets a child pytest whose summary is checked here.
+two backends; each backend gets one child pytest, whose summary is checked here, that runs both
+``keras_backend_cases.py`` (the front end's own tests) and ``keras_conformance_cases.py`` (the
+conformance battery's Keras rows): Keras starts once per backend per run.
 
 TensorFlow (Keras' default backend) does not share the main environment's pins, so ``make test``
 installs it in a separate virtual environment (``.venv-tf``, pinned by constraints/tensorflow.txt)
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-CASES = Path(__file__).with_name("keras_backend_cases.py")
+CASES = [Path(__file__).with_name(n) for n in ("keras_backend_cases.py", "keras_conformance_cases.py")]
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -54,7 +56,7 @@ def test_keras_backend(backend, tmp_path):
             env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
     args = ["-q", "-p", "no:cacheprovider", "--import-mode=importlib", f"--basetemp={tmp_path}", *extra]
     proc = subprocess.run(
-        [python, "-m", "pytest", str(CASES), *args],
+        [python, "-m", "pytest", *map(str, CASES), *args],
         env=env,
         capture_output=True,
         text=True,
@@ -64,5 +66,5 @@ def test_keras_backend(backend, tmp_path):
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-20000:]
     summary = re.search(r"(\d+) passed", output)
-    assert summary and int(summary.group(1)) >= 60, output[-5000:]
+    assert summary and int(summary.group(1)) >= 60 + 32, output[-5000:]  # 32 conformance rows
     assert not re.search(r"\d+ (skipped|failed|errors?)\b", output), output[-5000:]

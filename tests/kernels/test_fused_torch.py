@@ -1,4 +1,4 @@
-"""``_fused_ftml`` (CPU, Numba) against the readable per-tensor reference, step by step, state included."""
+"""``_fused_ftml`` (CPU, llvmlite) against the readable per-tensor reference, step by step, state included."""
 
 from __future__ import annotations
 
@@ -137,8 +137,9 @@ def test_bad_input_raises_before_anything_changes() -> None:
         _call([p], [], [d], [v], [z], [s])
     with pytest.raises(ValueError, match="compact=True takes empty ds and zs"):
         _call([p], [g], [d], [v], [z], [s], compact=True)
-    with pytest.raises(ValueError, match=r"clip_gradient must be >= 0 or None, got -1\.0"):
-        _call([p], [g], [d], [v], [z], [s], clip_gradient=-1.0)
+    for clip in (-1.0, 0.0, float("nan")):  # rule.check_clip: None (off) or > 0, as on every other path
+        with pytest.raises(ValueError, match=rf"^Invalid clip_gradient value: {clip} \(use None"):
+            _call([p], [g], [d], [v], [z], [s], clip_gradient=clip)
     assert torch.equal(p, torch.ones(3)) and float(s) == 0.0 and not v.any()
     _call([], [], [], [], [], [])  # nothing to do
 

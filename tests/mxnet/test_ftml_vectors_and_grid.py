@@ -132,8 +132,8 @@ def _compare_states(s1, s2, rtol, atol):
 @pytest.fixture
 def numpy_kernel(monkeypatch):
     """The grid exercises the optimizer over thousands of tiny updates; run them on the NumPy kernel
-    (the Numba path is compared with it, and with the emulation, in tests/core)."""
-    monkeypatch.setenv("FTMLOPT_DISABLE_NUMBA", "1")
+    (the compiled path is compared with it, and with the emulation, in tests/kernels/test_operator_kernel.py)."""
+    monkeypatch.setenv("FTMLOPT_DISABLE_CPU_KERNELS", "1")
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

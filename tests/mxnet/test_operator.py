@@ -2,7 +2,7 @@
 ``out``/clip/float16 semantics, and validation before mutation.
 
 Every test that touches the kernel runs on both dispatch paths (``kernel_path``): NumPy
-(``FTMLOPT_DISABLE_NUMBA=1``) and the default (the Numba kernel when it is installed).
+(``FTMLOPT_DISABLE_CPU_KERNELS=1``) and the default (the compiled CPU kernel when llvmlite is installed).
 """
 
 from __future__ import annotations

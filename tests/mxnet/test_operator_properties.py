@@ -44,7 +44,7 @@ def problem(draw, dtypes=(np.float32, np.float64)):
 
 
 def _env(path: str):
-    return mock.patch.dict(os.environ, {"FTMLOPT_DISABLE_NUMBA": "1" if path == "numpy" else "0"})
+    return mock.patch.dict(os.environ, {"FTMLOPT_DISABLE_CPU_KERNELS": "1" if path == "numpy" else "0"})
 
 
 @SETTINGS

@@ -329,8 +329,9 @@ def test_sgd_clip_gradient_truthiness(clip, expected):
     assert w.tolist() == [expected, 2.0 - expected]
 
 
-# --------------------------------------------------------------------------- lr == 0 freezes
-def test_zero_learning_rate_freezes_but_counts():
+# --------------------------------------------------------------------------- lr == 0 is "no step"
+def test_zero_learning_rate_keeps_w_d_z_folds_v_and_counts():
+    """The rule's convention (tests/mxnet/test_lr_zero.py checks the bits): v takes the gradient, the rest stays."""
     sched_values = {1: 0.1, 2: 0.0, 3: 0.1}
     opt = FTML(lr_scheduler=lambda n: sched_values[n])
     w = np.array([1.0, 2.0], np.float32)
@@ -338,8 +339,9 @@ def test_zero_learning_rate_freezes_but_counts():
     opt.update(0, w, np.ones(2, np.float32), state)
     snap = [a.copy() for a in (w, *state)]
     opt.update(0, w, np.ones(2, np.float32), state)
-    for a, b in zip((w, *state), snap):
+    for a, b in zip((w, state[0], state[2]), (snap[0], snap[1], snap[3])):
         np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(state[1], 0.999 * snap[2] + 0.001, rtol=1e-5)
     assert opt._index_update_count[0] == 2
     opt.update(0, w, np.ones(2, np.float32), state)
     assert opt._index_update_count[0] == 3 and not np.array_equal(w, snap[0])

@@ -122,7 +122,7 @@ def numpy_resume(root: Path) -> None:
 
 # --------------------------------------------------------------------------- torch
 _TORCH_CONFIGS: dict[str, dict[str, Any]] = {
-    "default": {},  # the default implementation (fused on the CPU when Numba is there)
+    "default": {},  # the default implementation (fused on the CPU when llvmlite is there)
     "loop": {"foreach": False, "fused": False},
     "foreach": {"foreach": True},
     "fused_clip_wd_max": {"fused": True, "clip_gradient": 0.3, "weight_decay": 1e-2, "maximize": True},

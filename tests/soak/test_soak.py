@@ -2,7 +2,7 @@
 
 What is measured (and asserted):
 
-* drift: ``ftmlopt.torch.FTML`` with ``fused=True`` (the Numba kernel) against the readable for-loop
+* drift: ``ftmlopt.torch.FTML`` with ``fused=True`` (the compiled CPU kernel) against the readable for-loop
   (``foreach=False, fused=False``), both float32, stepping a noisy quadratic in lockstep, each with
   the gradient of its own weights. The two differ by rounding only (the kernel evaluates the same
   formula in another order of float32 operations); on a contracting objective those differences
@@ -10,13 +10,13 @@ What is measured (and asserted):
   agree within ``DRIFT_RTOL`` (relative to the weights' scale) and the state (``v``; MXNet form:
   ``d``, ``v``, ``z``) within ``STATE_RTOL`` (element-wise relative). Both forms: the compact default
   and ``compact=False``. The same runs in float64 (10,000 steps) must agree within 1e-12.
-* the MXNet operator: the NumPy kernel and the Numba kernel of :func:`ftmlopt.ftml_update`
+* the MXNet operator: the NumPy kernel and the compiled kernel of :func:`ftmlopt.ftml_update`
   (both in MXNet's order of operations) stay bit-identical for ``OPERATOR_STEPS`` steps.
 * memory: no growth. The resident set size after the last step is within ``RSS_SLACK`` of its value
   after the first 10,000 steps, and ``tracemalloc`` sees less than ``TRACED_SLACK`` bytes of new
   Python allocations over 20,000 further steps.
 
-Numba's thread pool is limited to one thread here: the tensors are tiny and the point is the
+The kernels' thread pool is limited to one thread here: the tensors are tiny and the point is the
 arithmetic and the memory, not the parallel speed-up (on a loaded 2-core machine the pool's
 synchronisation costs more than the work).
 """
@@ -144,16 +144,16 @@ def test_float64_paths_agree_to_1e_12(compact: bool) -> None:
     assert w_err <= 1e-12 and max(s_err.values()) <= 1e-10, (w_err, s_err)
 
 
-def test_operator_numpy_and_numba_kernels_stay_bit_identical(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ftmlopt.kernels import numba_cpu
+def test_operator_numpy_and_compiled_kernels_stay_bit_identical(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ftmlopt.mxnet import _kernel
     from ftmlopt.mxnet import operator as op
 
-    assert numba_cpu.AVAILABLE
+    assert _kernel.AVAILABLE
     rng = np.random.default_rng(7)
     target = rng.normal(size=16).astype(np.float32)
     noise = (0.3 * rng.normal(size=(512, 16))).astype(np.float32)
     runs = {}
-    for name, kernel in (("numpy", op._numpy_kernel), ("numba", numba_cpu.operator_kernel)):
+    for name, kernel in (("numpy", op._numpy_kernel), ("compiled", _kernel.operator_kernel)):
         monkeypatch.setattr(op, "_select_kernel", lambda arrays, k=kernel: k)
         w, d, v, z = (np.zeros(16, np.float32) for _ in range(4))
         g = np.empty(16, np.float32)
@@ -162,6 +162,6 @@ def test_operator_numpy_and_numba_kernels_stay_bit_identical(monkeypatch: pytest
             g += noise[t & 511]
             ftmlopt.ftml_update(w, g, d, v, z, lr=0.01, t=t, wd=1e-4, clip_grad=2.0, out=w)
         runs[name] = (w, d, v, z)
-    for a, b in zip(runs["numpy"], runs["numba"]):
+    for a, b in zip(runs["numpy"], runs["compiled"]):
         assert a.tobytes() == b.tobytes()
     assert np.abs(runs["numpy"][0] - target).max() < 1.0

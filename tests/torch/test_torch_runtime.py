@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import ftmlopt.torch._fused as fused_module
-import ftmlopt.torch.ftml as ftml_module
+import ftmlopt.torch._validation as validation_module
+import ftmlopt.torch.functional as functional_module
 from ftmlopt.torch import FTML
 
 
@@ -19,14 +20,14 @@ from ftmlopt.torch import FTML
 def calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Record which implementation ``ftml()`` picks (the real one still runs)."""
     seen: list[str] = []
-    for name in ("_single_tensor_ftml", "_multi_tensor_ftml", "_fused_ftml"):
-        real = getattr(ftml_module, name)
+    for name in ("_single_tensor_ftml", "_multi_tensor_ftml", "_fused_with_lr0_fallback"):
+        real = getattr(functional_module, name)
 
         def spy(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> None:
             seen.append(_name)
             _real(*args, **kwargs)
 
-        monkeypatch.setattr(ftml_module, name, spy)
+        monkeypatch.setattr(functional_module, name, spy)
     return seen
 
 
@@ -43,12 +44,12 @@ def _one_step(**kwargs: Any) -> FTML:
 @pytest.mark.parametrize(
     ("kwargs", "kernel_available", "expected"),
     [
-        ({}, True, "_fused_ftml"),  # CPU default: fused when the kernel says it can
+        ({}, True, "_fused_with_lr0_fallback"),  # CPU default: fused when the kernel says it can
         ({}, False, "_single_tensor_ftml"),  # never foreach by default on the CPU
         ({"differentiable": True}, True, "_single_tensor_ftml"),
         ({"foreach": True}, True, "_multi_tensor_ftml"),
         ({"foreach": False}, True, "_single_tensor_ftml"),
-        ({"fused": True}, False, "_fused_ftml"),
+        ({"fused": True}, False, "_fused_with_lr0_fallback"),
         ({"fused": False}, True, "_single_tensor_ftml"),
     ],
 )
@@ -85,7 +86,7 @@ def test_capturable_tensor_math_matches_float_math(monkeypatch: pytest.MonkeyPat
     Capturable is meant for CUDA graphs; only its device check is lifted here, so that the tensor
     arithmetic can be compared with the float64-scalar path on this machine.
     """
-    monkeypatch.setattr(ftml_module, "_get_capturable_supported_devices", lambda *a, **k: ["cpu"])
+    monkeypatch.setattr(validation_module, "_get_capturable_supported_devices", lambda *a, **k: ["cpu"])
     torch.manual_seed(3)
     w0 = [torch.randn(5, 2, dtype=torch.float64), torch.randn(3, dtype=torch.float64)]
     runs = []
@@ -245,7 +246,10 @@ def test_differentiable_gradient_matches_closed_form() -> None:
 
 
 # ----------------------------------------------------------------------------- docstrings
-@pytest.mark.parametrize("name", ["ftmlopt.torch", "ftmlopt.torch.ftml", "ftmlopt.torch.functional"])
+@pytest.mark.parametrize("name", ["ftmlopt.torch", "ftmlopt.torch.ftml", "ftmlopt.torch.functional",
+                                  "ftmlopt.torch._validation", "ftmlopt.torch._checkpoint", "ftmlopt.torch._dtypes",
+                                  "ftmlopt.torch._constants", "ftmlopt.torch._single_tensor",
+                                  "ftmlopt.torch._multi_tensor"])
 def test_docstring_examples(name: str) -> None:
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)

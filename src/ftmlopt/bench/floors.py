@@ -14,8 +14,9 @@ Example:
     >>> import numpy as np
     >>> from ftmlopt.bench import floors
     >>> arrays = [np.full(4, float(k), np.float32) for k in range(5)]  # w, g, d, v, z
-    >>> if floors.cpu_available():
-    ...     floors.cpu_floor(arrays[:1], arrays[1:2], arrays[2:3], arrays[3:4], arrays[4:5], threads=1)
+    >>> floors.cpu_available()  # llvmlite is installed ('ftmlopt[cpu]')
+    True
+    >>> floors.cpu_floor(arrays[:1], arrays[1:2], arrays[2:3], arrays[3:4], arrays[4:5], threads=1)
     >>> [float(a[0]) for a in arrays]  # moved, not changed
     [0.0, 1.0, 2.0, 3.0, 4.0]
 """

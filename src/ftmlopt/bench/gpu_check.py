@@ -375,13 +375,14 @@ _BENCH_ROWS = ("ftml fused", "ftml fused compact", "ftml fused 8-bit", "ftml fus
 
 def run_bench(device: str, sizes: str, dtypes: str, rounds: int, copy_gbs: float) -> list[dict[str, Any]]:
     """The interleaved benchmark of :mod:`ftmlopt.bench`, with ``% of copy bandwidth`` per row."""
-    from ftmlopt import bench
+    from ftmlopt.bench.cli import parse_dtypes, parse_sizes
+    from ftmlopt.bench.timing import NoProgress, bench_workload
 
     ns = argparse.Namespace(device=device, only=",".join(_BENCH_ROWS), mxnet=None, warmup=3, rounds=rounds)
     results = []
-    for dtype in bench.parse_dtypes(dtypes):
-        for name, shapes in bench.parse_sizes(sizes).items():
-            res = bench._bench_workload(name, shapes, dtype, ns, bench._NoProgress())
+    for dtype in parse_dtypes(dtypes):
+        for name, shapes in parse_sizes(sizes).items():
+            res = bench_workload(name, shapes, dtype, ns, NoProgress())
             for row in res["results"]:
                 if row.get("gb_per_s") is not None:
                     row["percent_of_copy_bandwidth"] = 100 * row["gb_per_s"] / copy_gbs
@@ -448,10 +449,10 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def _write(report: dict[str, Any], out: str) -> None:
-    from ftmlopt.bench import write_json
+    from ftmlopt._json import write_json
 
     os.makedirs(out, exist_ok=True)
-    write_json(report, os.path.join(out, "gpu_check.json"))
+    write_json(report, os.path.join(out, "gpu_check.json"), indent=2)
     with open(os.path.join(out, "gpu_check.md"), "w") as fh:
         fh.write(render_markdown(report))
 

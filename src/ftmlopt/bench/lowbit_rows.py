@@ -64,11 +64,19 @@ def _maker(bits: int, sink: Any) -> Callable[[list[Any], list[Any]], Callable[[]
     return make
 
 
-def impls(device: Any, dtype: Any, impl: Callable[..., Any]) -> list[Any]:
-    """The low-bit rows for ``device``/``dtype``, built with the bench's row class ``impl(name, family, make)``."""
+def impls(device: Any, dtype: Any, *, impl: Callable[..., Any]) -> list[Any]:
+    """The low-bit rows for ``device``/``dtype``, made with the bench's row class ``impl(name, family, make)``.
+
+    :data:`ftmlopt.bench.workloads.PROVIDERS` lists it with ``impl`` bound to its ``Impl`` (this module
+    does not import that one, which imports this one).
+    """
     rows = []
     for name, bits in ROWS.items():
-        row = impl(name, f"ftml-lowbit{bits}", None)
+        row = impl(name, f"ftml-lowbit{bits}", _unset)
         row.make = _maker(bits, row)
         rows.append(row)
     return rows
+
+
+def _unset(params: list[Any], grads: list[Any]) -> Callable[[], None]:
+    raise RuntimeError("replaced by the row's own maker")

@@ -41,7 +41,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ftmlopt.datasets import DATA_ENV, DataFiles, fetch
+from ftmlopt.experiments.datasets import DATA_ENV, DataFiles, fetch
 
 __all__ = [
     "DATA_ENV", "BabiArrays", "BabiQuestion", "MnistSplits", "babi_vocab", "load_babi", "load_digits_split",

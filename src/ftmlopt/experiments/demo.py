@@ -3,7 +3,8 @@
 Five optimizers, each with a small learning-rate sweep on the same budget, every run of a seed starting
 from the same initial weights and seeing the same data:
 
-* **FTML**: ``ftmlopt.torch.FTML(params, lr)``: the front end's defaults (betas (0.6, 0.999), eps 1e-8).
+* **FTML**: ``ftmlopt.torch.FTML(params, lr, foreach=False, fused=False)``: the front end's defaults
+  (betas (0.6, 0.999), eps 1e-8) on the single-tensor path (see ``harness.PATH_NOTE``).
 * **Adam** and **RMSprop**: ``torch.optim`` defaults apart from the rate.
 * **SGD-Nesterov**: ``torch.optim.SGD(lr, momentum=0.9, nesterov=True)``.
 * **Adam(b1=0)**: ``torch.optim.Adam(betas=(0, 0.999))`` at 0.4 x FTML's chosen rate, not swept: the
@@ -45,6 +46,8 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from ftmlopt._json import write_json
 
 #: the extras the demo needs (import name -> pip name)
 REQUIRED = {"torch": "torch", "sklearn": "scikit-learn", "matplotlib": "matplotlib", "tqdm": "tqdm"}
@@ -110,24 +113,6 @@ def missing_extras() -> list[str]:
     return [pip for mod, pip in REQUIRED.items() if importlib.util.find_spec(mod) is None]
 
 
-def make_optimizer(name: str, params: Any, lr: float) -> Any:
-    """One of the demo's optimizers (see the module docstring).
-
-    Example:
-        >>> import torch
-        >>> from ftmlopt.experiments.demo import make_optimizer
-        >>> opt = make_optimizer("Adam(b1=0)", [torch.nn.Parameter(torch.zeros(2))], 1e-3)
-        >>> opt.defaults["betas"]
-        (0.0, 0.999)
-    """
-    from ftmlopt.experiments import harness
-
-    if name not in NAMES:
-        raise ValueError(f"unknown optimizer {name!r}; expected one of {list(NAMES)}")
-    # the reproduce tasks' optimizers; the demo calls SGD with Nesterov momentum by its full name
-    return harness.make_optimizer("NAG" if name == "SGD-Nesterov" else name, params, lr)
-
-
 # ------------------------------------------------------------------------------------------------ tasks
 def load_digits() -> dict[str, Any]:
     """The digits split as flat float tensors."""
@@ -144,6 +129,8 @@ def stationary_run(name: str, lr: float, seed: int, epochs: int, digits: Mapping
     """Train the digits MLP; ``curve[e]`` is the full training-set loss after epoch ``e``."""
     import torch
     import torch.nn.functional as F
+
+    from ftmlopt.experiments.harness import make_optimizer
 
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
@@ -186,6 +173,8 @@ def shifting_run(name: str, lr: float, seed: int, iterations: int) -> dict[str, 
     """Online next-sample prediction; ``curve[t]`` is the loss on iteration ``t``'s samples before its update."""
     import torch
     import torch.nn.functional as F
+
+    from ftmlopt.experiments.harness import make_optimizer
 
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
@@ -423,7 +412,7 @@ def run(args: argparse.Namespace) -> int:
     text = verdict(rows["stationary"], rows["shifting"])
     print(f"\nVerdict (computed from the table; tied = seed ranges overlap):\n{text}")
     out = Path(args.out)
-    harness.write_json(
+    write_json(
         {
             "command": "ftmlopt demo" + (
                 "" if (args.epochs, args.iterations, args.seeds) == (EPOCHS, ITERATIONS, SEEDS)

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ftmlopt._json import write_json
 from ftmlopt.experiments.tasks import TASKS
 
 #: extras the experiments need, checked before anything runs
@@ -185,7 +186,7 @@ def reproduce(
     def save(complete: bool) -> None:
         result["complete"] = complete
         result["seconds"] = round(time.perf_counter() - t0, 1)
-        harness.write_json(result, out / f"{task}.json")
+        write_json(result, out / f"{task}.json")
         _plot(spec, result, out / f"{task}.png")
 
     for variant in spec.variants:
@@ -220,7 +221,7 @@ def _reproduce_dqn(
 
     def save(result: dict[str, Any]) -> None:
         result.update(info)
-        harness.write_json(result, out / "dqn.json")
+        write_json(result, out / "dqn.json")
         dqn.plot(result, out / "dqn.png")
 
     return dqn.run_protocol(
@@ -291,7 +292,7 @@ def merge(task: str, paths: list[str], out: str | Path) -> dict[str, Any]:
                 merged["config"]["grids"][name] = sorted({*merged["config"]["grids"].get(name, []), *grid})
             merged["config"]["optimizers"].update(part["config"]["optimizers"])
         merged["summary"] = dqn.summarize(opts, merged["config"]["steps"])
-        harness.write_json(merged, out / "dqn.json")
+        write_json(merged, out / "dqn.json")
         dqn.plot(merged, out / "dqn.png")
         return merged
     from ftmlopt.experiments.tasks import get_spec
@@ -319,7 +320,7 @@ def merge(task: str, paths: list[str], out: str | Path) -> dict[str, Any]:
         v: {"optimizers": curves, "summary": harness.summarize(curves, spec.selection)}
         for v, curves in variants.items()
     }
-    harness.write_json(merged, out / f"{task}.json")
+    write_json(merged, out / f"{task}.json")
     _plot(spec, merged, out / f"{task}.png")
     return merged
 

@@ -1,11 +1,11 @@
 r"""CPU FTML kernels: LLVM IR built here, compiled in milliseconds, run on the caller's thread budget.
 
-Why not Numba's ``parallel=True``: its OpenMP threading layer changes the process's thread
+Why not a JIT compiler with an OpenMP threading layer: it changes the process's thread
 settings (``torch.get_num_threads()`` went from 1 to 2 after one step, and ``OMP_NUM_THREADS``
 was overridden), and a new process paid 1-7 s of JIT before its first step. This module instead
 
-* writes each kernel as a plain scalar loop in LLVM IR (:mod:`llvmlite.ir`, which ships with
-  Numba) and lets LLVM's loop vectorizer widen it for the host CPU. No ``fastmath``: no
+* writes each kernel as a plain scalar loop in LLVM IR (:mod:`llvmlite.ir`) and lets LLVM's
+  loop vectorizer widen it for the host CPU. No ``fastmath``: no
   reassociation, no contraction of ``a*b + c`` into an FMA, so every element is computed with
   exactly the operations, in exactly the order, of :func:`ftmlopt.rule.compact_step` /
   :func:`ftmlopt.rule.mxnet_step` (float64 results are bit-identical to the rule's). Compiling
@@ -33,8 +33,9 @@ tensor's own step)::
     three-state:  d_t = root * coef;  z <- z * b1 + g * (1 - b1) - (d_t - d * b1) * w;
                   d <- d_t;  w <- -z / d_t
 
-:func:`operator_kernel` is MXNet 1.9.1's ``ftml_update`` in the order of
-:func:`ftmlopt.mxnet.operator._numpy_kernel` (bit-identical to it).
+:class:`Spec` ``"operator"`` is MXNet 1.9.1's ``ftml_update`` in the order of
+:func:`ftmlopt.mxnet.operator._numpy_kernel` (bit-identical to it); the MXNet system binds it to its
+constants in :mod:`ftmlopt.mxnet._kernel` (this module imports nothing from :mod:`ftmlopt.mxnet`).
 
 Example:
     >>> import numpy as np
@@ -60,19 +61,15 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from ftmlopt import rule
 
-if TYPE_CHECKING:
-    from ftmlopt.mxnet.operator import Scalars
-
 __all__ = [
     "AVAILABLE", "CHUNK", "DTYPES", "PARALLEL_MIN", "Spec", "available_dtypes", "bump_counters", "default_threads",
-    "kernel",
-    "operator_kernel", "run", "step_arrays",
+    "kernel", "run", "step_arrays",
 ]
 
 
@@ -88,11 +85,11 @@ def _load_llvmlite() -> tuple[Any, Any] | None:
 
 
 _LLVM = _load_llvmlite()
-#: whether the kernels can be compiled here (llvmlite >= 0.44 is installed; it comes with Numba)
+#: whether the kernels can be compiled here (llvmlite >= 0.44 is installed: ``pip install 'ftmlopt[cpu]'``)
 AVAILABLE: bool = _LLVM is not None
 
 #: storage dtypes the kernels read and write
-DTYPES = ("float32", "float64", "float16", "bfloat16")
+DTYPES: tuple[str, ...] = tuple(sorted(rule.FLOAT_DTYPES))
 
 #: below this many elements a step runs on the calling thread alone (waking workers costs more)
 PARALLEL_MIN = 1 << 16
@@ -162,7 +159,7 @@ def available_dtypes() -> tuple[str, ...]:
     if not AVAILABLE:
         return ()
     _target_machine()
-    return DTYPES if _TARGET[1] else ("float32", "float64", "bfloat16")
+    return DTYPES if _TARGET[1] else tuple(d for d in DTYPES if d != "float16")
 
 
 def _codegen(spec: Spec) -> str:
@@ -327,7 +324,7 @@ def kernel(spec: Spec) -> Callable[..., None]:
         True
     """
     if not AVAILABLE:
-        raise ImportError("the CPU kernels need llvmlite >= 0.44 (it comes with numba): pip install 'ftmlopt[numba]'")
+        raise ImportError("the CPU kernels need llvmlite >= 0.44: pip install 'ftmlopt[cpu]'")
     fn = _KERNELS.get(spec)
     if fn is None:
         with _ENGINE_LOCK:
@@ -514,15 +511,21 @@ def pieces(addresses: np.ndarray, sizes: np.ndarray, itemsizes: Sequence[int], p
 
 
 # ============================================================================ entry points
-def k_vector(c: rule.Constants, dtype: Any, *, scale: float = 1.0) -> np.ndarray:
-    """The :data:`K_FIELDS` scalars of ``c`` rounded once to ``dtype`` (off options: harmless values)."""
+def k_vector(c: rule.Constants, dtype: Any, *, scale: Any = 1.0) -> np.ndarray:
+    """The :data:`K_FIELDS` scalars of ``c`` rounded once to ``dtype`` (off options: harmless values).
+
+    The rounding is :meth:`ftmlopt.rule.Constants.cast` (exact when ``c`` is already in ``dtype``).
+    """
+    ct = np.dtype(dtype).type
+    with np.errstate(over="ignore"):  # constants no kernel reads (d_scale at a tiny lr) may overflow
+        c = c.cast(ct)
     values = {
         "beta1": c.beta1, "one_minus_beta1": c.one_minus_beta1, "beta2": c.beta2,
-        "one_minus_beta2": c.one_minus_beta2, "eps": c.eps, "wd": 0.0 if c.wd is None else c.wd,
-        "clip": np.inf if c.clip is None else c.clip, "scale": scale, "decay": 1.0 if c.decay is None else c.decay,
+        "one_minus_beta2": c.one_minus_beta2, "eps": c.eps, "wd": ct(0) if c.wd is None else c.wd,
+        "clip": ct(np.inf) if c.clip is None else c.clip, "scale": ct(scale),
+        "decay": ct(1) if c.decay is None else c.decay,
     }
-    return np.array([float(values[f]) for f in K_FIELDS], dtype=np.float64).astype(dtype)
-
+    return np.array([values[f] for f in K_FIELDS], dtype=ct)
 
 def step_arrays(
     ws: Sequence[np.ndarray],
@@ -559,56 +562,3 @@ def step_arrays(
     ptrs, counts, coefs = pieces(addresses, sizes, itemsizes, per)
     run(kernel(spec), ptrs, counts, coefs, k, default_threads() if threads is None else threads)
 
-
-def operator_kernel(
-    w: np.ndarray, g: np.ndarray, d: np.ndarray, v: np.ndarray, z: np.ndarray, out: np.ndarray | None, s: Scalars,
-    threads: int | None = None,
-) -> np.ndarray:
-    r"""MXNet's FTML operator in one pass; bit-identical to the NumPy kernel.
-
-    .. math::
-
-        g' = \mathrm{clip}(\mathrm{rescale}\,g + \mathrm{wd}\,w),\;
-        v \leftarrow \beta_2 v + (1-\beta_2) g'^2,\;
-        d_t = \tfrac{1-\beta_1^t}{\mathrm{lr}}(\sqrt{v/(1-\beta_2^t)} + \epsilon),\;
-        z \leftarrow \beta_1 z + (1-\beta_1) g' - (d_t - \beta_1 d) w,\;
-        d \leftarrow d_t,\; w' = -z/d_t
-
-    Args:
-        w, g, d, v, z: C-contiguous arrays of one shape and one dtype (float32 or float64);
-            ``d``, ``v``, ``z`` are updated in place.
-        out: where to write the new weight (may be ``w``); a new array when None.
-        s: the pre-rounded scalars from :func:`ftmlopt.mxnet.operator.prepare_scalars`, in
-            the arrays' dtype.
-        threads: threads to use (default :func:`default_threads`).
-
-    Returns:
-        The new weight.
-
-    Example:
-        >>> import numpy as np
-        >>> from ftmlopt.mxnet.operator import prepare_scalars
-        >>> w = np.ones(3); g = np.full(3, 0.5); d, v, z = (np.zeros(3) for _ in range(3))
-        >>> s = prepare_scalars(np.float64, 0.1, 1, 0.6, 0.999, 1e-8, 0.0, 1.0, -1.0)
-        >>> bool(np.allclose(operator_kernel(w, g, d, v, z, None, s), 0.9)) if AVAILABLE else True
-        True
-    """
-    if not AVAILABLE:
-        kernel(Spec("operator", "float32", "float32"))  # raises ImportError, naming what to install
-    dtype = w.dtype
-    if dtype.name not in ("float32", "float64"):
-        raise TypeError(f"operator_kernel takes float32 or float64 arrays, got {dtype}")
-    result = np.empty_like(w) if out is None else out
-    spec = Spec("operator", dtype.name, dtype.name, clip=bool(s.use_clip), separate_out=result is not w)
-    fn = kernel(spec)
-    values = {
-        "beta1": s.beta1, "one_minus_beta1": s.one_minus_beta1, "beta2": s.beta2,
-        "one_minus_beta2": s.one_minus_beta2, "eps": s.epsilon, "wd": s.wd, "clip": s.clip_grad,
-        "scale": s.rescale_grad, "decay": 1.0,
-    }
-    k = np.array([values[f] for f in K_FIELDS], dtype=dtype)  # already rounded to dtype
-    addresses = np.array([[a.ctypes.data for a in (w, g, d, v, z, result)]], dtype=np.int64)
-    per = np.array([[s.d_scale, s.bias2]], dtype=dtype)
-    ptrs, counts, coefs = pieces(addresses, np.array([w.size], dtype=np.int64), [dtype.itemsize] * 6, per)
-    run(fn, ptrs, counts, coefs, k, default_threads() if threads is None else threads)
-    return result

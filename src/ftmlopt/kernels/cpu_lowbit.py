@@ -33,10 +33,7 @@ Example:
     >>> w, g = np.ones(300, dtype=np.float32), np.full(300, 0.5, dtype=np.float32)
     >>> codes, scales = lowbit.zeros_state(300, bits=8)
     >>> c = rule.constants(lr=0.1, t=1, beta1=0.6, beta2=0.999, eps=1e-8)
-    >>> if cpu_lowbit.AVAILABLE:
-    ...     cpu_lowbit.step_arrays([w], [g], [codes], [scales], c, seeds=[0], step=1, bits=8, rounding="nearest")
-    ... else:
-    ...     w[:], codes[:], scales[:] = 0.9, 255, np.float32(np.sqrt(np.float32(0.00025))) / np.float32(1.9375)
+    >>> cpu_lowbit.step_arrays([w], [g], [codes], [scales], c, seeds=[0], step=1, bits=8, rounding="nearest")
     >>> float(w[0]), int(codes[0]), bool(scales[0] * np.float32(1.9375) == np.sqrt(np.float32(0.00025)))
     (0.8999999761581421, 255, True)
 """
@@ -317,7 +314,7 @@ def kernel(spec: LowbitSpec) -> Callable[..., None]:
 
     Example:
         >>> from ftmlopt.kernels import cpu_lowbit
-        >>> callable(cpu_lowbit.kernel(cpu_lowbit.LowbitSpec(8, "float32"))) if cpu_lowbit.AVAILABLE else True
+        >>> callable(cpu_lowbit.kernel(cpu_lowbit.LowbitSpec(8, "float32")))
         True
     """
     lowbit.format_of(spec.bits)  # ValueError naming a width other than 8 or 4

@@ -11,7 +11,10 @@ program takes one chunk of ``CHUNK`` elements. Nothing about a step is read on t
 * ``found_inf`` (when given) masks every load and store, and the step increment is reverted
   afterwards (``_foreach_sub_``), so a skipped step changes nothing;
 * the arithmetic runs in float32 (float64 for float64 tensors), fp16/bf16 are loaded and
-  stored in their own precision. The rule is :mod:`ftmlopt.rule`'s (as in :mod:`ftmlopt.kernels.cpu`).
+  stored in their own precision. The rule is :mod:`ftmlopt.rule`'s (as in :mod:`ftmlopt.kernels.cpu`):
+  the wrapper takes the step-independent constants from :func:`ftmlopt.rule.constants`, and the
+  kernel derives the lr- and step-dependent ones (``1 - beta^t``, ``step_size``, ``d_scale``,
+  ``1 - lr wd``) from the device's lr and step with the same formulas.
 
 With a fixed set of tensors the launch is capturable in a CUDA graph (the tables are built
 before capture and reused). The launch goes through ``torch.library.triton_op``
@@ -31,6 +34,8 @@ import importlib.util
 import math
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
+
+from ftmlopt import rule
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -61,7 +66,7 @@ def _build() -> dict[str, Any]:
     @triton.jit
     def ftml_block(  # type: ignore[no-untyped-def]
         w_ptr, g_ptr, d_ptr, v_ptr, z_ptr, offs, n, coef, bias2, eps, wd, clip, decay, b1m, omb1, b2m, omb2, scale,
-        COMPACT: tl.constexpr, MAXIMIZE: tl.constexpr, COUPLED_WD: tl.constexpr, DECOUPLED_WD: tl.constexpr,
+        live, COMPACT: tl.constexpr, MAXIMIZE: tl.constexpr, COUPLED_WD: tl.constexpr, DECOUPLED_WD: tl.constexpr,
         HAS_CLIP: tl.constexpr, HAS_SCALE: tl.constexpr, MT: tl.constexpr, MASKED: tl.constexpr,
     ):
         """The FTML rule on one block of elements (loads in storage precision, math in ``MT``)."""
@@ -86,14 +91,20 @@ def _build() -> dict[str, Any]:
         if COMPACT:
             w = w - coef * g / root
         else:
-            z = tl.load(z_ptr + offs, mask=m).to(MT)
+            # ``live`` is lr != 0: at lr 0 the MXNet form keeps d and z (d_t would be infinite) and
+            # the weight stays; only v takes the gradient (rule.mxnet_step's convention)
+            z0 = tl.load(z_ptr + offs, mask=m).to(MT)
+            d0 = tl.load(d_ptr + offs, mask=m).to(MT)
+            z = z0
             if DECOUPLED_WD:
                 z = z * decay
             d_t = coef * root
-            z = b1m * z + omb1 * g - (d_t - b1m * tl.load(d_ptr + offs, mask=m).to(MT)) * w
+            z = b1m * z + omb1 * g - (d_t - b1m * d0) * w
+            z = tl.where(live, z, z0)
+            d_t = tl.where(live, d_t, d0)
             tl.store(z_ptr + offs, z.to(z_ptr.dtype.element_ty), mask=m)
             tl.store(d_ptr + offs, d_t.to(d_ptr.dtype.element_ty), mask=m)
-            w = -z / d_t
+            w = tl.where(live, -z / d_t, w)
         tl.store(w_ptr + offs, w.to(w_ptr.dtype.element_ty), mask=m)
 
     # Triton's interpreter resolves callees through the module's globals (not closures).
@@ -120,27 +131,28 @@ def _build() -> dict[str, Any]:
             w_ptr = tl.multiple_of(w_ptr, 16)
             g_ptr = tl.multiple_of(g_ptr, 16)
             v_ptr = tl.multiple_of(v_ptr, 16)
-        # Per-tensor scalars in float64: hyper = (beta1, beta2, eps, wd, clip, ln beta1, ln beta2).
+        # float64 scalars from rule.constants (see multi_tensor_step): hyper = (beta1, 1 - beta1, beta2,
+        # 1 - beta2, eps, wd, clip, ln beta1, ln beta2). What depends on the device's lr and step is
+        # derived here with rule.constants' formulas (reading them on the host would sync).
         t = tl.load(step_ptr).to(tl.float64)
         lr = tl.load(lr_ptr).to(tl.float64)
-        b1 = tl.load(hyper)
-        b2 = tl.load(hyper + 1)
-        c1 = 1.0 - tl.exp(t * tl.load(hyper + 5))
-        c2 = 1.0 - tl.exp(t * tl.load(hyper + 6))
+        omb1_64 = tl.load(hyper + 1)
+        c1 = 1.0 - tl.exp(t * tl.load(hyper + 7))  # bias1 = 1 - beta1**t
+        c2 = 1.0 - tl.exp(t * tl.load(hyper + 8))  # bias2 = 1 - beta2**t
         mt: tl.constexpr = MT  # the math type: float32, or float64 for float64 tensors
         if COMPACT:
-            coef = (lr * (1.0 - b1) / c1).to(mt)
+            coef = (lr * omb1_64 / c1).to(mt)  # step_size
         else:
-            coef = (c1 / lr).to(mt)
+            coef = (c1 / lr).to(mt)  # d_scale
         bias2 = c2.to(mt)
-        eps = tl.load(hyper + 2).to(mt)
-        wd = tl.load(hyper + 3).to(mt)
-        clip = tl.load(hyper + 4).to(mt)
-        decay = (1.0 - lr * tl.load(hyper + 3)).to(mt)
-        b1m = b1.to(mt)
-        omb1 = (1.0 - b1).to(mt)
-        b2m = b2.to(mt)
-        omb2 = (1.0 - b2).to(mt)
+        eps = tl.load(hyper + 4).to(mt)
+        wd = tl.load(hyper + 5).to(mt)
+        clip = tl.load(hyper + 6).to(mt)
+        decay = (1.0 - lr * tl.load(hyper + 5)).to(mt)
+        b1m = tl.load(hyper).to(mt)
+        omb1 = omb1_64.to(mt)
+        b2m = tl.load(hyper + 2).to(mt)
+        omb2 = tl.load(hyper + 3).to(mt)
         d_ptr = w_ptr
         z_ptr = w_ptr
         if not COMPACT:
@@ -152,15 +164,16 @@ def _build() -> dict[str, Any]:
         if HAS_FOUND_INF:  # a non-finite gradient somewhere: touch nothing
             n = tl.where(tl.load(found_inf_ptr) == 0, n, 0)
         scale = tl.load(scale_ptr).to(mt) if HAS_SCALE else 1.0
+        live = lr != 0.0
         if lo + CHUNK <= n:  # a full chunk: no masks, so the loads can be vectorized
             for off in tl.range(0, CHUNK, BLOCK):
                 ftml_block(w_ptr, g_ptr, d_ptr, v_ptr, z_ptr, lo + off + tl.arange(0, BLOCK), n,
-                           coef, bias2, eps, wd, clip, decay, b1m, omb1, b2m, omb2, scale,
+                           coef, bias2, eps, wd, clip, decay, b1m, omb1, b2m, omb2, scale, live,
                            COMPACT, MAXIMIZE, COUPLED_WD, DECOUPLED_WD, HAS_CLIP, HAS_SCALE, MT, False)
         else:
             for off in tl.range(0, CHUNK, BLOCK):
                 ftml_block(w_ptr, g_ptr, d_ptr, v_ptr, z_ptr, lo + off + tl.arange(0, BLOCK), n,
-                           coef, bias2, eps, wd, clip, decay, b1m, omb1, b2m, omb2, scale,
+                           coef, bias2, eps, wd, clip, decay, b1m, omb1, b2m, omb2, scale, live,
                            COMPACT, MAXIMIZE, COUPLED_WD, DECOUPLED_WD, HAS_CLIP, HAS_SCALE, MT, True)
 
     @triton_op("ftmlopt::ftml_multi_tensor_", mutates_args={"params", "grads", "ds", "vs", "zs"})
@@ -325,8 +338,13 @@ def multi_tensor_step(
     # A float lr becomes a cached device scalar: created on the first (warm-up) step, reused while a
     # CUDA graph is captured (no host-to-device copy inside the capture), as torch bakes a float lr.
     lr_t = lr.to(device=device, dtype=torch.float64) if isinstance(lr, torch.Tensor) else _hyper(device, lr)
-    hyper = _hyper(device, beta1, beta2, eps, weight_decay, math.inf if clip_gradient is None else clip_gradient,
-                   *(math.log(b) if b > 0 else -math.inf for b in (beta1, beta2)))
+    # The step-independent constants come from the rule (float64); lr and t live on the device, so
+    # the placeholders lr=1, t=1 only stand in for them and nothing derived from them is used here.
+    c = rule.constants(1.0, 1, beta1, beta2, eps, weight_decay=weight_decay, decoupled=decoupled_weight_decay,
+                       clip=clip_gradient, maximize=maximize)
+    hyper = _hyper(device, c.beta1, c.one_minus_beta1, c.beta2, c.one_minus_beta2, c.eps, weight_decay,
+                   math.inf if c.clip is None else c.clip,
+                   *(math.log(b) if b > 0 else -math.inf for b in (c.beta1, c.beta2)))
     likes = [torch.empty(0, dtype=dt, device=device) for dt in (p_dtype, s_dtype, torch.float32)]
     if found_inf is None:
         torch._foreach_add_(steps, 1)
@@ -337,8 +355,7 @@ def multi_tensor_step(
         w, g, ds, v, zs, table, sizes, chunk_tensor, chunk_start, lr_t,
         None if found_inf is None else found_inf.to(device), None if grad_scale is None else grad_scale.to(device),
         hyper, *likes,
-        [compact, maximize, weight_decay != 0 and not decoupled_weight_decay,
-         weight_decay != 0 and decoupled_weight_decay, clip_gradient is not None, aligned],
+        [compact, c.sign < 0, c.wd is not None, c.decay is not None, c.clip is not None, aligned],
     )
     for original, copy, write_back in staged:
         if write_back:

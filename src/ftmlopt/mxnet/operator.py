@@ -22,8 +22,15 @@ computed in float32 and rounded once on the way out (a deliberate difference fro
 whose half-precision epsilon underflows to 0 and turns zero-gradient elements into NaN).
 
 The arithmetic lives in one place per backend: :func:`_numpy_kernel` here, and the compiled
-kernel in :mod:`ftmlopt.kernels.numba_cpu` (llvmlite) when it is installed; both take the same
-pre-rounded :class:`Scalars`.
+kernel :func:`ftmlopt.mxnet._kernel.operator_kernel` (llvmlite) when it is installed; both take the
+same :class:`ftmlopt.rule.Constants` from :func:`prepare_scalars`. ``_numpy_kernel`` spells the step
+out rather than calling :func:`ftmlopt.rule.mxnet_step` because it must round in MXNet's order
+into preallocated buffers (two temporaries, ``out=`` ufuncs); ``tests/mxnet`` holds it to MXNet's
+own results bit for bit, and ``tests/conformance`` to the rule.
+
+The compiled kernel is used for C-contiguous float32/float64 arrays unless the environment
+variable ``FTMLOPT_DISABLE_CPU_KERNELS`` is set to anything but ``""``/``"0"`` (then NumPy runs;
+the same bits either way). ``FTMLOPT_DISABLE_NUMBA``, its old name, still works and warns.
 """
 
 from __future__ import annotations
@@ -32,34 +39,23 @@ import functools
 import math
 import numbers
 import os
+import warnings
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
 from ftmlopt import rule
 
-__all__ = ["Scalars", "check_clip_bound", "ftml_update", "prepare_scalars"]
+__all__ = ["DISABLE_ENV", "Scalars", "check_clip_bound", "fold_gradient", "ftml_update", "prepare_scalars"]
 
 _SUPPORTED = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
-class Scalars(NamedTuple):
-    """The per-call scalars, already rounded the way MXNet rounds them, in the compute dtype."""
-
-    wd: np.floating
-    rescale_grad: np.floating
-    clip_grad: np.floating
-    use_clip: bool
-    beta1: np.floating
-    one_minus_beta1: np.floating
-    beta2: np.floating
-    one_minus_beta2: np.floating
-    epsilon: np.floating
-    #: ``(1 - beta1**t) / lr``
-    d_scale: np.floating
-    #: ``1 - beta2**t``
-    bias2: np.floating
+#: The operator's per-call constants: :class:`ftmlopt.rule.Constants` in the compute dtype, rounded the
+#: way MXNet rounds them (:func:`prepare_scalars`). ``clip`` is None when MXNet would not clip
+#: (``clip_grad < 0``); ``wd`` and ``grad_scale`` are always set (MXNet always applies them).
+Scalars = rule.Constants
 
 
 @functools.lru_cache(maxsize=1024)
@@ -152,7 +148,7 @@ def _power_in(ct: type) -> Callable[[Any, Any], Any]:
 
 
 def prepare_scalars(
-    dtype: np.dtype[Any] | type,
+    dtype: np.dtype[Any] | type | str,
     lr: float,
     t: int,
     beta1: float,
@@ -161,7 +157,7 @@ def prepare_scalars(
     wd: float,
     rescale_grad: float,
     clip_grad: float,
-) -> Scalars:
+) -> rule.Constants:
     r"""Round the hyper-parameters as MXNet does and derive the per-step constants.
 
     MXNet parses every float parameter to float32 (``epsilon`` is a double) from its ``str()``
@@ -171,59 +167,57 @@ def prepare_scalars(
     library (``powf``/``pow``), so that :math:`1-\beta^t` and :math:`(1-\beta_1^t)/\eta` are
     rounded in ``DT`` exactly as in MXNet's kernel, under NumPy 1.x and 2.x alike.
 
+    The result is a :class:`ftmlopt.rule.Constants` (no operator-specific copy of it), every field
+    a ``DT`` scalar (:meth:`~ftmlopt.rule.Constants.cast`). MXNet's own conventions are expressed
+    in its fields: ``clip`` is None when ``clip_grad < 0`` (MXNet clips whenever it is ``>= 0``, so
+    0 zeroes the gradient), and ``wd`` and ``grad_scale`` are always set, because MXNet always
+    computes ``rescale_grad * g + wd * w`` (``0 * inf`` weights give NaN there, as in MXNet).
+
     Example:
         >>> import numpy as np
         >>> s = prepare_scalars(np.float32, lr=0.5, t=9, beta1=0.999, beta2=0.999, epsilon=1e-8,
         ...                     wd=0.0, rescale_grad=1.0, clip_grad=-1.0)
         >>> s.bias2.dtype, bool(s.bias2 == np.float32(0.0089639425))  # 1 - powf(0.999f, 9.0f)
         (dtype('float32'), True)
-        >>> bool(s.d_scale == s.bias2 / np.float32(0.5)), s.use_clip
-        (True, False)
+        >>> bool(s.d_scale == s.bias2 / np.float32(0.5)), s.clip is None  # clip_grad < 0: no clipping
+        (True, True)
     """
     ct = np.dtype(dtype).type
     if ct not in (np.float32, np.float64):
         raise TypeError(f"prepare_scalars computes in float32 or float64, got {np.dtype(dtype)}")
     f32 = _mxnet_param
     clip = ct(f32(clip_grad))
-    wd_ = ct(f32(wd))
-    c = rule.constants(
-        lr=ct(f32(lr)),
-        t=ct(t),
-        beta1=ct(f32(beta1)),
-        beta2=ct(f32(beta2)),
-        eps=ct(_mxnet_param(epsilon, double=True)),
-        weight_decay=wd_,
-        clip=clip,
-        grad_scale=ct(f32(rescale_grad)),
-        power=_power_in(ct),
-    )
-    return Scalars(
-        wd=wd_,  # always applied (w * 0 keeps MXNet's NaN for an infinite weight)
-        rescale_grad=ct(c.grad_scale),
-        clip_grad=clip,
-        use_clip=bool(clip >= 0),
-        beta1=ct(c.beta1),
-        one_minus_beta1=ct(c.one_minus_beta1),
-        beta2=ct(c.beta2),
-        one_minus_beta2=ct(c.one_minus_beta2),
-        epsilon=ct(c.eps),
-        d_scale=ct(c.d_scale),
-        bias2=ct(c.bias2),
-    )
+    wd_: Any = ct(f32(wd))  # a NumPy scalar: always applied (w * 0 keeps MXNet's NaN for an infinite w)
+    with np.errstate(divide="ignore"):  # lr 0 (only FTML.update's fold_gradient asks): d_scale = inf, unused
+        c = rule.constants(
+            lr=ct(f32(lr)),
+            t=ct(t),
+            beta1=ct(f32(beta1)),
+            beta2=ct(f32(beta2)),
+            eps=ct(_mxnet_param(epsilon, double=True)),
+            weight_decay=wd_,
+            clip=clip if clip >= 0 else None,  # MXNet clips whenever clip_grad >= 0 (0 zeroes the gradient)
+            grad_scale=ct(f32(rescale_grad)),
+            power=_power_in(ct),
+        )
+    # Every constant is already a `ct` (rule.constants rounds NumPy scalars in their own type); the
+    # cast is the rule's single way to state it (exact here).
+    return c.cast(ct)
 
 
 def _numpy_kernel(
-    w: np.ndarray, g: np.ndarray, d: np.ndarray, v: np.ndarray, z: np.ndarray, out: np.ndarray | None, s: Scalars
+    w: np.ndarray, g: np.ndarray, d: np.ndarray, v: np.ndarray, z: np.ndarray, out: np.ndarray | None, s: rule.Constants
 ) -> np.ndarray:
     """One FTML step with ufuncs, in MXNet's evaluation order; two full-size temporaries."""
     # explicit out= so that 0-d inputs still give arrays (a bare ufunc would return a scalar)
-    gp = np.multiply(g, s.rescale_grad, out=np.empty_like(g))  # g' (temporary 1)
+    assert s.grad_scale is not None and s.wd is not None  # prepare_scalars always sets both, as MXNet applies both
+    gp = np.multiply(g, s.grad_scale, out=np.empty_like(g))  # g' (temporary 1)
     tmp = np.multiply(w, s.wd, out=np.empty_like(w))  # temporary 2
     np.add(gp, tmp, out=gp)
-    if s.use_clip:
+    if s.clip is not None:
         # MXNet's clip: x > c -> c, x < -c -> -c, else x (NaN passes through, -0.0 keeps its sign).
-        np.copyto(gp, s.clip_grad, where=gp > s.clip_grad)
-        np.copyto(gp, -s.clip_grad, where=gp < -s.clip_grad)
+        np.copyto(gp, s.clip, where=gp > s.clip)
+        np.copyto(gp, -s.clip, where=gp < -s.clip)
     # v = beta2 * v + (1 - beta2) * (g' * g')
     np.multiply(v, s.beta2, out=v)
     np.multiply(gp, gp, out=tmp)
@@ -232,7 +226,7 @@ def _numpy_kernel(
     # tmp <- d_t = ((1 - beta1^t) / lr) * (sqrt(v / (1 - beta2^t)) + eps)
     np.divide(v, s.bias2, out=tmp)
     np.sqrt(tmp, out=tmp)
-    np.add(tmp, s.epsilon, out=tmp)
+    np.add(tmp, s.eps, out=tmp)
     np.multiply(tmp, s.d_scale, out=tmp)
     # z = beta1 * z + (1 - beta1) * g' - (d_t - beta1 * d) * w
     np.multiply(z, s.beta1, out=z)
@@ -251,21 +245,36 @@ def _numpy_kernel(
 
 
 Kernel = Callable[
-    [np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, "np.ndarray | None", Scalars], np.ndarray
+    [np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, "np.ndarray | None", rule.Constants], np.ndarray
 ]
+
+
+#: the variable that turns the compiled kernel off, and its deprecated old name
+DISABLE_ENV = "FTMLOPT_DISABLE_CPU_KERNELS"
+_DEPRECATED_DISABLE_ENV = "FTMLOPT_DISABLE_NUMBA"
+
+
+def _kernels_disabled() -> bool:
+    """Whether :data:`DISABLE_ENV` (or, with a DeprecationWarning, its old name) asks for NumPy."""
+    value = os.environ.get(DISABLE_ENV)
+    if value is None:
+        value = os.environ.get(_DEPRECATED_DISABLE_ENV)
+        if value is not None:
+            warnings.warn(
+                f"{_DEPRECATED_DISABLE_ENV} is deprecated; set {DISABLE_ENV} instead", DeprecationWarning, stacklevel=4
+            )
+    return value not in (None, "", "0")
 
 
 def _select_kernel(arrays: tuple[np.ndarray, ...]) -> Kernel:
     """The compiled CPU kernel when llvmlite is installed and the arrays are contiguous, else NumPy's."""
-    if os.environ.get("FTMLOPT_DISABLE_NUMBA", "") not in ("", "0"):
+    if _kernels_disabled():
         return _numpy_kernel
     if not all(a.flags.c_contiguous for a in arrays):
         return _numpy_kernel
-    try:
-        from ftmlopt.kernels import numba_cpu
-    except ImportError:
-        return _numpy_kernel
-    return numba_cpu.operator_kernel if numba_cpu.AVAILABLE else _numpy_kernel
+    from ftmlopt.mxnet import _kernel
+
+    return _kernel.operator_kernel if _kernel.AVAILABLE else _numpy_kernel
 
 
 def _check_array(value: Any, name: str) -> np.ndarray:
@@ -289,9 +298,9 @@ def ftml_update(
     z: np.ndarray,
     lr: float,
     t: int,
-    beta1: float = 0.6,
-    beta2: float = 0.999,
-    epsilon: float = 1e-8,
+    beta1: float = rule.DEFAULT_BETA1,
+    beta2: float = rule.DEFAULT_BETA2,
+    epsilon: float = rule.DEFAULT_EPS,
     wd: float = 0.0,
     rescale_grad: float = 1.0,
     clip_grad: float = -1.0,
@@ -369,9 +378,9 @@ def ftml_update(
     rule.check_grad_scale(rescale_grad, "rescale_grad")
     check_clip_bound(clip_grad, "clip_grad")
 
-    if weight.dtype == np.float16:
-        # Compute in float32, round once: MXNet's half arithmetic underflows epsilon to 0.
-        s = prepare_scalars(np.float32, lr, t, beta1, beta2, epsilon, wd, rescale_grad, clip_grad)
+    if weight.dtype.name in rule.HALF_DTYPES:
+        # Compute in float32 (rule.compute_dtype), round once: MXNet's half arithmetic underflows epsilon to 0.
+        s = prepare_scalars(rule.compute_dtype(weight.dtype), lr, t, beta1, beta2, epsilon, wd, rescale_grad, clip_grad)
         d32, v32, z32 = (a.astype(np.float32) for a in (d, v, z))
         w32 = weight.astype(np.float32)
         new = _numpy_kernel(w32, grad.astype(np.float32), d32, v32, z32, None, s)
@@ -385,3 +394,50 @@ def ftml_update(
     s = prepare_scalars(weight.dtype, lr, t, beta1, beta2, epsilon, wd, rescale_grad, clip_grad)
     kernel = _select_kernel(tuple(arrays.values()))
     return kernel(weight, grad, d, v, z, out, s)
+
+
+def fold_gradient(
+    weight: np.ndarray,
+    grad: np.ndarray,
+    v: np.ndarray,
+    *,
+    beta2: float = rule.DEFAULT_BETA2,
+    wd: float = 0.0,
+    rescale_grad: float = 1.0,
+    clip_grad: float = -1.0,
+) -> None:
+    r"""The MXNet system's step at lr 0: ``v`` takes the gradient; the weight, ``d`` and ``z`` stay.
+
+    .. math::
+
+        g' = \mathrm{clip}(\mathrm{rescale\_grad}\, g + \mathrm{wd}\, w), \qquad
+        v \leftarrow \beta_2 v + (1-\beta_2)\, g'^2
+
+    ``v`` gets exactly the bits MXNet 1.9.1's ``ftml_update`` would write into it at lr 0 (the same
+    parsing, rounding and order; ``v`` does not depend on lr or t). MXNet then writes
+    ``d = inf`` and NaN weights; this is the rule's "lr 0 is no step" instead (see
+    :mod:`ftmlopt.rule` and :class:`ftmlopt.mxnet.optimizer.FTML`). float16 is computed in float32
+    and rounded once, as in :func:`ftml_update`. ``v`` is updated in place.
+
+    Example:
+        >>> import numpy as np
+        >>> w, g, v = np.ones(2, np.float32), np.float32([0.5, -2.0]), np.zeros(2, np.float32)
+        >>> fold_gradient(w, g, v, beta2=0.75)
+        >>> v.tolist(), w.tolist()
+        ([0.0625, 1.0], [1.0, 1.0])
+    """
+    for name, arr in (("weight", weight), ("grad", grad), ("v", v)):
+        _check_array(arr, name)
+        if arr.shape != weight.shape or arr.dtype != weight.dtype:
+            raise ValueError(f"{name} has {arr.dtype} {arr.shape}, expected {weight.dtype} {weight.shape} like weight")
+    _check_writable(v, "v")
+    rule.check_beta(beta2, "beta2")
+    rule.check_finite(wd, "wd")
+    rule.check_grad_scale(rescale_grad, "rescale_grad")
+    check_clip_bound(clip_grad, "clip_grad")
+    ct = rule.compute_dtype(weight.dtype)
+    # lr and t do not enter v; lr 0 and t 1 are this step's (d_scale comes out infinite and is not used).
+    c = prepare_scalars(ct, 0.0, 1, rule.DEFAULT_BETA1, beta2, rule.DEFAULT_EPS, wd, rescale_grad, clip_grad)
+    w, g, vc = (a.astype(ct, copy=False) for a in (weight, grad, v))
+    new_v = rule.second_moment(vc, rule.gradient(g, w, c, clip=np.clip), c)
+    np.copyto(v, new_v, casting="same_kind")

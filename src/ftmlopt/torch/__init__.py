@@ -1,8 +1,16 @@
 """PyTorch front end: :class:`FTML`, a ``torch.optim.Optimizer``.
 
-The functional step is :func:`ftmlopt.torch.functional.ftml`; the implementations live in
-:mod:`ftmlopt.torch.ftml` (the function is not re-exported here, so that ``ftmlopt.torch.ftml``
-names that module).
+One job per module (the layout of ``torch/optim``):
+
+* :mod:`ftmlopt.torch.ftml`: the :class:`FTML` class;
+* :mod:`ftmlopt.torch.functional`: the functional step :func:`ftmlopt.torch.functional.ftml`, which
+  dispatches to :mod:`~ftmlopt.torch._single_tensor` (the for-loop, the ground truth),
+  :mod:`~ftmlopt.torch._multi_tensor` (``torch._foreach_*``) or :mod:`~ftmlopt.torch._fused`
+  (the fused kernels). The function is not re-exported here, so that ``ftmlopt.torch.ftml`` names
+  the module;
+* :mod:`~ftmlopt.torch._validation` (checks), :mod:`~ftmlopt.torch._checkpoint` (``state_dict``
+  checks and conversion between forms), :mod:`~ftmlopt.torch._dtypes` (the rule's dtype policy in
+  torch dtypes), :mod:`~ftmlopt.torch._constants` (a step's constants from :mod:`ftmlopt.rule`).
 
 Importing this module imports torch (``import ftmlopt`` alone does not).
 

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
+from ftmlopt import rule
+
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
@@ -54,7 +56,7 @@ def fused_supported(params: Iterable[Tensor]) -> bool:
     """Whether :func:`_fused_ftml` can step these tensors (the default-dispatch test).
 
     True when every tensor is floating point (or complex) and lives on the CPU with the CPU
-    kernels available (llvmlite, which comes with Numba), or on a CUDA device with Triton.
+    kernels available (llvmlite: ``pip install 'ftmlopt[cpu]'``), or on a CUDA device with Triton.
 
     Example:
         >>> import torch
@@ -111,20 +113,20 @@ def _fused_ftml(
 
     Raises:
         RuntimeError: ``differentiable=True``, or a device without a fused kernel.
-        ValueError: list lengths that do not match, or a negative ``clip_gradient``.
+        ValueError: list lengths that do not match, or a ``clip_gradient`` that is not None or > 0
+            (:func:`ftmlopt.rule.check_clip`).
 
     Example:
         >>> import torch
         >>> from ftmlopt.torch._fused import _fused_ftml, fused_supported
         >>> w = torch.ones(3); g = torch.full((3,), 0.5); step = torch.zeros(())
         >>> d, v, z = torch.zeros(3), torch.zeros(3), torch.zeros(3)
-        >>> if fused_supported([w]):
-        ...     _fused_ftml([w], [g], [d], [v], [z], [step], grad_scale=None, found_inf=None, lr=0.1,
-        ...                 beta1=0.6, beta2=0.999, eps=1e-8, weight_decay=0.0, clip_gradient=None,
-        ...                 decoupled_weight_decay=False, compact=False, maximize=False, has_complex=False,
-        ...                 capturable=False, differentiable=False)
-        ... else:
-        ...     _ = w.fill_(0.9), step.fill_(1)
+        >>> fused_supported([w])  # llvmlite is installed ('ftmlopt[cpu]')
+        True
+        >>> _fused_ftml([w], [g], [d], [v], [z], [step], grad_scale=None, found_inf=None, lr=0.1,
+        ...             beta1=0.6, beta2=0.999, eps=1e-8, weight_decay=0.0, clip_gradient=None,
+        ...             decoupled_weight_decay=False, compact=False, maximize=False, has_complex=False,
+        ...             capturable=False, differentiable=False)
         >>> [round(x, 4) for x in w.tolist()], float(step)
         ([0.9, 0.9, 0.9], 1.0)
     """
@@ -141,8 +143,8 @@ def _fused_ftml(
     for name, lst in expected.items():
         if len(lst) != n:
             raise ValueError(f"{name} has {len(lst)} tensors, params has {n}")
-    if clip_gradient is not None and not clip_gradient >= 0:
-        raise ValueError(f"clip_gradient must be >= 0 or None, got {clip_gradient!r}")
+    if clip_gradient is not None:
+        rule.check_clip(clip_gradient, "clip_gradient value")  # None or > 0, as on every other path
     if n == 0:
         return
     for p in params:
@@ -283,11 +285,10 @@ def _cpu_group(
     """Step one CPU group (one param dtype, one state dtype) with a single kernel call."""
     import torch
 
-    from ftmlopt import rule
     from ftmlopt.kernels import cpu
 
     if not cpu.AVAILABLE:
-        raise RuntimeError("FTML(fused=True) on CPU needs llvmlite (it comes with numba): pip install 'ftmlopt[numba]'")
+        raise RuntimeError("FTML(fused=True) on CPU needs llvmlite >= 0.44: pip install 'ftmlopt[cpu]'")
     # The kernel writes through raw addresses: refuse anything whose memory is not what it seems.
     plain = {torch.Tensor, torch.nn.Parameter}
     for lst in (*lists, steps):
@@ -310,8 +311,11 @@ def _cpu_group(
         return  # an inf/NaN gradient: skip the step entirely (steps are not incremented)
     lr_value = float(lr)
     if not compact and lr_value == 0.0:
-        # the MXNet-form kernels divide by lr; ftmlopt.torch.ftml._fused_ftml sends such a step to foreach
-        raise ValueError("the fused MXNet-form kernels cannot take an lr-0 step; call ftmlopt.torch.ftml._fused_ftml")
+        # the MXNet-form kernels divide by lr; ftmlopt.torch.functional sends such a step to foreach
+        raise ValueError(
+            "the fused MXNet-form kernels cannot take an lr-0 step; call "
+            "ftmlopt.torch.functional._fused_with_lr0_fallback (or ftmlopt.torch.functional.ftml)"
+        )
     scale = float(grad_scale) if grad_scale is not None else None
 
     names = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16", torch.bfloat16: "bfloat16"}

@@ -27,6 +27,7 @@ Example (shell; seconds):
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import sys
@@ -34,6 +35,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from ftmlopt.experiments import harness
 
 OPTIMIZERS: tuple[str, ...] = ("FTML", "Adam", "RMSprop")
 EPS = 1e-2  # the paper's optimizer epsilon for DQN, for every method
@@ -58,27 +61,9 @@ NOTES: dict[str, str] = {
 }
 
 
-def make_optimizer(name: str, params: Any, lr: float) -> Any:
-    """One of the DQN optimizers, epsilon 1e-2 (the paper's setting for DQN).
-
-    Example:
-        >>> import torch
-        >>> from ftmlopt.experiments.tasks.dqn import make_optimizer
-        >>> make_optimizer("RMSprop", [torch.nn.Parameter(torch.zeros(2))], 1e-3).defaults["eps"]
-        0.01
-    """
-    import torch
-
-    if name == "FTML":
-        from ftmlopt.torch import FTML
-
-        # foreach=True, fused=False: the same arithmetic as the default path (see PATH_NOTE)
-        return FTML(params, lr=lr, eps=EPS, foreach=True, fused=False)
-    if name == "Adam":
-        return torch.optim.Adam(params, lr=lr, eps=EPS)
-    if name == "RMSprop":
-        return torch.optim.RMSprop(params, lr=lr, eps=EPS)
-    raise ValueError(f"unknown optimizer {name!r}; expected one of {list(OPTIMIZERS)}")
+#: the one optimizer factory (:func:`ftmlopt.experiments.harness.make_optimizer`) with the DQN settings:
+#: epsilon 1e-2 for every optimizer (the paper's setting for DQN), FTML's multi-tensor path (see PATH_NOTE)
+make_optimizer = functools.partial(harness.make_optimizer, eps=EPS, ftml_foreach=True)
 
 
 def train_dqn(name: str, lr: float, seed: int, steps: int = STEPS, learn_start: int = LEARN_START) -> dict[str, Any]:

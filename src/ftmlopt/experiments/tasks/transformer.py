@@ -29,12 +29,14 @@ characters, 5 steps per unit, for tests.
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Any
 
+from ftmlopt.experiments import harness
 from ftmlopt.experiments.data import load_tinyshakespeare, resolve_data
-from ftmlopt.experiments.harness import CONTROL, FTML_BETAS, Run, TaskSpec
+from ftmlopt.experiments.harness import CONTROL, Run, TaskSpec
 
 D, LAYERS, HEADS, BLOCK, BATCH = 64, 2, 4, 64, 16
 STEPS_PER_UNIT = 50
@@ -55,34 +57,10 @@ OPTIMIZER_NOTES: dict[str, str] = {
 }
 
 
-def make_optimizer(name: str, groups: Any, lr: float) -> Any:
-    """Build one of the transformer task's optimizers over parameter ``groups`` (see the module docstring).
-
-    ``groups`` are the two groups of :func:`param_groups`; the group without decay keeps
-    ``weight_decay=0``. For the control, ``lr`` is already ``0.4 * lr_FTML``.
-
-    Example:
-        >>> import torch
-        >>> from ftmlopt.experiments.tasks.transformer import make_optimizer
-        >>> w = torch.nn.Parameter(torch.ones(2, 2))
-        >>> opt = make_optimizer("AdamW", [{"params": [w]}], 1e-3)
-        >>> opt.defaults["betas"], opt.defaults["weight_decay"]
-        ((0.9, 0.95), 0.1)
-    """
-    import torch
-
-    if name == "FTML":
-        from ftmlopt.torch import FTML
-
-        # foreach=True, fused=False: the same arithmetic as the default path; see PATH_NOTE
-        return FTML(groups, lr=lr, weight_decay=WD, decoupled_weight_decay=True, foreach=True, fused=False)
-    if name == "AdamW":
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), weight_decay=WD)
-    if name == "Adam":
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), weight_decay=WD)
-    if name == CONTROL:
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.0, FTML_BETAS[1]), weight_decay=WD / (1 - FTML_BETAS[0]))
-    raise ValueError(f"unknown optimizer {name!r}; expected one of {sorted(OPTIMIZER_NOTES)}")
+#: the one optimizer factory (:func:`ftmlopt.experiments.harness.make_optimizer`) with this task's settings:
+#: decoupled weight decay 0.1 (the control's scaled to ``wd / 0.4``), FTML's multi-tensor path (see PATH_NOTE).
+#: ``groups`` are the two groups of :func:`param_groups`; the group without decay keeps ``weight_decay=0``.
+make_optimizer = functools.partial(harness.make_optimizer, weight_decay=WD, ftml_foreach=True)
 
 
 def build_model(vocab: int, d: int = D, layers: int = LAYERS, heads: int = HEADS, block: int = BLOCK) -> Any:

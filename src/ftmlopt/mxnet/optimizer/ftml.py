@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from ftmlopt.mxnet.operator import ftml_update
+from ftmlopt.mxnet.operator import fold_gradient, ftml_update
 from ftmlopt.mxnet.optimizer.base import Index, Optimizer, checked_rate, register
-from ftmlopt.rule import check_beta, check_eps, check_finite
+from ftmlopt.rule import DEFAULT_BETA1, DEFAULT_BETA2, DEFAULT_EPS, check_beta, check_eps, check_finite
 
 __all__ = ["FTML"]
 
@@ -31,17 +31,24 @@ class FTML(Optimizer):
     """The FTML optimizer (Zheng & Kwok, 2017), registered as ``'ftml'``.
 
     Args:
-        beta1: decay of the "leader" average, in [0, 1) (default 0.6).
-        beta2: decay of the squared-gradient average, in [0, 1) (default 0.999).
-        epsilon: added outside the square root, finite and >= 0 (default 1e-8).
+        beta1: decay of the "leader" average, in [0, 1) (default ``rule.DEFAULT_BETA1``, 0.6).
+        beta2: decay of the squared-gradient average, in [0, 1) (default ``rule.DEFAULT_BETA2``, 0.999).
+        epsilon: added outside the square root, finite and >= 0 (default ``rule.DEFAULT_EPS``, 1e-8).
         **kwargs: forwarded to :class:`~ftmlopt.mxnet.optimizer.Optimizer` (``learning_rate`` defaults
             to 0.01 there, as in MXNet 1.9; the paper uses 0.0025).
 
     The state of each weight is ``(d, v, z)``, three zero arrays like the weight.
     ``clip_gradient`` follows MXNet's truthiness rule: ``None`` and ``0`` mean no clipping,
     a positive ``c`` clips to ``[-c, c]`` after weight decay is added, a negative value does
-    nothing. A learning rate of exactly 0 (``lr_mult=0``, or a schedule that reaches 0) freezes
-    the weight: it is counted but weight and state are left as they are (MXNet would write NaN).
+    nothing.
+
+    **lr = 0** (``lr_mult=0``, or a schedule that starts from or reaches 0) follows
+    :mod:`ftmlopt.rule`'s convention, "no step": the update is counted, ``v`` takes the gradient
+    (:func:`ftmlopt.mxnet.operator.fold_gradient`), and the weight, ``d`` and ``z`` stay as they
+    are. MXNet 1.9.1 defines no usable result there: its kernel divides by lr, writing ``d = inf``
+    and NaN weights (and ``ftml_update`` here refuses lr 0 for that reason). What MXNet does compute
+    at lr 0, the count and ``v``, is kept bit for bit; only the NaN is not. Because ``z = -d w``
+    still holds, the next step is the one the rule's compact form takes.
 
     Example:
         >>> import numpy as np
@@ -54,7 +61,9 @@ class FTML(Optimizer):
         array([0.9, 2.1], dtype=float32)
     """
 
-    def __init__(self, beta1: float = 0.6, beta2: float = 0.999, epsilon: float = 1e-8, **kwargs: Any) -> None:
+    def __init__(
+        self, beta1: float = DEFAULT_BETA1, beta2: float = DEFAULT_BETA2, epsilon: float = DEFAULT_EPS, **kwargs: Any
+    ) -> None:
         check_beta(beta1, "beta1")
         check_beta(beta2, "beta2")
         check_eps(epsilon, "epsilon")
@@ -97,10 +106,14 @@ class FTML(Optimizer):
             else:
                 self._index_update_count[index] = count
             raise
-        if lr == 0.0:
+        d, v, z = state
+        if lr == 0.0:  # "no step" (the rule's convention; MXNet would write NaN): only v takes the gradient
+            fold_gradient(
+                weight, grad, v, beta2=self.beta2, wd=wd, rescale_grad=self.rescale_grad,
+                clip_grad=self.clip_gradient if self.clip_gradient else -1.0,
+            )
             return
         t = self._index_update_count[index]
-        d, v, z = state
         ftml_update(
             weight,
             grad,

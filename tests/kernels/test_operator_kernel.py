@@ -1,21 +1,23 @@
-"""The compiled operator kernel (``numba_cpu.operator_kernel``) is bit-identical to the NumPy kernel and to MXNet."""
+"""The compiled operator kernel (``ftmlopt.mxnet._kernel.operator_kernel``) is bit-identical to NumPy's and to MXNet."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
 
 from ftmlopt import ftml_update
-from ftmlopt.kernels import cpu, numba_cpu
+from ftmlopt.kernels import cpu
+from ftmlopt.mxnet import _kernel
 from ftmlopt.mxnet import operator as op
 from ftmlopt.mxnet.operator import _numpy_kernel, prepare_scalars
 
 
 def test_compiled_kernel_is_available_in_the_test_install() -> None:
-    assert numba_cpu.AVAILABLE and cpu.AVAILABLE
+    assert _kernel.AVAILABLE and cpu.AVAILABLE
 
 
 def _arrays(rng: np.random.Generator, shape: tuple[int, ...], dtype: type, specials: bool) -> list[np.ndarray]:
@@ -53,7 +55,7 @@ def test_operator_kernel_bit_identical_to_numpy(dtype, shape, hyper, out_mode, m
     outs = {"none": (None, None), "inplace": (a[0], b[0]), "separate": (np.empty_like(a[0]), np.empty_like(b[0]))}
     out_a, out_b = outs[out_mode]
     ra = _numpy_kernel(*a, out_a, s)
-    rb = numba_cpu.operator_kernel(*b, out_b, s)
+    rb = _kernel.operator_kernel(*b, out_b, s)
     assert rb.dtype == dtype and rb.shape == shape
     if out_mode != "none":
         assert rb is out_b
@@ -74,26 +76,56 @@ def test_operator_kernel_several_steps_match_numpy_state_included() -> None:
         b[1][:] = g
         s = prepare_scalars(np.float32, 0.05, t, 0.6, 0.999, 1e-8, 0.01, 1.0, 1.0)
         _numpy_kernel(*a, a[0], s)
-        numba_cpu.operator_kernel(*b, b[0], s)
+        _kernel.operator_kernel(*b, b[0], s)
         for x, y in zip(a, b):
             assert x.tobytes() == y.tobytes()
 
 
-def test_ftml_update_dispatches_to_numba_for_contiguous_arrays(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ftml_update_dispatches_to_the_compiled_kernel_for_contiguous_arrays(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FTMLOPT_DISABLE_CPU_KERNELS", raising=False)
     monkeypatch.delenv("FTMLOPT_DISABLE_NUMBA", raising=False)
     calls = []
-    real = numba_cpu.operator_kernel
+    real = _kernel.operator_kernel
 
     def spy(*args):
         calls.append(args)
         return real(*args)
 
-    monkeypatch.setattr(numba_cpu, "operator_kernel", spy)
+    monkeypatch.setattr(_kernel, "operator_kernel", spy)
     w = np.ones(5, np.float32)
     ftml_update(w, np.full(5, 0.5, np.float32), *(np.zeros(5, np.float32) for _ in range(3)), lr=0.1, t=1, out=w)
     assert len(calls) == 1
     np.testing.assert_allclose(w, 0.9, rtol=1e-6)
     assert op._select_kernel((w[::2],)) is op._numpy_kernel  # strided arrays stay on NumPy
+
+
+def test_disable_variable_and_its_deprecated_old_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``FTMLOPT_DISABLE_CPU_KERNELS`` selects NumPy; its old name ``FTMLOPT_DISABLE_NUMBA`` too, and warns."""
+    new, old = "FTMLOPT_DISABLE_CPU_KERNELS", "FTMLOPT_DISABLE_NUMBA"
+    arrays = (np.zeros(3, np.float32),)
+    monkeypatch.delenv(new, raising=False)
+    monkeypatch.delenv(old, raising=False)
+    assert op._select_kernel(arrays) is _kernel.operator_kernel
+    monkeypatch.setenv(new, "1")
+    assert op._select_kernel(arrays) is op._numpy_kernel
+    monkeypatch.setenv(new, "0")
+    assert op._select_kernel(arrays) is _kernel.operator_kernel
+    monkeypatch.delenv(new)
+    monkeypatch.setenv(old, "1")
+    with pytest.warns(DeprecationWarning, match="FTMLOPT_DISABLE_NUMBA is deprecated; set FTMLOPT_DISABLE_CPU_KERNELS"):
+        assert op._select_kernel(arrays) is op._numpy_kernel
+    w = np.ones(3, np.float32)
+    with pytest.warns(DeprecationWarning, match=old):  # through the public function, which still steps
+        ftml_update(w, np.full(3, 0.5, np.float32), *(np.zeros(3, np.float32) for _ in range(3)), lr=0.1, t=1, out=w)
+    np.testing.assert_allclose(w, 0.9, rtol=1e-6)
+    monkeypatch.setenv(old, "0")
+    with pytest.warns(DeprecationWarning):
+        assert op._select_kernel(arrays) is _kernel.operator_kernel
+    monkeypatch.setenv(new, "0")  # the new name wins, and then nothing warns
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        monkeypatch.setenv(old, "1")
+        assert op._select_kernel(arrays) is _kernel.operator_kernel
 
 
 V1_CASES = [
@@ -115,7 +147,7 @@ def test_operator_kernel_reproduces_mxnet_vectors_bit_for_bit(vectors, name: str
             w = np.array(step["weight_before_step"], dtype=dt)
         s = prepare_scalars(dt, step["lr_used"], step["t"], hp["beta1"], hp["beta2"], hp["epsilon"],
                             step["wd_used"], hp["rescale_grad"], -1.0 if clip is None else clip)
-        numba_cpu.operator_kernel(w, np.array(step["grad"], dtype=dt), d, v, z, w, s)
+        _kernel.operator_kernel(w, np.array(step["grad"], dtype=dt), d, v, z, w, s)
         for key, got in (("weight", w), ("d", d), ("v", v), ("z", z)):
             expected = np.array(step["expected_mxnet"][key], dtype=dt)
             assert got.tobytes() == expected.tobytes(), (name, step["step"], key)
@@ -123,16 +155,16 @@ def test_operator_kernel_reproduces_mxnet_vectors_bit_for_bit(vectors, name: str
 
 def test_module_imports_and_reports_unavailable_without_llvmlite() -> None:
     code = (
-        "import sys; sys.modules['llvmlite'] = sys.modules['llvmlite.binding'] = sys.modules['numba'] = None\n"
+        "import sys; sys.modules['llvmlite'] = sys.modules['llvmlite.binding'] = None\n"
         "import numpy as np\n"
-        "from ftmlopt.kernels import numba_cpu\n"
-        "assert numba_cpu.AVAILABLE is False\n"
+        "from ftmlopt.mxnet import _kernel\n"
+        "assert _kernel.AVAILABLE is False\n"
         "from ftmlopt import ftml_update\n"
         "w = np.ones(3, np.float32)\n"
         "z3 = (np.zeros(3, np.float32) for _ in range(3))\n"
         "ftml_update(w, np.full(3, 0.5, np.float32), *z3, lr=0.1, t=1, out=w)\n"
         "assert abs(float(w[0]) - 0.9) < 1e-6\n"
-        "try:\n    numba_cpu.operator_kernel(w, w, w, w, w, None, None)\n"
+        "try:\n    _kernel.operator_kernel(w, w, w, w, w, None, None)\n"
         "except ImportError as e:\n    print('raised', e)\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -142,7 +174,7 @@ def test_module_imports_and_reports_unavailable_without_llvmlite() -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["ftmlopt.kernels.numba_cpu", "ftmlopt.kernels.cpu", "ftmlopt.kernels.triton_cuda", "ftmlopt.torch._fused",
+    ["ftmlopt.mxnet._kernel", "ftmlopt.kernels.cpu", "ftmlopt.kernels.triton_cuda", "ftmlopt.torch._fused",
      "ftmlopt.bench", "ftmlopt.bench.floors", "ftmlopt.bench.gpu_check"],
 )
 def test_docstring_examples(name: str) -> None:
