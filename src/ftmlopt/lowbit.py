@@ -112,6 +112,7 @@ __all__ = [
     "state_bytes",
     "step_key",
     "top",
+    "traced_step_key",
     "unpack4",
     "zeros_state",
 ]
@@ -221,10 +222,19 @@ def mix32(h: Array, ops: Ops) -> Array:
     return h ^ (h >> 16)
 
 
-def random_bits(n: int, key: int, bits: int, ops: Ops) -> Array:
-    """``r_i = mix32(i ^ key) >> (32 - (23 - M))`` for ``i = 0 .. n-1``, as int32 in ``[0, 2**(23-M))``."""
+def traced_step_key(seed: int, step: Array, ops: Ops) -> Array:
+    """:func:`step_key` for a step count that is an array (a traced count under ``jax.jit``), as a ``uint`` scalar."""
+    return mix32(ops.add32(ops.uint_scalar((int(seed) * _GOLDEN) & _MASK32), ops.to_uint(step)), ops)
+
+
+def random_bits(n: int, key: int | Array, bits: int, ops: Ops) -> Array:
+    """``r_i = mix32(i ^ key) >> (32 - (23 - M))`` for ``i = 0 .. n-1``, as int32 in ``[0, 2**(23-M))``.
+
+    ``key`` is :func:`step_key` (an int) or :func:`traced_step_key` (a ``uint`` scalar array).
+    """
     _, m = format_of(bits)
-    h = mix32(ops.index(n) ^ ops.uint_scalar(key), ops)
+    k = ops.uint_scalar(key) if isinstance(key, int) else key
+    h = mix32(ops.index(n) ^ k, ops)
     return ops.to_int32(h >> (32 - (23 - m)))
 
 
@@ -256,6 +266,9 @@ class Ops:
     #: ``0 .. n-1`` as ``uint`` integers, a Python int as a ``uint`` scalar, ``a * c mod 2**32``
     index: Callable[[int], Array]
     uint_scalar: Callable[[int], Array]
+    #: an integer array (a traced step count) as ``uint`` integers, and ``a + b mod 2**32`` of two of them
+    to_uint: Callable[[Array], Array]
+    add32: Callable[[Array, Array], Array]
     mul32: Callable[[Array, int], Array]
     to_int32: Callable[[Array], Array]
     to_uint8: Callable[[Array], Array]
@@ -292,6 +305,8 @@ def _numpy_ops() -> Ops:
         float_of=lambda b: np.ascontiguousarray(b, dtype=np.int32).view(np.float32),
         index=lambda n: np.arange(n, dtype=np.uint64),
         uint_scalar=lambda k: np.uint64(k & _MASK32),
+        to_uint=lambda x: np.asarray(x).astype(np.uint64) & mask,
+        add32=lambda a, b: (a + b) & mask,
         mul32=lambda h, c: (h * np.uint64(c)) & mask,
         to_int32=lambda h: h.astype(np.int32),
         to_uint8=lambda q: q.astype(np.uint8),
@@ -341,6 +356,8 @@ def _torch_ops(device: Any = None) -> Ops:
         float_of=lambda b: b.to(torch.int32).contiguous().view(torch.float32),
         index=lambda n: torch.arange(n, dtype=torch.int64, device=device),
         uint_scalar=lambda k: k & _MASK32,
+        to_uint=lambda x: torch.as_tensor(x, device=device).to(torch.int64) & _MASK32,
+        add32=lambda a, b: (a + b) & _MASK32,
         mul32=_torch_mul32,
         to_int32=lambda h: h.to(torch.int32),
         to_uint8=lambda q: q.to(torch.uint8),
@@ -381,6 +398,8 @@ def _jax_ops() -> Ops:
         float_of=lambda b: jax.lax.bitcast_convert_type(b.astype(jnp.int32), jnp.float32),
         index=lambda n: jnp.arange(n, dtype=jnp.uint32),
         uint_scalar=lambda k: jnp.uint32(k & _MASK32),
+        to_uint=lambda x: jnp.asarray(x).astype(jnp.uint32),
+        add32=lambda a, b: a + b,
         mul32=lambda h, c: h * jnp.uint32(c),
         to_int32=lambda h: h.astype(jnp.int32),
         to_uint8=lambda q: q.astype(jnp.uint8),
@@ -464,9 +483,13 @@ def decode(codes: Array, scales: Array, numel: int, bits: int, *, ops: Ops | Non
 
 
 def quantize(
-    v: Array, bits: int, *, seed: int = 0, step: int = 0, rounding: str = "stochastic", ops: Ops | None = None
+    v: Array, bits: int, *, seed: int = 0, step: int | Array = 0, rounding: str = "stochastic",
+    ops: Ops | None = None,
 ) -> tuple[Array, Array]:
-    """``(codes, scales)`` of a float ``v`` (any shape, >= 0) with the random bits of ``(seed, step)``."""
+    """``(codes, scales)`` of a float ``v`` (any shape, >= 0) with the random bits of ``(seed, step)``.
+
+    ``step`` is a Python int, or an integer array (a step count under ``jax.jit``).
+    """
     ops = ops or ops_for(v)
     _, m = format_of(bits)
     u = ops.sqrt_rn(ops.float32(ops.flat(v)))
@@ -474,7 +497,8 @@ def quantize(
     if check_rounding(rounding) == "nearest":
         r: Array | int = ops.int32_scalar(1 << (22 - m))
     else:
-        r = random_bits(numel, step_key(seed, step), bits, ops)
+        key = step_key(seed, int(step)) if isinstance(step, numbers.Integral) else traced_step_key(seed, step, ops)
+        r = random_bits(numel, key, bits, ops)
     return encode(u, bits, r=r, ops=ops)
 
 
@@ -494,7 +518,7 @@ def compact_step(
     *,
     bits: int,
     seed: int,
-    step: int,
+    step: int | Array,
     rounding: Literal["stochastic", "nearest"] = "stochastic",
     ops: Ops | None = None,
 ) -> tuple[Array, Array, Array]:
@@ -502,8 +526,9 @@ def compact_step(
 
     ``w`` and ``g`` are in the compute dtype (:func:`ftmlopt.rule.compute_dtype`), any shape
     (flattened row-major); ``c`` are the step's constants cast to that dtype, ``step`` the 1-based
-    step count that ``c`` was made for. The weights are exactly :func:`ftmlopt.rule.compact_step`'s
-    from the decoded ``v``; the new ``v`` is requantized with new block scales.
+    step count that ``c`` was made for (a Python int, or an integer array under ``jax.jit``). The
+    weights are exactly :func:`ftmlopt.rule.compact_step`'s from the decoded ``v``; the new ``v`` is
+    requantized with new block scales.
     """
     ops = ops or ops_for(w)
     numel = math.prod(w.shape)

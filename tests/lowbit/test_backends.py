@@ -109,3 +109,32 @@ def test_torch_random_bits_match_numpy_over_the_whole_uint32_range() -> None:
             a = lowbit.random_bits(70_000, key, bits, n_ops)
             b = lowbit.random_bits(70_000, key, bits, t_ops)
             assert b.dtype == torch.int32 and np.array_equal(a, b.numpy())
+
+
+def test_traced_step_key_is_the_host_key() -> None:
+    """Under jax.jit the step count is traced: its key, computed in uint32 on the device, is the host's."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    j_ops, t_ops, n_ops = (lowbit.ops_for(x) for x in (jnp.zeros(1), torch.zeros(1), np.zeros(1)))
+    fn = jax.jit(lambda step: lowbit.traced_step_key(2**32 - 5, step, j_ops))
+    for seed, step in ((0, 1), (7, 123456), (2**32 - 5, 2**31 - 1)):
+        host = lowbit.step_key(seed, step)
+        assert int(lowbit.traced_step_key(seed, jnp.int32(step), j_ops)) == host
+        assert int(lowbit.traced_step_key(seed, torch.tensor(step), t_ops)) == host
+        assert int(lowbit.traced_step_key(seed, np.int32(step), n_ops)) == host
+    assert int(fn(jnp.int32(99))) == lowbit.step_key(2**32 - 5, 99)
+
+
+def test_jax_jit_with_a_traced_step_gives_the_static_steps_codes() -> None:
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(1)
+    v = jnp.asarray((rng.lognormal(0, 2, SHAPE) ** 2).astype(np.float32))
+    traced = jax.jit(lambda v, t: lowbit.quantize(v, 4, seed=3, step=t))
+    for t in (1, 2, 1000):
+        codes, scales = traced(v, jnp.int32(t))
+        ref_codes, ref_scales = lowbit.quantize(np.asarray(v), 4, seed=3, step=t)
+        assert np.array_equal(np.asarray(codes), ref_codes) and np.array_equal(np.asarray(scales), ref_scales)
