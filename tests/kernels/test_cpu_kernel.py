@@ -163,11 +163,13 @@ def test_the_kernels_vectorize_and_do_not_contract_to_fma() -> None:
 
 
 def test_kernels_import_only_the_rule_from_ftmlopt() -> None:
-    """Statically: every runtime import of ftmlopt in kernels/ is ftmlopt.rule or kernels/ itself."""
+    """Statically: every runtime import of ftmlopt in kernels/ is ftmlopt.rule, ftmlopt.lowbit (the low-bit
+    format, written once next to the rule and importing only the rule) or kernels/ itself."""
     import ast
     from pathlib import Path
 
     import ftmlopt.kernels
+    import ftmlopt.lowbit
 
     found = set()
     for path in Path(ftmlopt.kernels.__file__).parent.glob("*.py"):
@@ -182,4 +184,7 @@ def test_kernels_import_only_the_rule_from_ftmlopt() -> None:
             elif isinstance(node, ast.Import):
                 found |= {a.name for a in node.names if a.name.startswith("ftmlopt")}
     assert found, "the scan found no ftmlopt import at all"
-    assert {m for m in found if not m.startswith("ftmlopt.kernels")} == {"ftmlopt.rule"}, found
+    assert {m for m in found if not m.startswith("ftmlopt.kernels")} == {"ftmlopt.rule", "ftmlopt.lowbit"}, found
+    lowbit_imports = {n.module for n in ast.walk(ast.parse(Path(ftmlopt.lowbit.__file__).read_text()))
+                      if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("ftmlopt")}
+    assert lowbit_imports == {"ftmlopt"}  # `from ftmlopt import rule`, nothing else

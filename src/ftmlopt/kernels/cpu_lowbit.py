@@ -33,10 +33,7 @@ Example:
     >>> w, g = np.ones(300, dtype=np.float32), np.full(300, 0.5, dtype=np.float32)
     >>> codes, scales = lowbit.zeros_state(300, bits=8)
     >>> c = rule.constants(lr=0.1, t=1, beta1=0.6, beta2=0.999, eps=1e-8)
-    >>> if cpu_lowbit.AVAILABLE:
-    ...     cpu_lowbit.step_arrays([w], [g], [codes], [scales], c, seeds=[0], step=1, bits=8, rounding="nearest")
-    ... else:
-    ...     w[:], codes[:], scales[:] = 0.9, 255, np.float32(np.sqrt(np.float32(0.00025))) / np.float32(1.9375)
+    >>> cpu_lowbit.step_arrays([w], [g], [codes], [scales], c, seeds=[0], step=1, bits=8, rounding="nearest")
     >>> float(w[0]), int(codes[0]), bool(scales[0] * np.float32(1.9375) == np.sqrt(np.float32(0.00025)))
     (0.8999999761581421, 255, True)
 """
@@ -117,7 +114,7 @@ def _codegen(spec: LowbitSpec) -> str:
     b = ir.IRBuilder(entry)
     buf = b.alloca(ir.ArrayType(f32, BLOCK), name="u")
     buf.align = 64
-    qbuf = b.alloca(ir.ArrayType(i8, BLOCK), name="q")
+    qbuf = b.alloca(ir.ArrayType(i8, BLOCK + 1), name="q")
     qbuf.align = 64
 
     def loop(n: Any, inits: list[Any], body: Callable[[Any, list[Any]], list[Any]], name: str) -> list[Any]:
@@ -232,7 +229,6 @@ def _codegen(spec: LowbitSpec) -> str:
         if spec.bits == 8:
             codes_of, first = c_p, base
         else:  # unpack the block's bytes into a buffer of one code per element (a loop LLVM vectorizes)
-            half = b.lshr(nb, i64(1))
             c_base = b.lshr(base, i64(1))
 
             def unpack(j: Any, _: list[Any]) -> list[Any]:
@@ -254,29 +250,24 @@ def _codegen(spec: LowbitSpec) -> str:
         new_scale = b.fdiv(umax, f32(top))
         # an all-zero block: scale 0, and every code 0 (u / 1 = 0 encodes below the smallest code)
         divisor = b.select(b.fcmp_ordered("==", new_scale, f32(0.0)), f32(1.0), new_scale)
-        if spec.bits == 8:
-            def enc8(j: Any, _: list[Any]) -> list[Any]:
-                i = b.add(base, j)
-                b.store(b.trunc(encode(j, i, divisor), i8), b.gep(c_p, [i]))
-                return []
+        codes_out, first_out = (c_p, base) if spec.bits == 8 else (b.gep(qbuf, [i64(0), i64(0)]), i64(0))
 
-            loop(nb, [], enc8, "encode")
-        else:
-            def enc4(j: Any, _: list[Any]) -> list[Any]:
+        def enc(j: Any, _: list[Any]) -> list[Any]:
+            b.store(b.trunc(encode(j, b.add(base, j), divisor), i8), b.gep(codes_out, [b.add(first_out, j)]))
+            return []
+
+        loop(nb, [], enc, "encode")
+        if spec.bits == 4:  # pack the buffer two codes per byte; an odd block's last high nibble is 0
+            b.store(i8(0), b.gep(qbuf, [i64(0), nb]))
+
+            def pack(j: Any, _: list[Any]) -> list[Any]:
                 j0 = b.shl(j, i64(1))
-                i0 = b.add(base, j0)
-                lo = encode(j0, i0, divisor)
-                hi = encode(b.add(j0, i64(1)), b.add(i0, i64(1)), divisor)
-                b.store(b.trunc(b.or_(lo, b.shl(hi, i32(4))), i8), b.gep(c_p, [b.add(c_base, j)]))
+                lo = b.load(b.gep(qbuf, [i64(0), j0]))
+                hi = b.load(b.gep(qbuf, [i64(0), b.add(j0, i64(1))]))
+                b.store(b.or_(lo, b.shl(hi, i8(4))), b.gep(c_p, [b.add(c_base, j)]))
                 return []
 
-            def etail4(_: Any, __: list[Any]) -> list[Any]:
-                j0 = b.sub(nb, i64(1))
-                b.store(b.trunc(encode(j0, b.add(base, j0), divisor), i8), b.gep(c_p, [b.add(c_base, half)]))
-                return []
-
-            loop(half, [], enc4, "encode")
-            loop(b.and_(nb, i64(1)), [], etail4, "encode_tail")
+            loop(b.lshr(b.add(nb, i64(1)), i64(1)), [], pack, "pack")
         b.store(new_scale, s_ptr)
         return []
 
@@ -323,7 +314,7 @@ def kernel(spec: LowbitSpec) -> Callable[..., None]:
 
     Example:
         >>> from ftmlopt.kernels import cpu_lowbit
-        >>> callable(cpu_lowbit.kernel(cpu_lowbit.LowbitSpec(8, "float32"))) if cpu_lowbit.AVAILABLE else True
+        >>> callable(cpu_lowbit.kernel(cpu_lowbit.LowbitSpec(8, "float32")))
         True
     """
     lowbit.format_of(spec.bits)  # ValueError naming a width other than 8 or 4
