@@ -13,7 +13,7 @@ their checkpoints.
   :func:`ftmlopt.lowbit.compact_step` on torch tensors: decode ``v``, the rule's compact step in the
   compute dtype, requantize with the step's counter-based random bits. On the fused path (``fused``
   True, or the default dispatch) the fused low-bit kernel replaces it where one is available
-  (:func:`fused_available`: the CPU kernel; CUDA once a Triton low-bit kernel is installed).
+  (:func:`fused_available`: the LLVM CPU kernel, the Triton CUDA kernel).
 * **Checkpoints.** ``torch.optim.Optimizer.load_state_dict`` casts every tensor of a param's state to
   a floating param's dtype (codes and scales included); :func:`restore_saved` puts the saved tensors
   back, so a ``state_dict`` round-trips bit for bit. A checkpoint of another ``state_bits`` is
@@ -116,21 +116,18 @@ def _real(x: Tensor) -> Tensor:
 def fused_available(params: list[Tensor]) -> bool:
     """Whether the fused low-bit kernel (:mod:`ftmlopt.torch._fused_lowbit`) can step these params.
 
-    CPU: the LLVM kernel (:mod:`ftmlopt.kernels.cpu_lowbit`, needs llvmlite). CUDA: a Triton
-    low-bit kernel where one is installed (``ftmlopt.kernels.triton_lowbit``). Otherwise the
-    reference steps them.
+    CPU: the LLVM kernel (:mod:`ftmlopt.kernels.cpu_lowbit`, needs llvmlite). CUDA: the Triton
+    kernel (:mod:`ftmlopt.kernels.triton_lowbit`, needs Triton). Otherwise the reference steps them.
     """
-    import importlib.util
-
     kinds = {p.device.type for p in params}
     if kinds == {"cpu"}:
         from ftmlopt.kernels import cpu_lowbit
 
         return bool(cpu_lowbit.AVAILABLE)
-    if kinds == {"cuda"} and importlib.util.find_spec("ftmlopt.kernels.triton_lowbit") is not None:
-        from ftmlopt.kernels import triton_lowbit  # type: ignore[attr-defined, unused-ignore]
+    if kinds == {"cuda"}:
+        from ftmlopt.kernels import triton_lowbit
 
-        return bool(getattr(triton_lowbit, "AVAILABLE", False))
+        return bool(triton_lowbit.AVAILABLE)
     return False
 
 
