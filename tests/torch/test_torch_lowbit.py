@@ -389,3 +389,29 @@ def test_grad_scaler_fused_protocol(kernel: bool, bits: int, monkeypatch: pytest
     assert torch.equal(p, before) and scaler.get_scale() == 2.0**9
     for key, value in opt_scaled.state[p].items():
         assert torch.equal(value, state_before[key]) if torch.is_tensor(value) else value == state_before[key], key
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_mxnet_form_checkpoints_convert_to_and_from_low_bits(bits: int) -> None:
+    """MXNet form (d, v, z) -> low bits: d and z dropped, v quantized; low bits -> MXNet form: v decoded, then
+    d and z rebuilt (z = -d w), and training goes on in each."""
+    model = _model()
+    mx = FTML(model.parameters(), lr=LR, compact=False)
+    _train(model, mx, range(1, 3))
+    low = FTML(model.parameters(), lr=LR, state_bits=bits)
+    with pytest.warns(UserWarning):
+        low.load_state_dict(mx.state_dict())
+    st = low.state[model.weight]
+    assert sorted(st) == ["codes", "scales", "seed", "step"]
+    ref_codes, _ = lowbit.quantize(_np(mx.state[model.weight]["v"]), bits, rounding="nearest")
+    assert np.array_equal(_np(st["codes"]), ref_codes)
+    _train(model, low, range(3, 5))
+
+    back = FTML(model.parameters(), lr=LR, compact=False)
+    with pytest.warns(UserWarning):
+        back.load_state_dict(low.state_dict())
+    st = back.state[model.weight]
+    assert sorted(st) == ["d", "step", "v", "z"]
+    torch.testing.assert_close(st["z"], -st["d"] * model.weight.detach())
+    _train(model, back, range(5, 7))
+    assert torch.isfinite(model.weight).all() and float(st["step"]) == 6
