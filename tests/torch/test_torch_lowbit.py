@@ -415,3 +415,24 @@ def test_mxnet_form_checkpoints_convert_to_and_from_low_bits(bits: int) -> None:
     torch.testing.assert_close(st["z"], -st["d"] * model.weight.detach())
     _train(model, back, range(5, 7))
     assert torch.isfinite(model.weight).all() and float(st["step"]) == 6
+
+
+@pytest.mark.parametrize("flags", [{"fused": True}, {"foreach": False}], ids=["fused", "forloop"])
+def test_compiled_step_equals_eager(flags: dict[str, Any]) -> None:
+    """Under torch.compile the low-bit part runs eagerly (a graph break): the same codes, scales and weights
+    as the eager step, bit for bit; the float-state bias is compiled as usual (close)."""
+    torch._dynamo.reset()
+    eager, compiled = _model(), _model()
+    opt_e = FTML(eager.parameters(), lr=LR, state_bits=8, **flags)
+    opt_c = FTML(compiled.parameters(), lr=LR, state_bits=8, **flags)
+    step = torch.compile(opt_c.step)
+    for t in range(1, 4):
+        _grads(eager, t)
+        _grads(compiled, t)
+        opt_e.step()
+        step()
+    se, sc = opt_e.state[eager.weight], opt_c.state[compiled.weight]
+    assert float(sc["step"]) == 3
+    assert torch.equal(eager.weight, compiled.weight)
+    assert torch.equal(se["codes"], sc["codes"]) and torch.equal(se["scales"], sc["scales"])
+    torch.testing.assert_close(eager.bias, compiled.bias, rtol=1e-5, atol=1e-6)

@@ -131,6 +131,7 @@ def fused_available(params: list[Tensor]) -> bool:
     return False
 
 
+@torch.compiler.disable  # type: ignore[misc, unused-ignore]
 def step_quantized(
     params: list[Tensor],
     grads: list[Tensor],
@@ -153,6 +154,10 @@ def step_quantized(
     ``grad_scale`` / ``found_inf`` (GradScaler on the fused path): a step with ``found_inf`` set
     changes nothing; otherwise the gradient is divided by ``grad_scale`` and written back unscaled,
     as the fused kernels do.
+
+    Under ``torch.compile`` this function runs eagerly (``torch.compiler.disable``): traced, its
+    step count's ``.item()`` and in-place state updates were silently lost (the compiled step left the
+    params and the state as they were), so the low-bit part of a compiled step is a graph break.
     """
     if not params:
         return
