@@ -201,10 +201,10 @@ def _codegen(spec: LowbitSpec) -> str:
         return b.select(b.icmp_signed(">", ub, mx), ub, mx)
 
     def encode(j: Any, i: Any, new_scale: Any) -> Any:
-        """The code (i32) of buffered element ``j`` (flat index ``i``) with the block's new scale."""
+        """The code (i32) of buffered element ``j`` (flat index ``i`` mod 2**32, i32) with the block's new scale."""
         x = b.fdiv(b.load(b.gep(buf, [i64(0), j])), new_scale)
         if spec.rounding == "stochastic":
-            h = b.xor(b.trunc(i, i32), key)
+            h = b.xor(i, key)
             h = b.xor(h, b.lshr(h, i32(16)))
             h = b.mul(h, i32(0x85EBCA6B))
             h = b.xor(h, b.lshr(h, i32(13)))
@@ -224,6 +224,7 @@ def _codegen(spec: LowbitSpec) -> str:
         rest = b.sub(count, off)
         nb = b.select(b.icmp_signed("<", rest, i64(BLOCK)), rest, i64(BLOCK))
         base = b.add(start, off)
+        base32 = b.trunc(base, i32)
         s_ptr = b.gep(s_p, [b.lshr(base, i64(7))])
         old_scale = b.load(s_ptr)
         if spec.bits == 8:
@@ -253,7 +254,8 @@ def _codegen(spec: LowbitSpec) -> str:
         codes_out, first_out = (c_p, base) if spec.bits == 8 else (b.gep(qbuf, [i64(0), i64(0)]), i64(0))
 
         def enc(j: Any, _: list[Any]) -> list[Any]:
-            b.store(b.trunc(encode(j, b.add(base, j), divisor), i8), b.gep(codes_out, [b.add(first_out, j)]))
+            i = b.add(base32, b.trunc(j, i32))  # 32-bit lanes: the random bits use the index mod 2**32
+            b.store(b.trunc(encode(j, i, divisor), i8), b.gep(codes_out, [b.add(first_out, j)]))
             return []
 
         loop(nb, [], enc, "encode")

@@ -76,7 +76,13 @@ def _build() -> dict[str, Any]:
         else:
             tl.store(ptr + idx, x.to(ptr.dtype.element_ty), mask=m)
 
-    globals().update(div_ct=div_ct, sqrt_ct=sqrt_ct, store_p=store_p)
+    @triton.jit
+    def max_of(a, b):  # type: ignore[no-untyped-def]
+        """The reduction of ``tl.reduce`` below (``tl.max`` is a library jit function, which the interpreter
+        cannot call when triton was imported before ``TRITON_INTERPRET`` was set)."""
+        return tl.maximum(a, b)
+
+    globals().update(div_ct=div_ct, sqrt_ct=sqrt_ct, store_p=store_p, max_of=max_of)
 
     @triton.jit
     def lowbit_tile(  # type: ignore[no-untyped-def]
@@ -168,7 +174,7 @@ def _build() -> dict[str, Any]:
             q = tl.load(c_ptr + idx, mask=m, other=0).to(tl.int32)
             u = lowbit_tile(w_ptr, g_ptr, idx, m, q, old_scale, coef, bias2, b2, omb2, eps, wd, clip, decay, scale,
                             SHIFT, BIAS, MAXIMIZE, COUPLED_WD, DECOUPLED_WD, HAS_CLIP, HAS_SCALE, MT, F64, BF16)
-            umax = tl.max(u.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1).to(tl.float32, bitcast=True)
+            umax = tl.reduce(u.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 1, max_of).to(tl.float32, bitcast=True)
             new_scale = tl.div_rn(umax, TOP)
             divisor = tl.where(new_scale == 0.0, 1.0, new_scale)
             code = lowbit_encode(u, idx, divisor, key, SHIFT, BIAS, M, TOP_CODE, STOCHASTIC)
@@ -187,7 +193,7 @@ def _build() -> dict[str, Any]:
                                HAS_SCALE, MT, F64, BF16)
             bits_max = tl.maximum(u_lo.to(tl.int32, bitcast=True) & 0x7FFFFFFF,
                                   u_hi.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
-            umax = tl.max(bits_max, axis=1).to(tl.float32, bitcast=True)
+            umax = tl.reduce(bits_max, 1, max_of).to(tl.float32, bitcast=True)
             new_scale = tl.div_rn(umax, TOP)
             divisor = tl.where(new_scale == 0.0, 1.0, new_scale)
             lo = lowbit_encode(u_lo, even, divisor, key, SHIFT, BIAS, M, TOP_CODE, STOCHASTIC)
