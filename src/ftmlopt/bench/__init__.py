@@ -53,6 +53,8 @@ from typing import Any
 
 import numpy as np
 
+from ftmlopt.bench import training_loop
+
 __all__ = ["WORKLOADS", "add_arguments", "main", "parse_dtypes", "parse_sizes", "run", "strict", "write_json"]
 
 #: ResNet-18 (torchvision) parameter shapes: convolutions, batch-norm weights/biases, the classifier.
@@ -135,6 +137,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--mxnet", nargs="?", const=sys.executable, default=None, metavar="PYTHON",
         help="also time MXNet's ftml_update in PYTHON (default: this interpreter) where `import mxnet` works",
     )
+    parser.add_argument("--training-loop", type=int, default=10, metavar="ROUNDS",
+                        help="rounds of the step timed inside a training loop (bench/training_loop.py; 0: skip)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -638,6 +642,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         progress.close()
     extras = None if args.no_extras or args.device != "cpu" else _extras(args)
+    loop = training_loop.from_args(args)  # None with --no-extras, --training-loop 0 or on CUDA
     report = {
         "command": "ftmlopt bench " + " ".join(_argv_of(args)),
         "device": args.device,
@@ -653,6 +658,7 @@ def run(args: argparse.Namespace) -> int:
         "python": platform.python_version(),
         "workloads": results,
         "extras": extras,
+        "training_loop": loop,
     }
     print(f"{report['command']}\n{report['device_name']}, {report['threads']} threads, torch {report['torch']}, "
           f"load average {load_before} before, {report['load_average_after']} after\n")
@@ -660,6 +666,8 @@ def run(args: argparse.Namespace) -> int:
         print(_table(res), end="\n\n")
     if extras is not None:
         print(_extras_table(extras), end="\n\n")
+    if loop is not None:
+        print(training_loop.table(loop), end="\n\n")
     if args.json:
         write_json(report, args.json)
         print(f"wrote {args.json}")
@@ -723,6 +731,8 @@ def _argv_of(args: argparse.Namespace) -> list[str]:
         out.append(f"--only '{args.only}'")
     if args.no_extras:
         out.append("--no-extras")
+    if args.training_loop != 10:
+        out.append(f"--training-loop {args.training_loop}")
     if args.mxnet:
         out.append(f"--mxnet {args.mxnet}")
     return out
