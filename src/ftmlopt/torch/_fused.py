@@ -366,12 +366,13 @@ def _cpu_group(
     t_all = cpu.bump_counters(np.fromiter(map(torch.Tensor.data_ptr, steps), np.int64, n), names[step_dtype])
     per = np.empty((n, 2), dtype=np.float64)
     c = None
-    for t in ([float(t_all[0])] if t_all.min() == t_all.max() else np.unique(t_all).tolist()):
+    t_values: list[float] = [float(t_all[0])] if t_all.min() == t_all.max() else np.unique(t_all).tolist()
+    for t_value in t_values:
         c = rule.constants(
-            lr_value, int(t), beta1, beta2, eps, weight_decay=weight_decay, decoupled=decoupled_weight_decay,
+            lr_value, int(t_value), beta1, beta2, eps, weight_decay=weight_decay, decoupled=decoupled_weight_decay,
             clip=clip_gradient, maximize=maximize,
         )
-        per[t_all == t] = (c.step_size if compact else c.d_scale, c.bias2)
+        per[t_all == t_value] = (c.step_size if compact else c.d_scale, c.bias2)
     assert c is not None
     k = cpu.k_vector(c, compute, scale=1.0 if scale is None else scale)
 
