@@ -9,9 +9,9 @@ of its own competes with them. This module hands the kernel to the **same** team
   ``parallel_info()`` must name the OpenMP backend, and ``GOMP_parallel``,
   ``omp_get_thread_num`` and ``omp_get_num_threads`` are looked up the way the dynamic linker
   binds them for ``libtorch_cpu`` (the global scope first, then the library's own dependencies);
-  all three must come from one mapped file named ``libgomp*`` (``/proc/self/maps``). Any other
-  answer (no torch, LLVM's ``libomp`` or Intel's ``libiomp5``, which also export ``GOMP_*``, a
-  TBB/native backend, no ``/proc``) gives ``None`` and the caller falls back to its own pool.
+  all three must come from one loaded file named ``libgomp*`` (``dladdr``). Any other answer (no
+  torch, LLVM's ``libomp`` or Intel's ``libiomp5``, which also export ``GOMP_*``, a TBB/native
+  backend, no ``dladdr``) gives ``None`` and the caller falls back to its own pool.
   A forked child gets ``None`` too: GNU libgomp is not fork-safe (its pool still lists the
   parent's threads, which do not exist in the child, and the next parallel region waits for them).
 * :func:`launch` calls ``GOMP_parallel(body, data, threads, 0)`` through ctypes (the GIL is
@@ -83,22 +83,20 @@ def is_gnu_libgomp(path: str) -> bool:
     return os.path.basename(path).startswith("libgomp")
 
 
-def _mapped_files() -> list[tuple[int, int, str]]:
-    out = []
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                parts = line.split(maxsplit=5)
-                if len(parts) == 6 and parts[5].startswith("/"):
-                    lo, hi = parts[0].split("-")
-                    out.append((int(lo, 16), int(hi, 16), parts[5].rstrip("\n")))
-    except OSError:
-        return []
-    return out
+class _DlInfo(ctypes.Structure):
+    _fields_ = [("fname", ctypes.c_char_p), ("fbase", ctypes.c_void_p), ("sname", ctypes.c_char_p),
+                ("saddr", ctypes.c_void_p)]
 
 
-def _owner(maps: list[tuple[int, int, str]], address: int) -> str | None:
-    return next((path for lo, hi, path in maps if lo <= address < hi), None)
+def _library_of(libc: Any, address: int) -> str | None:
+    """The file of the loaded library that holds ``address`` (``dladdr``), or None."""
+    info = _DlInfo()
+    dladdr = libc.dladdr
+    dladdr.argtypes = [ctypes.c_void_p, ctypes.POINTER(_DlInfo)]
+    dladdr.restype = ctypes.c_int
+    if not dladdr(address, ctypes.byref(info)) or not info.fname:
+        return None
+    return os.fsdecode(info.fname)
 
 
 def _find() -> Team | None:
@@ -111,13 +109,10 @@ def _find() -> Team | None:
             return None
     except Exception:  # a torch without parallel_info: not one we know
         return None
-    maps = _mapped_files()
-    aten = next((path for _, _, path in maps if os.path.basename(path).startswith("libtorch_cpu")), None)
-    if aten is None:
-        return None
-    try:
-        scopes = [ctypes.CDLL(None), ctypes.CDLL(aten, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)]
-    except OSError:
+    try:  # ATen's library, already loaded (matched by its soname; never loaded here)
+        scopes = [ctypes.CDLL(None), ctypes.CDLL("libtorch_cpu.so", mode=os.RTLD_NOLOAD | os.RTLD_LAZY)]
+        scopes[0].dladdr  # noqa: B018 - raises AttributeError where there is none
+    except (OSError, AttributeError):
         return None
     addresses = {}
     for name in ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads"):
@@ -128,7 +123,7 @@ def _find() -> Team | None:
                 break
         else:
             return None
-    owners = {_owner(maps, a) for a in addresses.values()}
+    owners = {_library_of(scopes[0], a) for a in addresses.values()}
     if len(owners) != 1:
         return None
     path = owners.pop()
@@ -144,7 +139,7 @@ def _find() -> Team | None:
 def team() -> Team | None:
     """torch's OpenMP team when the kernels can run on it, else None (see the module docstring).
 
-    Decided once per process after torch is imported (about a millisecond, reading ``/proc/self/maps``).
+    Decided once per process after torch is imported (about a millisecond).
     """
     if _FORKED[0]:
         return None
