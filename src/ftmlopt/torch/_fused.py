@@ -67,8 +67,9 @@ def fused_supported(params: Iterable[Tensor]) -> bool:
     import torch
 
     params = params if isinstance(params, list) else list(params)
-    if all(map(_IS_CPU, params)) and all(map(torch.Tensor.is_floating_point, params)):
-        return _cpu_available()  # the usual case, checked without a Python loop per tensor
+    if (not torch.compiler.is_compiling() and all(map(_IS_CPU, params))
+            and all(map(torch.Tensor.is_floating_point, params))):
+        return _cpu_available()  # the usual eager case, checked without a Python loop per tensor
     kinds = set()
     for p in params:
         if not (p.is_floating_point() or p.is_complex()):
@@ -150,7 +151,7 @@ def _fused_ftml(
         raise ValueError(f"clip_gradient must be >= 0 or None, got {clip_gradient!r}")
     if n == 0:
         return
-    if not all(map(_IS_CPU, params)):
+    if torch.compiler.is_compiling() or not all(map(_IS_CPU, params)):  # (dynamo cannot trace attrgetter)
         for p in params:
             if p.device.type not in ("cpu", "cuda"):
                 raise RuntimeError(f"FTML(fused=True) has no kernel for device {p.device.type!r} (CPU and CUDA only)")
@@ -277,6 +278,8 @@ def _names() -> dict[Any, str]:
         _NAMES.update({torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
                        torch.bfloat16: "bfloat16"})
     return _NAMES
+
+
 _DTYPE = attrgetter("dtype")
 _DEVICE = attrgetter("device")
 _IS_CPU = attrgetter("is_cpu")
