@@ -2,7 +2,8 @@
 
 * :mod:`ftmlopt.kernels.cpu` -- CPU kernels written as LLVM IR and compiled through llvmlite (which
   Numba installs) in milliseconds; vectorized, no fastmath, run on ``torch.get_num_threads()``
-  threads without touching any process-wide setting: MXNet's operator bit for bit (used by
+  threads (torch's own OpenMP team where ATen runs on GNU libgomp, :mod:`ftmlopt.kernels.omp_team`;
+  else a private pool) without touching any process-wide setting: MXNet's operator bit for bit (used by
   :func:`ftmlopt.ftml_update`) and the multi-tensor torch step (``ftmlopt.torch.FTML(fused=True)``).
 * :mod:`ftmlopt.kernels.numba_cpu` -- the operator kernel under its historical name.
 * :mod:`ftmlopt.kernels.triton_cuda` -- the CUDA multi-tensor kernel written in Triton, one
