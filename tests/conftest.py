@@ -226,7 +226,9 @@ def kernel_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
 # is not skipped: in any run a skipped test fails the session (`--allow-skips` permits skips), so the full
 # run (`make test`) provably runs every test.
 _FRAMEWORK_DIRS = frozenset({"bench", "distributed", "jax", "keras", "kernels", "resume", "soak", "torch"})
-_FRAMEWORK_FILES = frozenset({"fuzz/test_fuzz_keras.py", "fuzz/test_fuzz_optax.py", "fuzz/test_fuzz_torch.py"})
+_FRAMEWORK_FILES = frozenset({
+    "fuzz/test_fuzz_keras.py", "fuzz/test_fuzz_optax.py", "fuzz/test_fuzz_torch.py", "lowbit/test_backends.py",
+})
 _TESTS = Path(__file__).resolve().parent
 
 

@@ -53,7 +53,7 @@ MODULES = _modules()
 
 #: modules whose examples are the user's first runnable contact with them: each must have some
 MUST_HAVE_EXAMPLES = {
-    "ftmlopt.rule", "ftmlopt.mxnet.operator", "ftmlopt.mxnet._kernel", "ftmlopt.mxnet.optimizer",
+    "ftmlopt.rule", "ftmlopt.lowbit", "ftmlopt.mxnet.operator", "ftmlopt.mxnet._kernel", "ftmlopt.mxnet.optimizer",
     "ftmlopt.mxnet.lr_scheduler", "ftmlopt.torch", "ftmlopt.torch.ftml", "ftmlopt.torch.functional",
     "ftmlopt.torch._fused", "ftmlopt.optax", "ftmlopt.kernels.cpu", "ftmlopt.kernels.triton_cuda",
     "ftmlopt.bench", "ftmlopt.bench.floors", "ftmlopt.bench.gpu_check", "ftmlopt.datasets",

@@ -16,11 +16,12 @@ from ftmlopt.bench import WORKLOADS, main, parse_dtypes, parse_sizes, strict, wr
 EXPECTED = {
     "ftml for-loop", "ftml foreach", "ftml foreach compact", "ftml fused", "ftml fused compact",
     "ftml_update compiled", "ftml_update numpy", "adam for-loop", "adam foreach", "adam fused", "floor",
-    "floor compact", "floor adam",
+    "floor compact", "floor adam", "ftml fused 8-bit", "ftml fused 4-bit",
 }
 EXPECTED_HALF = {
     "ftml fused", "ftml fused compact", "ftml fused mp", "ftml fused compact mp", "ftml foreach",
-    "ftml foreach compact", "adam foreach", "adam fused", "floor", "floor compact", "floor adam",
+    "ftml foreach compact", "adam foreach", "adam fused", "floor", "floor compact", "floor adam", "ftml fused 8-bit",
+    "ftml fused 4-bit",
 }
 
 
@@ -58,6 +59,11 @@ def test_bench_end_to_end_writes_json_and_table(tmp_path, capsys) -> None:
         assert rows["ftml fused compact"]["state_bytes_per_param"] == 4
         assert rows["adam fused"]["state_bytes_per_param"] == 8
         assert rows["ftml fused"]["bytes_per_element"] == 36 and rows["ftml fused compact"]["bytes_per_element"] == 20
+        # low-bit state: codes + one float32 scale per 128 elements (2 x 100,000: 782 blocks; 30 x 7: 1 each)
+        n, blocks = (100_000, 782) if workload["workload"] == "2x100000" else (7, 1)
+        assert rows["ftml fused 8-bit"]["state_bytes_per_param"] == (n + 4 * blocks) / n
+        assert rows["ftml fused 4-bit"]["state_bytes_per_param"] == ((n + 1) // 2 + 4 * blocks) / n
+        assert rows["ftml fused 8-bit"]["bytes_per_element"] == 14.0625
     big = {r["name"]: r for r in report["workloads"][0]["results"]}
     array_bytes = 100_000 * 4
     # The fused step allocates nothing proportional to the parameters; NumPy's operator makes two temporaries.

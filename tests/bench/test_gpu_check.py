@@ -23,7 +23,7 @@ def test_dry_run_runs_every_section_and_writes_strict_json_and_markdown(tmp_path
     report = json.loads(text)
     assert report["dry_run"] is True and report["environment"]["TRITON_INTERPRET"] == "1"
     sections = report["sections"]
-    assert list(sections) == ["correctness", "cuda_graph", "compile", "bench"]
+    assert list(sections) == ["correctness", "lowbit", "cuda_graph", "compile", "bench"]
     assert all(s["ok"] for s in sections.values()), sections
     rows = sections["correctness"]["result"]
     kernels = {r["kernel"] for r in rows}
@@ -31,16 +31,25 @@ def test_dry_run_runs_every_section_and_writes_strict_json_and_markdown(tmp_path
     # both forms, the four option sets, and every (param, state) pair of the registered op
     op_rows = [r for r in rows if r["kernel"] == "registered op"]
     assert len(op_rows) == 2 * 4 * 4 and all(r["found_inf_unchanged"] for r in op_rows)
+    # the low-bit kernels (CPU op and Triton interpreter): 8/4 bits x both roundings x float32/bfloat16, and on
+    # the CPU both are the reference bit for bit
+    low = sections["lowbit"]["result"]
+    assert {(r["kernel"], r["bits"], r["rounding"], r["param"]) for r in low} == {
+        (k, b, r, p) for k in ("registered op", "triton interpreter") for b in (8, 4)
+        for r in ("stochastic", "nearest") for p in ("float32", "bfloat16")}
+    assert all(r["bit_identical"] and r["max_code_steps"] == 0 for r in low), low
     bench = sections["bench"]["result"]
     assert bench["copy_gb_per_s"] > 0
     assert [(w["dtype"]) for w in bench["workloads"]] == ["float32", "bfloat16"]
     for w in bench["workloads"]:
         names = {r["name"] for r in w["results"]}
-        assert {"ftml fused", "ftml fused compact", "adam fused", "adam foreach", "floor"} <= names
+        assert {"ftml fused", "ftml fused compact", "ftml fused 8-bit", "ftml fused 4-bit", "adam fused",
+                "adam foreach", "floor"} <= names
         for r in w["results"]:
             assert r["error"] is None, r
             assert r["percent_of_copy_bandwidth"] > 0
     md = (out / "gpu_check.md").read_text()
+    assert "## lowbit: ok" in md and "| triton interpreter | 4 | nearest | bfloat16 | True | 0 |" in md
     assert "## correctness: ok" in md and "% copy bandwidth" in md and "### 2x20000 bfloat16" in md
 
 

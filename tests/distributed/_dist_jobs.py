@@ -47,6 +47,8 @@ STEPS = 4
 #: run to DCP_K2 and save, load into 2 ranks again and run to DCP_TOTAL.
 DCP_K1, DCP_K2, DCP_TOTAL = 1, 3, 5
 DCP_CONFIG = "fused_decoupled"
+#: low-bit state under DDP (on :func:`build_big_model`, whose first weight is large enough to be quantized)
+LOWBIT_CONFIG: dict[str, Any] = {"state_bits": 4, "weight_decay": 0.01}
 
 
 def free_port() -> int:
@@ -60,6 +62,20 @@ def build_model() -> nn.Module:
     """A small MLP; its last layer has a single output row, so FSDP2 gives rank 1 empty shards."""
     torch.manual_seed(1234)
     return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3), nn.Tanh(), nn.Linear(3, 1))
+
+
+def build_big_model() -> nn.Module:
+    """An MLP whose first weight (4500 elements) gets low-bit state; the rest keep float state."""
+    torch.manual_seed(99)
+    return nn.Sequential(nn.Linear(5, 900), nn.Tanh(), nn.Linear(900, 1))
+
+
+def lowbit_reference_run(steps: int) -> dict[str, list[torch.Tensor]]:
+    """Single-process FTML(state_bits=4) on the global batches of :func:`build_big_model`."""
+    model = build_big_model()
+    opt = FTML(model.parameters(), lr=LR, **LOWBIT_CONFIG)
+    local_steps(model, opt, 0, steps)
+    return snapshot(model, opt)
 
 
 def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +127,7 @@ def snapshot(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, list[tor
     state = []
     for p in params:
         st = opt.state[p]
-        state.extend(_full(st[k]) for k in ("step", "d", "v", "z") if k in st)
+        state.extend(_full(st[k]) for k in ("step", "d", "v", "z", "codes", "scales") if k in st)
     return {"params": [_full(p) for p in params], "state": state}
 
 
@@ -216,6 +232,15 @@ def job_wrappers(rank: int, world: int, port: int, outdir: str) -> None:
                 data_parallel_steps(model, opt, rank, 0, STEPS)
                 out[f"fsdp/{name}"] = snapshot(model, opt)
                 out[f"fsdp/{name}"]["local_numel"] = [p.to_local().numel() for p in model.parameters()]
+
+        with _recorded(out, "ddp/lowbit"):
+            # low-bit state: the rounding bits come from (seed, step, index), so replicas stay identical
+            # whatever each process's global generator holds
+            ddp = DDP(build_big_model())
+            opt = FTML(ddp.parameters(), lr=LR, **LOWBIT_CONFIG)
+            torch.manual_seed(1000 + rank)
+            data_parallel_steps(ddp, opt, rank, 0, STEPS)
+            out["ddp/lowbit"] = snapshot(ddp.module, opt)
 
         with _recorded(out, "dcp/uninterrupted"):
             # DCP, leg 1: FSDP2 on 2 ranks, save after DCP_K1 steps, and keep going (the run that never stops).

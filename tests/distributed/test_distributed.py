@@ -63,6 +63,17 @@ def test_ddp_equals_single_process(wrappers: list[dict[str, Any]], references: d
     assert not torch.equal(ref["params"][0], J.build_model()[0].weight.detach())
 
 
+def test_ddp_low_bit_replicas_equal_single_process(wrappers: list[dict[str, Any]]) -> None:
+    """FTML(state_bits=4) under DDP: both replicas' params, codes and scales equal the single-process run's."""
+    ref = J.lowbit_reference_run(J.STEPS)
+    assert len(ref["state"]) == 3 + 2 + 2 + 2  # (step, codes, scales) for the 4500-element weight; (step, v) x 3
+    for rank in (0, 1):
+        got = _result(wrappers[rank], "ddp/lowbit")
+        _assert_same(got["params"], ref["params"], f"DDP low-bit rank {rank} params")
+        _assert_same(got["state"], ref["state"], f"DDP low-bit rank {rank} state")
+    assert ref["state"][1].dtype == torch.uint8
+
+
 @pytest.mark.parametrize("name", list(J.CONFIGS))
 def test_fsdp2_equals_unsharded(wrappers: list[dict[str, Any]], references: dict[str, Any], name: str) -> None:
     ref = references[name]

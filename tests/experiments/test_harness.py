@@ -162,3 +162,20 @@ def test_module_examples() -> None:
 
     result = doctest.testmod(H, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_ftml_state_bits_context_builds_low_bit_ftml() -> None:
+    """``--state-bits``: FTML built inside ``ftml_state_bits(b)`` has ``state_bits=b``; outside, the float default."""
+    import torch
+
+    from ftmlopt.experiments import harness
+
+    params = [torch.nn.Parameter(torch.zeros(5000))]
+    with harness.ftml_state_bits(4):
+        inside = harness.make_optimizer("FTML", params, 0.01)
+        adam = harness.make_optimizer("Adam", params, 0.01)
+    outside = harness.make_optimizer("FTML", params, 0.01)
+    assert inside.defaults["state_bits"] == 4 and outside.defaults["state_bits"] == 32
+    assert "state_bits" not in adam.defaults
+    with pytest.raises(ValueError, match="Invalid state_bits: 5"), harness.ftml_state_bits(5):
+        pass

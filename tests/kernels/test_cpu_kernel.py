@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ftmlopt import rule
-from ftmlopt.kernels import cpu
+from ftmlopt.kernels import cpu, omp_team
 from ftmlopt.torch._constants import StepOptions, StepTensors
 from ftmlopt.torch._fused import _fused_ftml
 
@@ -40,11 +40,14 @@ def _arrays(rng: np.random.Generator, compact: bool, dtype: type = np.float64) -
     return out
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize(("threads", "where"), [(1, "team"), (2, "team"), (3, "team"), (2, "pool"), (3, "pool")])
 @pytest.mark.parametrize("compact", [True, False])
 @pytest.mark.parametrize("opt", range(len(OPTIONS)))
-def test_float64_kernel_is_bit_identical_to_the_rule(compact, opt, threads, monkeypatch) -> None:
+def test_float64_kernel_is_bit_identical_to_the_rule(compact, opt, threads, where, monkeypatch) -> None:
+    # "team": torch's OpenMP team where this process has one (torch is imported here); "pool": the fallback
     monkeypatch.setattr(cpu, "PARALLEL_MIN", 0)
+    if where == "pool":
+        monkeypatch.setattr(omp_team, "team", lambda: None)
     rng = np.random.default_rng(10 * opt + compact)
     got = _arrays(rng, compact)
     want = {k: [a.copy() for a in v] for k, v in got.items()}
@@ -163,11 +166,13 @@ def test_the_kernels_vectorize_and_do_not_contract_to_fma() -> None:
 
 
 def test_kernels_import_only_the_rule_from_ftmlopt() -> None:
-    """Statically: every runtime import of ftmlopt in kernels/ is ftmlopt.rule or kernels/ itself."""
+    """Statically: every runtime import of ftmlopt in kernels/ is ftmlopt.rule, ftmlopt.lowbit (the low-bit
+    format, written once next to the rule and importing only the rule) or kernels/ itself."""
     import ast
     from pathlib import Path
 
     import ftmlopt.kernels
+    import ftmlopt.lowbit
 
     found = set()
     for path in Path(ftmlopt.kernels.__file__).parent.glob("*.py"):
@@ -182,4 +187,7 @@ def test_kernels_import_only_the_rule_from_ftmlopt() -> None:
             elif isinstance(node, ast.Import):
                 found |= {a.name for a in node.names if a.name.startswith("ftmlopt")}
     assert found, "the scan found no ftmlopt import at all"
-    assert {m for m in found if not m.startswith("ftmlopt.kernels")} == {"ftmlopt.rule"}, found
+    assert {m for m in found if not m.startswith("ftmlopt.kernels")} == {"ftmlopt.rule", "ftmlopt.lowbit"}, found
+    lowbit_imports = {n.module for n in ast.walk(ast.parse(Path(ftmlopt.lowbit.__file__).read_text()))
+                      if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("ftmlopt")}
+    assert lowbit_imports == {"ftmlopt"}  # `from ftmlopt import rule`, nothing else

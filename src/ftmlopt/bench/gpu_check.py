@@ -12,12 +12,17 @@ check failed):
    with the kernel's own previous state (state included), both forms, options (maximize,
    coupled/decoupled weight decay, clip, ``grad_scale``, ``found_inf``), float32/bfloat16/float16
    params with state in the param dtype or float32;
-2. ``cuda_graph`` -- ``FTML(fused=True, capturable=True).step()`` captured in a CUDA graph and
+2. ``lowbit`` -- the fused low-bit step (8-bit E4M4 and 4-bit E3M1 ``v``, the Triton kernel of
+   :mod:`ftmlopt.kernels.triton_lowbit` through :func:`ftmlopt.torch._fused_lowbit.fused_ftml_lowbit`),
+   step by step against :mod:`ftmlopt.lowbit` on the CPU fed with the kernel's own previous state:
+   float32 and bfloat16 params, both roundings, odd sizes; whether weights, codes and scales are
+   bit-identical, and the largest deviations (a code may move by one where ``v``'s last bit differs);
+3. ``cuda_graph`` -- ``FTML(fused=True, capturable=True).step()`` captured in a CUDA graph and
    replayed with new gradients, against the same optimizer stepped eagerly;
-3. ``compile`` -- ``torch.compile`` (inductor) of ``FTML.step`` and ``fullgraph=True`` of the
+4. ``compile`` -- ``torch.compile`` (inductor) of ``FTML.step`` and ``fullgraph=True`` of the
    functional fused step, against eager;
-4. ``bench`` -- 16M float32 and bfloat16 params (16 tensors): fused FTML (both forms, and the
-   ``multi_precision`` rows for bfloat16) against torch's fused and foreach Adam and the traffic
+5. ``bench`` -- 16M float32 and bfloat16 params (16 tensors): fused FTML (both forms, the low-bit
+   rows, and the ``multi_precision`` rows for bfloat16) against torch's fused and foreach Adam and the traffic
    floors, interleaved (:mod:`ftmlopt.bench`), with each row's bytes/s as a percentage of the
    device's copy bandwidth (``dst.copy_(src)`` on 1 GiB).
 
@@ -67,7 +72,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cpu-dry-run", action="store_true", help="run what can run without a GPU, on the CPU")
     parser.add_argument("--budget", type=float, default=270.0, help="seconds for the whole run (default 270)")
     parser.add_argument("--rounds", type=int, default=20, help="benchmark rounds (default 20)")
-    parser.add_argument("--sections", default="correctness,cuda_graph,compile,bench",
+    parser.add_argument("--sections", default="correctness,lowbit,cuda_graph,compile,bench",
                         help="comma-separated sections to run (default: all)")
     args = parser.parse_args(argv)
     unknown = {s.strip() for s in args.sections.split(",") if s.strip()} - set(_SECTIONS)
@@ -186,7 +191,86 @@ def _step_options(compact: bool, opts: dict[str, Any]) -> Any:
                        compact=compact, **opts)
 
 
-# ============================================================================ 2. CUDA graph
+# ============================================================================ 2. low-bit state
+def check_lowbit(device: str, shapes: Sequence[tuple[int, ...]], *, dry: bool = False, steps: int = 3
+                 ) -> list[dict[str, Any]]:
+    """The fused low-bit step against :func:`ftmlopt.lowbit.compact_step` (NumPy, CPU), one step at a time.
+
+    Each step of the kernel starts from its own previous state; the reference takes a copy of that
+    state. Rows: bits x rounding x param dtype, with whether every weight, code and scale was
+    bit-identical, the largest code difference, the share of codes that differ, the largest relative
+    scale difference and the largest weight difference in units of the dtype's tolerance. ``ok``:
+    codes within one step of the reference in at most 0.1 % of the elements, scales within 1e-6,
+    weights within tolerance. ``dry``: the Triton kernel in the interpreter on CPU tensors.
+    """
+    import torch
+
+    from ftmlopt import lowbit, rule
+    from ftmlopt.kernels import triton_lowbit
+    from ftmlopt.torch._fused_lowbit import fused_ftml_lowbit
+
+    rows = []
+    gen = torch.Generator().manual_seed(7)
+    for bits in (8, 4):
+        for rounding in ("stochastic", "nearest"):
+            for p_name in ("float32", "bfloat16"):
+                p_dt = getattr(torch, p_name)
+                ws = [torch.randn(s, generator=gen).to(device=device, dtype=p_dt) for s in shapes]
+                state = [lowbit.zeros_state(w.numel(), bits, ops=lowbit.ops_for(w)) for w in ws]
+                qs, ss = [q for q, _ in state], [s for _, s in state]
+                counters = [torch.zeros((), device=device) for _ in ws]
+                identical, code_diff, code_share, scale_rel, w_err = True, 0, 0.0, 0.0, 0.0
+                for t in range(1, steps + 1):
+                    gs = [(torch.randn(s, generator=gen) * 10.0 ** (4 * torch.rand(s, generator=gen) - 3)).to(
+                        device=device, dtype=p_dt) for s in shapes]
+                    before = [(w.float().cpu().reshape(-1).numpy().copy(), q.cpu().numpy().copy(),
+                               s.cpu().numpy().copy()) for w, q, s in zip(ws, qs, ss)]
+                    grads = [g.float().cpu().reshape(-1).numpy().copy() for g in gs]
+                    c = rule.constants(_HYPER["lr"], t, _HYPER["beta1"], _HYPER["beta2"], _HYPER["eps"])
+                    if dry:  # the Triton kernel itself, in the interpreter
+                        triton_lowbit.step(ws, gs, qs, ss, list(range(len(ws))), [t] * len(ws), [c] * len(ws),
+                                           bits=bits, rounding=rounding)
+                    else:
+                        fused_ftml_lowbit(ws, gs, qs, ss, list(range(len(ws))), counters, grad_scale=None,
+                                          found_inf=None, lr=_HYPER["lr"], beta1=_HYPER["beta1"],
+                                          beta2=_HYPER["beta2"], eps=_HYPER["eps"], weight_decay=0.0,
+                                          clip_gradient=None, decoupled_weight_decay=False, maximize=False,
+                                          bits=bits, rounding=rounding)
+                    for i, (w0, q0, s0) in enumerate(before):
+                        w_ref, q_ref, s_ref = lowbit.compact_step(w0, grads[i], q0, s0, c.cast(np.float32), bits=bits,
+                                                                  seed=i, step=t, rounding=rounding)
+                        w_ref = torch.from_numpy(w_ref).to(p_dt)
+                        n = ws[i].numel()
+                        got_q, want_q = (_codes_of(q, n, bits) for q in (qs[i].cpu().numpy(), q_ref))
+                        same = (torch.equal(qs[i].cpu(), torch.from_numpy(q_ref))
+                                and torch.equal(ss[i].cpu(), torch.from_numpy(s_ref))
+                                and torch.equal(ws[i].cpu().reshape(-1).view(torch.uint8), w_ref.view(torch.uint8)))
+                        identical &= same
+                        diff = np.abs(got_q - want_q)
+                        code_diff = max(code_diff, int(diff.max()) if n else 0)
+                        code_share = max(code_share, float((diff > 0).mean()) if n else 0.0)
+                        s_ref_t = torch.from_numpy(s_ref)
+                        denom = torch.where(s_ref_t > 0, s_ref_t, torch.ones_like(s_ref_t))
+                        scale_rel = max(scale_rel, float(((ss[i].cpu() - s_ref_t).abs() / denom).max()))
+                        w_err = max(w_err, _close(ws[i], w_ref.double().numpy(), p_name))
+                ok = code_diff <= 1 and code_share <= 1e-3 and scale_rel <= 1e-6 and w_err <= 1.0
+                rows.append({"kernel": "triton interpreter" if dry else "registered op", "bits": bits,
+                             "rounding": rounding, "param": p_name, "bit_identical": identical,
+                             "max_code_steps": code_diff, "share_of_codes_differing": code_share,
+                             "max_scale_rel_diff": scale_rel, "worst_w_error_in_tolerances": w_err, "ok": ok})
+    return rows
+
+
+def _codes_of(stored: np.ndarray, numel: int, bits: int) -> np.ndarray:
+    """The integer codes of ``numel`` elements (4-bit: unpacked), as int64."""
+    from ftmlopt import lowbit
+
+    if bits == 8:
+        return stored.astype(np.int64)
+    return np.asarray(lowbit.unpack4(stored, numel, lowbit.ops_for(stored)), dtype=np.int64)
+
+
+# ============================================================================ 3. CUDA graph
 def check_cuda_graph(device: str, replays: int = 5) -> dict[str, Any]:
     """``capturable=True`` fused FTML captured once and replayed, against eager steps on the same grads."""
     import torch
@@ -232,7 +316,7 @@ def check_cuda_graph(device: str, replays: int = 5) -> dict[str, Any]:
     return out
 
 
-# ============================================================================ 3. torch.compile
+# ============================================================================ 4. torch.compile
 def check_compile(device: str, backend: str = "inductor") -> dict[str, Any]:
     """``torch.compile`` of ``FTML.step`` (``backend``) and ``fullgraph=True`` of the functional step."""
     import torch
@@ -272,7 +356,7 @@ def check_compile(device: str, backend: str = "inductor") -> dict[str, Any]:
     return out
 
 
-# ============================================================================ 4. bench
+# ============================================================================ 5. bench
 def copy_bandwidth(device: str, nbytes: int = 1 << 30, repeats: int = 10) -> float:
     """The device's copy bandwidth in GB/s: ``dst.copy_(src)`` moves ``2 * nbytes`` (median of ``repeats``)."""
     import torch
@@ -291,8 +375,8 @@ def copy_bandwidth(device: str, nbytes: int = 1 << 30, repeats: int = 10) -> flo
     return 2 * nbytes / float(np.median(times[2:])) / 1e9
 
 
-_BENCH_ROWS = ("ftml fused", "ftml fused compact", "ftml fused mp", "ftml fused compact mp", "ftml foreach compact",
-               "adam foreach", "adam fused", "floor", "floor compact")
+_BENCH_ROWS = ("ftml fused", "ftml fused compact", "ftml fused 8-bit", "ftml fused 4-bit", "ftml fused mp",
+               "ftml fused compact mp", "ftml foreach compact", "adam foreach", "adam fused", "floor", "floor compact")
 
 
 def run_bench(device: str, sizes: str, dtypes: str, rounds: int, copy_gbs: float) -> list[dict[str, Any]]:
@@ -337,6 +421,13 @@ def render_markdown(report: dict[str, Any]) -> str:
             for r in data:
                 lines.append(f"| {r['kernel']} | {r['form']} | {r['options']} | {r['param']} | {r['state']} | "
                              f"{r['worst_error_in_tolerances']:.3g} | {r['found_inf_unchanged']} | {r['ok']} |")
+        elif name == "lowbit" and isinstance(data, list):
+            lines += ["| kernel | bits | rounding | param | bit-identical | max code steps | codes differing | "
+                      "max scale rel. diff | worst w error / tolerance | ok |", "|---" * 10 + "|"]
+            for r in data:
+                lines.append(f"| {r['kernel']} | {r['bits']} | {r['rounding']} | {r['param']} | {r['bit_identical']} | "
+                             f"{r['max_code_steps']} | {r['share_of_codes_differing']:.2%} | "
+                             f"{r['max_scale_rel_diff']:.2g} | {r['worst_w_error_in_tolerances']:.3g} | {r['ok']} |")
         elif name == "bench" and isinstance(data, dict):
             lines.append(f"copy bandwidth: {data.get('copy_gb_per_s', 0):.0f} GB/s")
             for res in data.get("workloads", []):
@@ -393,7 +484,7 @@ def _environment() -> dict[str, Any]:
     return env
 
 
-_SECTIONS = ("correctness", "cuda_graph", "compile", "bench")
+_SECTIONS = ("correctness", "lowbit", "cuda_graph", "compile", "bench")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -431,8 +522,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         sizes, rounds = ("2x20000", 2) if dry else ("16m", args.rounds)
         return {"copy_gb_per_s": copy_gbs, "workloads": run_bench(device, sizes, "float32,bfloat16", rounds, copy_gbs)}
 
+    def lowbit_section() -> Any:
+        sizes = [(1,), (5,), (3, 43), (1500,)] if dry else [(1,), (5,), (3, 43), (40_001,), (1 << 20,)]
+        rows = check_lowbit(device, sizes)
+        if dry:  # the Triton kernel itself, in the interpreter
+            rows += check_lowbit("cpu", sizes, dry=True)
+        return rows
+
     runners: dict[str, Callable[[], Any]] = {
         "correctness": correctness,
+        "lowbit": lowbit_section,
         "cuda_graph": (lambda: {"skipped": "no CUDA graphs on the CPU (dry run)"}) if dry
         else (lambda: check_cuda_graph(device)),
         "compile": lambda: check_compile(device, backend="eager" if dry else "inductor"),

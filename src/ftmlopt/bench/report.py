@@ -43,7 +43,7 @@ def table(result: dict[str, Any]) -> str:
         lines.append("| " + " | ".join([
             row["name"], f"{row['median_ms']:.2f}", f"{row['min_ms']:.2f}-{row['max_ms']:.2f}",
             f"{row['gb_per_s']:.1f}", opt("ratio_to_fused_adam", ".2f"), opt("bandwidth_vs_fused_adam", ".0%"),
-            opt("percent_of_floor", ".0f"), opt("state_bytes_per_param", ".0f"),
+            opt("percent_of_floor", ".0f"), opt("state_bytes_per_param", ".3g"),
             "-" if peak is None else format_bytes(peak),
         ]) + " |")
     return "\n".join(lines)

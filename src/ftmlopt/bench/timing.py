@@ -22,6 +22,7 @@ import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
+from ftmlopt.bench import lowbit_rows
 from ftmlopt.bench.workloads import Impl, implementations
 
 __all__ = ["FLOOR_OF", "TRAFFIC", "NoProgress", "bench_workload", "peak_extra", "summarize"]
@@ -30,7 +31,7 @@ __all__ = ["FLOOR_OF", "TRAFFIC", "NoProgress", "bench_workload", "peak_extra", 
 #: FTML: w, g read, w written; d, v, z read and written. Compact: v only. Adam: m, v. Under
 #: multi_precision the float32 master is read and written, the gradient is converted to a float32
 #: copy (read p, write 4, read 4) and the param is written back from the master.
-TRAFFIC: dict[str, Callable[[int, int], int]] = {
+TRAFFIC: dict[str, Callable[[int, int], float]] = {
     "ftml": lambda p, s: 3 * p + 6 * s,
     "ftml-compact": lambda p, s: 3 * p + 2 * s,
     "adam": lambda p, s: 3 * p + 4 * s,
@@ -40,6 +41,7 @@ TRAFFIC: dict[str, Callable[[int, int], int]] = {
     "mxnet": lambda p, s: 3 * p + 6 * s,
     "ftml-mp": lambda p, s: 8 + (p + 8) + 24 + p,
     "ftml-compact-mp": lambda p, s: 8 + (p + 8) + 8 + p,
+    **lowbit_rows.TRAFFIC,
 }
 
 #: the floor each family is compared with in "% floor"

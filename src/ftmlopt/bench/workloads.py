@@ -15,11 +15,14 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from ftmlopt.bench import lowbit_rows
 
 __all__ = ["HYPER", "PROVIDERS", "WORKLOADS", "Impl", "Maker", "implementations", "torch_impls"]
 
@@ -185,7 +188,7 @@ def _floor_maker(device: Any, form: str) -> Maker:
 
 
 #: the providers whose rows make up each table, in order
-PROVIDERS: list[Callable[[Any, Any], list[Impl]]] = [torch_impls]
+PROVIDERS: list[Callable[[Any, Any], list[Impl]]] = [torch_impls, functools.partial(lowbit_rows.impls, impl=Impl)]
 
 
 def implementations(device: Any, dtype: Any, only: set[str] | frozenset[str] = frozenset()) -> list[Impl]:

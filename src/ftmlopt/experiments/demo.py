@@ -96,6 +96,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seeds", type=int, default=SEEDS, help=f"seeds per rate (default {SEEDS}; 0..N-1)")
     parser.add_argument("--out", default="runs/demo", help="output folder for demo.png and demo.json")
+    parser.add_argument(
+        "--state-bits", type=int, default=32, choices=(32, 8, 4),
+        help="torch backend: FTML's state, 32 (float, default), 8 or 4 (low-bit v: ftmlopt.lowbit)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.add_argument("--seed", type=int, default=0, help="numpy backend only: seed of the initial weights")
@@ -394,7 +398,9 @@ def run(args: argparse.Namespace) -> int:
         )
         total = sum(sum(len(g) for g in grids.values()) + 1 for grids in GRIDS.values()) * args.seeds
         results: dict[str, Any] = {}
-        with tqdm(total=total, desc="demo", disable=args.no_progress, file=sys.stderr, dynamic_ncols=True) as bar:
+        state_bits = getattr(args, "state_bits", 32)
+        with tqdm(total=total, desc="demo", disable=args.no_progress, file=sys.stderr, dynamic_ncols=True) as bar, \
+                harness.ftml_state_bits(state_bits):
             for regime in REGIMES:
                 results[regime] = sweep(
                     regime, epochs=args.epochs, iterations=args.iterations, seeds=args.seeds, bar=bar
@@ -417,8 +423,9 @@ def run(args: argparse.Namespace) -> int:
             "command": "ftmlopt demo" + (
                 "" if (args.epochs, args.iterations, args.seeds) == (EPOCHS, ITERATIONS, SEEDS)
                 else f" --epochs {args.epochs} --iterations {args.iterations} --seeds {args.seeds}"
-            ),
+            ) + ("" if state_bits == 32 else f" --state-bits {state_bits}"),
             "config": {"epochs": args.epochs, "iterations": args.iterations, "seeds": args.seeds,
+                       "ftml_state_bits": state_bits,
                        "grids": {r: {n: list(g) for n, g in gr.items()} for r, gr in GRIDS.items()},
                        "regimes": REGIMES},
             "environment": env,

@@ -39,12 +39,14 @@ Example (a toy task, one optimizer, two rates, no files written):
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,6 +89,22 @@ ALIASES: dict[str, str] = {"SGD-Nesterov": "NAG"}
 
 #: every name :func:`make_optimizer` builds
 OPTIMIZERS: tuple[str, ...] = ("FTML", "Adam", "AdamW", "RMSprop", "NAG", "Adadelta", CONTROL, *ALIASES)
+
+
+#: FTML's ``state_bits`` while experiments build optimizers (``--state-bits``; see :func:`ftml_state_bits`)
+FTML_STATE_BITS: contextvars.ContextVar[int] = contextvars.ContextVar("ftml_state_bits", default=32)
+
+
+@contextlib.contextmanager
+def ftml_state_bits(bits: int) -> Iterator[None]:
+    """Build FTML with ``state_bits=bits`` (32, 8, 4) inside this block, in every task and the demo."""
+    from ftmlopt import lowbit
+
+    token = FTML_STATE_BITS.set(lowbit.check_state_bits(bits))
+    try:
+        yield
+    finally:
+        FTML_STATE_BITS.reset(token)
 
 
 def make_optimizer(
@@ -142,7 +160,7 @@ def make_optimizer(
 
         decay: dict[str, Any] = {"weight_decay": weight_decay, "decoupled_weight_decay": True} if weight_decay else {}
         return FTML(params, lr=lr, betas=FTML_BETAS, eps=FTML_EPS if eps is None else eps, foreach=ftml_foreach,
-                    fused=False, **decay)
+                    fused=False, state_bits=FTML_STATE_BITS.get(), **decay)
     if base == "Adam":
         if weight_decay:
             return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay, **eps_kw)

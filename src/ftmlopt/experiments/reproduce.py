@@ -62,6 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--data", default=None, help="data folder (default: <shared data>/<task's folder>)")
     parser.add_argument("--out", default="runs/reproduce", help="output folder for TASK.json and TASK.png")
+    parser.add_argument(
+        "--state-bits", type=int, default=32, choices=(32, 8, 4),
+        help="FTML's state: 32 (float, default), 8 or 4 (low-bit v: ftmlopt.lowbit)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
@@ -374,6 +378,7 @@ def _run(args: argparse.Namespace) -> int:
     argv += ["--no-control"] if args.no_control else []
     argv += ["--quick"] if args.quick else []
     argv += ["--grid", args.grid] if args.grid != "cpu" else []
+    argv += ["--state-bits", str(args.state_bits)] if args.state_bits != 32 else []
     argv += ["--out", args.out]
     out = Path(args.out)
     try:
@@ -381,12 +386,13 @@ def _run(args: argparse.Namespace) -> int:
             res = merge(args.task, args.merge, out)
         else:
             names = tuple(n.strip() for n in args.optimizers.split(",") if n.strip()) if args.optimizers else None
-            res = reproduce(
-                args.task, quick=args.quick, seeds=args.seeds, epochs=args.epochs, grid=args.grid, data=args.data,
-                out=out, progress=not args.no_progress, command=shlex.join(argv),
-                rates=parse_rates(args.rates), optimizers=names, control=not args.no_control, steps=args.steps,
-                first_seed=args.first_seed,
-            )
+            with harness.ftml_state_bits(args.state_bits):
+                res = reproduce(
+                    args.task, quick=args.quick, seeds=args.seeds, epochs=args.epochs, grid=args.grid, data=args.data,
+                    out=out, progress=not args.no_progress, command=shlex.join(argv),
+                    rates=parse_rates(args.rates), optimizers=names, control=not args.no_control, steps=args.steps,
+                    first_seed=args.first_seed,
+                )
     except (FileNotFoundError, ValueError) as exc:
         print(f"ftmlopt reproduce {args.task}: {exc}", file=sys.stderr)
         return 2

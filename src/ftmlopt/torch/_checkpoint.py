@@ -37,7 +37,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ftmlopt import rule
-from ftmlopt.torch import _dtypes
+from ftmlopt.torch import _dtypes, _lowbit
 from ftmlopt.torch._validation import check_hyperparameters
 
 __all__ = ["FLAG_DEFAULTS", "LoadPlan", "check_state_dict", "finish_load", "mxnet_state_from_compact", "prepare_load"]
@@ -51,6 +51,7 @@ FLAG_DEFAULTS: dict[str, Any] = {
     "compact": False,
     "multi_precision": False,
     "state_dtype": None,
+    "state_bits": 32,
     "maximize": False,
     "foreach": None,
     "fused": None,
@@ -68,6 +69,8 @@ class LoadPlan(NamedTuple):
     to_mxnet: list[dict[str, Any]]
     #: ``id(param)`` -> the saved state tensors of a half param (torch's loader would cast them)
     saved_tensors: dict[int, dict[str, Tensor]]
+    #: ``id(param)`` -> its low-bit state entry (codes and scales go back as saved: torch's loader casts them)
+    low_saved: dict[int, dict[str, Any]]
 
 
 def form_name(compact: bool) -> str:
@@ -96,11 +99,38 @@ def prepare_load(opt: Optimizer, state_dict: Any) -> LoadPlan:
                         saved_state[pid] = {k: v for k, v in saved_state[pid].items() if k not in ("d", "z")}
             else:
                 to_mxnet.append(live)
-        saved_groups[i] = {**saved, "compact": live["compact"]}
+        saved_groups[i] = {**saved, "compact": live["compact"], "state_bits": live["state_bits"]}
     if converted:
         warnings.warn(
             "FTML.load_state_dict: the checkpoint's state is converted to this optimizer's form ("
             + "; ".join(converted) + "). Build FTML(compact=...) to match the checkpoint to keep its form.",
+            UserWarning,
+            stacklevel=3,  # the caller of FTML.load_state_dict
+        )
+
+    # low-bit <-> float state (and 8 <-> 4 bits): the live optimizer's state_bits decide, as its form does
+    low_saved: dict[int, dict[str, Any]] = {}
+    bit_notes: list[str] = []
+    param_index = getattr(opt, "_param_index", None)
+    for i, (live, saved) in enumerate(zip(opt.param_groups, saved_groups)):
+        original = state_dict["param_groups"][i]
+        for p, pid in zip(live["params"], saved["params"]):
+            entry = saved_state.get(pid)
+            if not entry:
+                continue
+            seed = param_index(p) if param_index is not None else 0
+            entry, note = _lowbit.convert_entry(dict(entry), p, original, live, seed=seed,
+                                                state_dtype=_dtypes.state_dtype(p, saved))
+            saved_state[pid] = entry
+            if note:
+                bit_notes.append(f"param {pid}: {note}")
+            if "codes" in entry:
+                low_saved[id(p)] = entry
+    if bit_notes:
+        warnings.warn(
+            "FTML.load_state_dict: the checkpoint's state is converted to this optimizer's state_bits ("
+            + "; ".join(bit_notes[:4]) + ("; ..." if len(bit_notes) > 4 else "")
+            + "). Low-bit state is decoded, float state quantized to the nearest code.",
             UserWarning,
             stacklevel=3,  # the caller of FTML.load_state_dict
         )
@@ -113,7 +143,8 @@ def prepare_load(opt: Optimizer, state_dict: Any) -> LoadPlan:
             entry = saved_state.get(pid)
             if entry and _dtypes.is_half(p.dtype):
                 saved_tensors[id(p)] = {k: v for k, v in entry.items() if k != "step" and torch.is_tensor(v)}
-    return LoadPlan({**state_dict, "param_groups": saved_groups, "state": saved_state}, to_mxnet, saved_tensors)
+    return LoadPlan({**state_dict, "param_groups": saved_groups, "state": saved_state}, to_mxnet, saved_tensors,
+                    low_saved)
 
 
 def finish_load(opt: Optimizer, plan: LoadPlan) -> None:
@@ -131,6 +162,8 @@ def finish_load(opt: Optimizer, plan: LoadPlan) -> None:
                 dtype = torch.float32 if key == "master" else wanted
                 if dtype != p.dtype:
                     state[key] = value.to(device=p.device, dtype=dtype, copy=True)
+            if id(p) in plan.low_saved:  # codes and scales exactly as saved (the base loader casts them)
+                _lowbit.restore_saved(state, plan.low_saved[id(p)], p.device)
             if group["multi_precision"] and _dtypes.is_half(p.dtype):
                 if "master" not in state:  # a checkpoint written without multi_precision
                     state["master"] = p.detach().to(torch.float32, copy=True)
@@ -188,7 +221,13 @@ def check_state_dict(opt: Optimizer, state_dict: Any) -> None:
             entry = saved_state.get(pid)
             if entry is None:
                 continue  # a parameter that has not been stepped yet
-            expected = {"step", "v"} | (set() if compact else {"d", "z"})
+            low = isinstance(entry, Mapping) and "codes" in entry
+            if low:
+                if not compact:
+                    raise ValueError(f"state of param {pid} (group {i}) is low-bit (codes, scales) in a group saved "
+                                     "with compact=False: not an FTML state dict")
+                _lowbit.check_saved_entry(entry, p, saved, f"param {pid} (group {i})")
+            expected = {"step", *_lowbit.LOWBIT_KEYS} if low else {"step", "v"} | (set() if compact else {"d", "z"})
             allowed = expected | ({"master"} if mp and _dtypes.is_half(p.dtype) else set())
             if not isinstance(entry, Mapping) or not expected <= set(entry) <= allowed:
                 got = sorted(entry) if isinstance(entry, Mapping) else type(entry).__name__
@@ -202,7 +241,7 @@ def check_state_dict(opt: Optimizer, state_dict: Any) -> None:
                 raise ValueError(
                     f"state 'step' of param {pid} (group {i}) must be an integral count >= 0, got {step!r}"
                 )
-            for key in set(entry) - {"step"}:
+            for key in set(entry) - {"step", *_lowbit.LOWBIT_KEYS}:
                 t = entry[key]
                 if not isinstance(t, Tensor) or not (t.is_floating_point() or t.is_complex()) or t.shape != p.shape:
                     desc = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__

@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _get_capturable_supported_devices
 
-from ftmlopt import rule
-from ftmlopt.torch import _dtypes
+from ftmlopt import lowbit, rule
+from ftmlopt.torch import _dtypes, _lowbit
 
 __all__ = [
     "FLAGS",
@@ -97,6 +97,7 @@ def check_hyperparameters(group: Mapping[str, Any]) -> None:
         raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
     if foreach and isinstance(group.get("lr"), Tensor) and not group.get("capturable"):
         raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+    _lowbit.check_options(group)
 
 
 def check_group_at_step(group: Mapping[str, Any], index: int) -> None:
@@ -116,6 +117,22 @@ def check_group_at_step(group: Mapping[str, Any], index: int) -> None:
 
 def check_state(p: Tensor, state: Mapping[str, Any], group: Mapping[str, Any]) -> None:
     """The existing state fits the group's form and the param's current dtype (raises RuntimeError)."""
+    low_bits = _lowbit.bits_for(p, group)
+    if (low_bits < 32) != ("codes" in state):
+        have = "low-bit (codes, scales)" if "codes" in state else "float ('v')"
+        raise RuntimeError(
+            f"this FTML state is {have} but its param group asks for state_bits={group['state_bits']} (a param of "
+            f"{p.numel()} elements gets {'low-bit' if low_bits < 32 else 'float'} state): the group's state_bits "
+            "changed after the state was created; convert it with opt.load_state_dict(state_dict) into an FTML "
+            "built with the state_bits you want"
+        )
+    if low_bits < 32:
+        if state["codes"].numel() != lowbit.n_code_bytes(_lowbit.real_numel(p), low_bits):
+            raise RuntimeError(
+                f"this FTML state holds codes of another width than state_bits={low_bits}: the group's state_bits "
+                "changed after the state was created; convert it with opt.load_state_dict(state_dict)"
+            )
+        return
     if not group["compact"] and "d" not in state:
         raise RuntimeError(
             "this FTML state was created with compact=True (it has no 'd' and 'z'); keep compact=True for "

@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, _get_scalar_dtype, _use_grad_for_differentiable
 
 from ftmlopt import rule
-from ftmlopt.torch import _checkpoint, _dtypes
+from ftmlopt.torch import _checkpoint, _dtypes, _lowbit
 from ftmlopt.torch._validation import (
     check_fused_param,
     check_group_at_step,
@@ -105,6 +105,11 @@ class FTML(Optimizer):
             never decays), the param's dtype otherwise (:func:`ftmlopt.rule.state_dtype`). Give
             ``torch.bfloat16`` to halve that memory at that cost. Ignored under ``multi_precision``
             (float32) and for complex params.
+        state_bits: 32 (default): float ``v``. 8 or 4: ``v`` quantized per block of 128 elements
+            (about 1.03 / 0.53 bytes per element: :mod:`ftmlopt.lowbit`), for params of at least
+            4096 elements (smaller ones keep float ``v``); state ``codes``, ``scales``, ``seed``
+            instead of ``v``. Needs ``compact=True``; not with ``capturable`` or ``differentiable``.
+            Per param group too. ``load_state_dict`` converts a checkpoint of another width.
         maximize: maximize the objective (the gradient is negated first).
         foreach: use the ``torch._foreach_*`` implementation (default: on CUDA).
         fused: use the fused kernels of :mod:`ftmlopt.torch._fused` (LLVM via llvmlite on CPU, Triton on CUDA;
@@ -153,6 +158,7 @@ class FTML(Optimizer):
         compact: bool = True,
         multi_precision: bool = False,
         state_dtype: torch.dtype | None = None,
+        state_bits: int = 32,
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -169,6 +175,7 @@ class FTML(Optimizer):
             "compact": compact,
             "multi_precision": multi_precision,
             "state_dtype": state_dtype,
+            "state_bits": state_bits,
             "maximize": maximize,
             "foreach": foreach,
             "fused": fused,
@@ -190,8 +197,19 @@ class FTML(Optimizer):
         if isinstance(param_group, dict):
             check_hyperparameters(param_group)
             merged = {**self.defaults, **param_group}
-            check_hyperparameters({k: merged[k] for k in ("fused", "foreach", "differentiable", "lr", "capturable")})
+            check_hyperparameters({k: merged[k] for k in ("fused", "foreach", "differentiable", "lr", "capturable",
+                                                          "compact", "state_bits")})
         super().add_param_group(param_group)
+
+    def _param_index(self, p: Tensor) -> int:
+        """``p``'s position among all params of this optimizer (the seed of its low-bit rounding)."""
+        index = 0
+        for group in self.param_groups:
+            for q in group["params"]:
+                if q is p:
+                    return index
+                index += 1
+        raise KeyError("parameter not in this optimizer")
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -241,12 +259,15 @@ class FTML(Optimizer):
         zs: list[Tensor],
         state_steps: list[Tensor],
         masters: list[tuple[Tensor, Tensor]],
+        quantized: tuple[list[Tensor], list[Tensor], list[dict[str, Any]]] | None = None,
     ) -> bool:
         """Gather the tensors of the params with a gradient, creating their state on first sight.
 
         Under ``multi_precision`` a float16/bfloat16 param contributes its float32 master and a
         float32 copy of its gradient, and ``(param, master)`` is appended to ``masters`` so that
-        ``step`` can write the result back. Returns whether any param is complex.
+        ``step`` can write the result back. Params with low-bit state (``state_bits`` < 32, large
+        enough) go to ``quantized`` (params, grads, states) instead of the float-state lists.
+        Returns whether any param is complex.
         """
         if group["foreach"] and torch.is_tensor(group["lr"]) and not group["capturable"]:
             raise RuntimeError("lr as a Tensor is not supported for capturable=False and foreach=True")
@@ -273,20 +294,29 @@ class FTML(Optimizer):
                 if use_master:
                     master = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
                     like = state["master"] = master
-                dtype = _dtypes.state_dtype(p, group)
-                for key in ("v",) if compact else ("d", "v", "z"):
-                    state[key] = torch.zeros_like(like, dtype=dtype, memory_format=torch.preserve_format)
+                bits = _lowbit.bits_for(p, group)
+                if bits < 32:
+                    _lowbit.init_state(state, p, bits, seed=self._param_index(p))
+                else:
+                    dtype = _dtypes.state_dtype(p, group)
+                    for key in ("v",) if compact else ("d", "v", "z"):
+                        state[key] = torch.zeros_like(like, dtype=dtype, memory_format=torch.preserve_format)
             if group["differentiable"] and state["step"].requires_grad:
                 raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
 
+            low = quantized is not None and "codes" in state
+            to_params, to_grads = (quantized[0], quantized[1]) if low and quantized is not None else (params, grads)
             if use_master:
                 master = state["master"]
-                params.append(master)
-                grads.append(p.grad.to(torch.float32))
+                to_params.append(master)
+                to_grads.append(p.grad.to(torch.float32))
                 masters.append((p, master))
             else:
-                params.append(p)
-                grads.append(p.grad)
+                to_params.append(p)
+                to_grads.append(p.grad)
+            if low and quantized is not None:
+                quantized[2].append(state)
+                continue
             if not compact:
                 ds.append(state["d"])
                 zs.append(state["z"])
@@ -318,7 +348,8 @@ class FTML(Optimizer):
             for i, group in enumerate(self.param_groups):
                 check_group_at_step(group, i)
                 # the common case (the state has the param's dtype, default flags) costs one comparison
-                plain = group.get("state_dtype") is None and not group["multi_precision"] and group["compact"]
+                plain = (group.get("state_dtype") is None and not group["multi_precision"] and group["compact"]
+                         and group["state_bits"] == 32)
                 for p in group["params"]:
                     grad = p.grad
                     if grad is None:
@@ -327,8 +358,10 @@ class FTML(Optimizer):
                         raise RuntimeError("FTML does not support sparse gradients")
                     if not (p.is_floating_point() or p.is_complex()):
                         raise TypeError(f"FTML needs floating-point or complex parameters, got one of dtype {p.dtype}")
+                    if group["state_bits"] < 32:
+                        _lowbit.check_param(p, group)
                     state = self.state.get(p)
-                    if state and not (plain and state["v"].dtype == p.dtype):
+                    if state and not (plain and "v" in state and state["v"].dtype == p.dtype):
                         check_state(p, state, group)
         for group in self.param_groups:
             params: list[Tensor] = []
@@ -338,7 +371,8 @@ class FTML(Optimizer):
             zs: list[Tensor] = []
             state_steps: list[Tensor] = []
             masters: list[tuple[Tensor, Tensor]] = []
-            has_complex = self._init_group(group, params, grads, ds, vs, zs, state_steps, masters)
+            quantized: tuple[list[Tensor], list[Tensor], list[dict[str, Any]]] = ([], [], [])
+            has_complex = self._init_group(group, params, grads, ds, vs, zs, state_steps, masters, quantized)
             beta1, beta2 = group["betas"]
             ftml(
                 params,
@@ -364,6 +398,9 @@ class FTML(Optimizer):
                 compact=group["compact"],
                 maximize=group["maximize"],
             )
+            _lowbit.step_quantized(*quantized, group, grad_scale=getattr(self, "grad_scale", None),
+                                   found_inf=getattr(self, "found_inf", None), fused=group["fused"],
+                                   foreach=group["foreach"])
             for p, master in masters:
                 p.detach().copy_(master)
         return loss

@@ -1,0 +1,410 @@
+r"""The fused low-bit FTML step on the CPU: ``v`` kept as 8-bit (E4M4) or 4-bit (E3M1) codes of ``sqrt(v)``.
+
+One pass per block of :data:`BLOCK` = 128 consecutive elements (the quantization block of
+:mod:`ftmlopt.lowbit`): the kernel reads ``w``, ``g``, the block's codes and its float32 scale once,
+decodes ``v`` in registers, runs the compact step in the rule's operation order, writes ``w``,
+takes the block's new maximum of ``u = sqrt(v)`` and writes the codes encoded with the new scale
+and the step's counter-based random bits, then the scale. Nothing else is read or written: 14 bytes
+moved per float32 parameter at 8 bits, 13 at 4 bits (the float32-state compact step: 20).
+
+Per element ``i`` of a block with old scale ``s`` and new scale ``s'`` (``E``, ``M``: exponent and
+mantissa bits; ``k``: the step's constants, as in :mod:`ftmlopt.kernels.cpu`)::
+
+    x(q) = bitcast<f32>((q << (23 - M)) + ((127 - (2^E - 1)) << 23))        (exact)
+    u = x(q) * s;  v = u * u                                                   (float32)
+    g' = rule.gradient(g, w);  v <- v * b2 + (g' * g') * (1 - b2)              (compute type)
+    w <- w - (g' * step_size) / (sqrt(v / bias2) + eps)                        (rule.compact_step)
+    u = sqrt(float32(v));  s' = max_block(u) / TOP                             (float32)
+    q = clamp(((bitcast<i32>(u / s') + r_i) >> (23 - M)) - ((127 - (2^E - 1)) << M), 0, 2^(E+M) - 1)
+
+with ``r_i = mix32(i ^ key) >> (9 + M)`` (stochastic rounding; ``key`` from the tensor's seed and
+step) or ``2^(22 - M)`` (round to nearest). No fast-math and no FMA contraction: float32
+parameters give codes, scales and weights bit-identical to :mod:`ftmlopt.lowbit`.
+
+The compiled functions have the C signature of :func:`ftmlopt.kernels.cpu.kernel`'s
+(``run(n_pieces, ptrs, counts, coefs, k)``, six 64-bit words per piece), so they run on
+:func:`ftmlopt.kernels.cpu.run`'s threads; a piece is a run of whole blocks of one tensor and its
+six words are ``(w, g, codes, scales, first element, key)``.
+
+Example:
+    >>> import numpy as np
+    >>> from ftmlopt import lowbit, rule
+    >>> from ftmlopt.kernels import cpu_lowbit
+    >>> w, g = np.ones(300, dtype=np.float32), np.full(300, 0.5, dtype=np.float32)
+    >>> codes, scales = lowbit.zeros_state(300, bits=8)
+    >>> c = rule.constants(lr=0.1, t=1, beta1=0.6, beta2=0.999, eps=1e-8)
+    >>> cpu_lowbit.step_arrays([w], [g], [codes], [scales], c, seeds=[0], step=1, bits=8, rounding="nearest")
+    >>> float(w[0]), int(codes[0]), bool(scales[0] * np.float32(1.9375) == np.sqrt(np.float32(0.00025)))
+    (0.8999999761581421, 255, True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from ftmlopt import lowbit, rule
+from ftmlopt.kernels import cpu
+
+__all__ = ["AVAILABLE", "BLOCK", "CHUNK", "LowbitSpec", "kernel", "make_pieces", "step_arrays"]
+
+#: whether the kernels can be compiled here (see :data:`ftmlopt.kernels.cpu.AVAILABLE`)
+AVAILABLE: bool = cpu.AVAILABLE
+
+#: elements per quantization block (one float32 scale each): the format's
+BLOCK = lowbit.BLOCK
+
+#: elements per piece of work handed to a thread: whole blocks
+CHUNK = 512 * BLOCK
+
+
+
+class LowbitSpec(NamedTuple):
+    """One compiled variant of the low-bit step: code width, parameter dtype, rounding and options."""
+
+    bits: int
+    param: str
+    rounding: str = "stochastic"
+    maximize: bool = False
+    coupled_wd: bool = False
+    decoupled_wd: bool = False
+    clip: bool = False
+    #: divide the gradient by ``k.scale`` (torch's grad_scale)
+    scale: bool = False
+    #: store the unscaled gradient back (torch's fused protocol)
+    write_grad: bool = False
+
+    @property
+    def compute(self) -> str:
+        return rule.compute_dtype(self.param)
+
+
+# ============================================================================ code generation
+def _codegen(spec: LowbitSpec) -> str:
+    """LLVM IR of ``run(n_pieces, ptrs, counts, coefs, k)`` for ``spec`` (see the module docstring)."""
+    assert cpu._LLVM is not None
+    ir = cpu._LLVM[1]
+    i8, i16, i32, i64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+    f32, f64 = ir.FloatType(), ir.DoubleType()
+    storage = {"float32": f32, "float64": f64, "float16": ir.HalfType(), "bfloat16": i16}
+    ct = f64 if spec.compute == "float64" else f32
+    pt = storage[spec.param]
+    e_bits, m_bits = lowbit.format_of(spec.bits)
+    shift = 23 - m_bits
+    bias = 127 - (2**e_bits - 1)
+    top_code = 2 ** (e_bits + m_bits) - 1
+    top = lowbit.top(spec.bits)
+    module = ir.Module(name=f"ftml_lowbit_{'_'.join(map(str, spec))}")
+    k_fields = cpu.K_FIELDS
+    piece_args = [pt.as_pointer(), pt.as_pointer(), i8.as_pointer(), f32.as_pointer(), i64, i32, i64,
+                  ct, ct, *([ct] * len(k_fields))]
+    piece = ir.Function(module, ir.FunctionType(ir.VoidType(), piece_args), name="piece")
+    piece.linkage = "internal"
+    for a in piece.args[:4]:
+        a.add_attribute("noalias")
+    w_p, g_p, c_p, s_p, start, key, count = piece.args[:7]
+    coef, bias2, *kv = piece.args[7:]
+    k = dict(zip(k_fields, kv))
+    sqrt_ct = module.declare_intrinsic("llvm.sqrt", [ct])
+    sqrt_f32 = module.declare_intrinsic("llvm.sqrt", [f32])
+
+    entry = piece.append_basic_block("entry")
+    b = ir.IRBuilder(entry)
+    buf = b.alloca(ir.ArrayType(f32, BLOCK), name="u")
+    buf.align = 64
+    qbuf = b.alloca(ir.ArrayType(i8, BLOCK + 1), name="q")
+    qbuf.align = 64
+
+    def loop(n: Any, inits: list[Any], body: Callable[[Any, list[Any]], list[Any]], name: str) -> list[Any]:
+        """``for j in range(n)`` carrying ``inits`` through ``body``; returns their final values."""
+        pre = b.block
+        head = piece.append_basic_block(name)
+        end = piece.append_basic_block(name + "_end")
+        b.cbranch(b.icmp_signed(">", n, n.type(0)), head, end)
+        b.position_at_end(head)
+        j = b.phi(n.type)
+        j.add_incoming(n.type(0), pre)
+        phis = []
+        for v in inits:
+            phi = b.phi(v.type)
+            phi.add_incoming(v, pre)
+            phis.append(phi)
+        new = body(j, phis)
+        latch = b.block
+        nxt = b.add(j, n.type(1))
+        j.add_incoming(nxt, latch)
+        for phi, v in zip(phis, new):
+            phi.add_incoming(v, latch)
+        b.cbranch(b.icmp_signed("<", nxt, n), head, end)
+        b.position_at_end(end)
+        out = []
+        for v0, v1 in zip(inits, new):
+            phi = b.phi(v0.type)
+            phi.add_incoming(v0, pre)
+            phi.add_incoming(v1, latch)
+            out.append(phi)
+        return out
+
+    def widen(x: Any) -> Any:
+        return x if x.type == ct else b.fpext(x, ct)
+
+    def load_p(ptr: Any, i: Any) -> Any:
+        x = b.load(b.gep(ptr, [i]))
+        if pt is i16:  # bfloat16: the high half of a float32
+            return widen(b.bitcast(b.shl(b.zext(x, i32), i32(16)), f32))
+        return widen(x)
+
+    def store_p(ptr: Any, i: Any, x: Any) -> None:
+        if pt is i16:
+            f = x if x.type == f32 else b.fptrunc(x, f32)
+            bits = b.bitcast(f, i32)  # round to nearest even; NaN -> a quiet NaN (torch's rule)
+            odd = b.and_(b.lshr(bits, i32(16)), i32(1))
+            rounded = b.trunc(b.lshr(b.add(bits, b.add(i32(0x7FFF), odd)), i32(16)), i16)
+            x = b.select(b.fcmp_unordered("uno", f, f), i16(0x7FC0), rounded)
+        elif pt != ct:
+            x = b.fptrunc(x, pt)
+        b.store(x, b.gep(ptr, [i]))
+
+    def element(i: Any, q: Any, old_scale: Any) -> Any:
+        """Decode code ``q`` (i32), step element ``i``; returns ``u = sqrt(v)`` (float32)."""
+        x = b.bitcast(b.add(b.shl(q, i32(shift)), i32(bias << 23)), f32)
+        u_old = b.fmul(x, old_scale)
+        v_old = widen(b.fmul(u_old, u_old))
+        g = load_p(g_p, i)
+        if spec.scale:
+            g = b.fdiv(g, k["scale"])
+            if spec.write_grad:
+                store_p(g_p, i, g)
+        if spec.maximize:
+            g = b.fneg(g)
+        w = load_p(w_p, i)
+        if spec.decoupled_wd:
+            w = b.fmul(w, k["decay"])
+        if spec.coupled_wd:
+            g = b.fadd(g, b.fmul(w, k["wd"]))
+        if spec.clip:
+            c = k["clip"]
+            g = b.select(b.fcmp_ordered(">", g, c), c, g)
+            neg = b.fneg(c)
+            g = b.select(b.fcmp_ordered("<", g, neg), neg, g)
+        v = b.fadd(b.fmul(v_old, k["beta2"]), b.fmul(b.fmul(g, g), k["one_minus_beta2"]))
+        root = b.fadd(b.call(sqrt_ct, [b.fdiv(v, bias2)]), k["eps"])
+        store_p(w_p, i, b.fsub(w, b.fdiv(b.fmul(g, coef), root)))
+        return b.call(sqrt_f32, [v if ct == f32 else b.fptrunc(v, f32)])  # u = sqrt(float32(v))
+
+    def keep(j: Any, u: Any, mx: Any) -> Any:
+        """Store ``u`` in the block buffer; fold its bits into the running maximum (u >= 0: int order)."""
+        b.store(u, b.gep(buf, [i64(0), j]))
+        ub = b.and_(b.bitcast(u, i32), i32(0x7FFFFFFF))  # any NaN sorts above +inf and wins
+        return b.select(b.icmp_signed(">", ub, mx), ub, mx)
+
+    def encode(j: Any, i: Any, new_scale: Any) -> Any:
+        """The code (i32) of buffered element ``j`` (flat index ``i`` mod 2**32, i32) with the block's new scale."""
+        x = b.fdiv(b.load(b.gep(buf, [i64(0), j])), new_scale)
+        if spec.rounding == "stochastic":
+            h = b.xor(i, key)
+            h = b.xor(h, b.lshr(h, i32(16)))
+            h = b.mul(h, i32(0x85EBCA6B))
+            h = b.xor(h, b.lshr(h, i32(13)))
+            h = b.mul(h, i32(0xC2B2AE35))
+            h = b.xor(h, b.lshr(h, i32(16)))
+            r = b.lshr(h, i32(32 - shift))
+        else:
+            r = i32(1 << (shift - 1))
+        q = b.sub(b.ashr(b.add(b.bitcast(x, i32), r), i32(shift)), i32(bias << m_bits))
+        q = b.select(b.icmp_signed("<", q, i32(0)), i32(0), q)
+        return b.select(b.icmp_signed(">", q, i32(top_code)), i32(top_code), q)
+
+    n_blocks = b.udiv(b.add(count, i64(BLOCK - 1)), i64(BLOCK))
+
+    def block(blk: Any, _: list[Any]) -> list[Any]:
+        off = b.mul(blk, i64(BLOCK))
+        rest = b.sub(count, off)
+        nb = b.select(b.icmp_signed("<", rest, i64(BLOCK)), rest, i64(BLOCK))
+        base = b.add(start, off)
+        base32 = b.trunc(base, i32)
+        s_ptr = b.gep(s_p, [b.lshr(base, i64(7))])
+        old_scale = b.load(s_ptr)
+        if spec.bits == 8:
+            codes_of, first = c_p, base
+        else:  # unpack the block's bytes into a buffer of one code per element (a loop LLVM vectorizes)
+            c_base = b.lshr(base, i64(1))
+
+            def unpack(j: Any, _: list[Any]) -> list[Any]:
+                byte = b.load(b.gep(c_p, [b.add(c_base, j)]))
+                j0 = b.shl(j, i64(1))
+                b.store(b.and_(byte, i8(15)), b.gep(qbuf, [i64(0), j0]))
+                b.store(b.lshr(byte, i8(4)), b.gep(qbuf, [i64(0), b.add(j0, i64(1))]))
+                return []
+
+            loop(b.lshr(b.add(nb, i64(1)), i64(1)), [], unpack, "unpack")
+            codes_of, first = b.gep(qbuf, [i64(0), i64(0)]), i64(0)
+
+        def step(j: Any, carried: list[Any]) -> list[Any]:
+            q = b.zext(b.load(b.gep(codes_of, [b.add(first, j)])), i32)
+            return [keep(j, element(b.add(base, j), q, old_scale), carried[0])]
+
+        mx = loop(nb, [i32(0)], step, "step")[0]
+        umax = b.bitcast(mx, f32)
+        new_scale = b.fdiv(umax, f32(top))
+        # an all-zero block: scale 0, and every code 0 (u / 1 = 0 encodes below the smallest code)
+        divisor = b.select(b.fcmp_ordered("==", new_scale, f32(0.0)), f32(1.0), new_scale)
+        codes_out, first_out = (c_p, base) if spec.bits == 8 else (b.gep(qbuf, [i64(0), i64(0)]), i64(0))
+
+        def enc(j: Any, _: list[Any]) -> list[Any]:
+            i = b.add(base32, b.trunc(j, i32))  # 32-bit lanes: the random bits use the index mod 2**32
+            b.store(b.trunc(encode(j, i, divisor), i8), b.gep(codes_out, [b.add(first_out, j)]))
+            return []
+
+        loop(nb, [], enc, "encode")
+        if spec.bits == 4:  # pack the buffer two codes per byte; an odd block's last high nibble is 0
+            b.store(i8(0), b.gep(qbuf, [i64(0), nb]))
+
+            def pack(j: Any, _: list[Any]) -> list[Any]:
+                j0 = b.shl(j, i64(1))
+                lo = b.load(b.gep(qbuf, [i64(0), j0]))
+                hi = b.load(b.gep(qbuf, [i64(0), b.add(j0, i64(1))]))
+                b.store(b.or_(lo, b.shl(hi, i8(4))), b.gep(c_p, [b.add(c_base, j)]))
+                return []
+
+            loop(b.lshr(b.add(nb, i64(1)), i64(1)), [], pack, "pack")
+        b.store(new_scale, s_ptr)
+        return []
+
+    loop(n_blocks, [], block, "block")
+    b.ret_void()
+
+    # run(n_pieces, ptrs[6 per piece], counts[per piece], coefs[2 per piece], k[K_FIELDS]): cpu.kernel's ABI
+    vp = i64.as_pointer()
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [i64, vp, vp, ct.as_pointer(), ct.as_pointer()]), "run")
+    n_pieces, ptrs, counts, coefs, kp = fn.args
+    fentry = fn.append_basic_block("entry")
+    body = fn.append_basic_block("body")
+    fend = fn.append_basic_block("end")
+    b = ir.IRBuilder(fentry)
+    kvals = [b.load(b.gep(kp, [i64(i)])) for i in range(len(k_fields))]
+    b.cbranch(b.icmp_signed(">", n_pieces, i64(0)), body, fend)
+    b.position_at_end(body)
+    p = b.phi(i64)
+    p.add_incoming(i64(0), fentry)
+    row = b.mul(p, i64(6))
+    words = [b.load(b.gep(ptrs, [b.add(row, i64(r))])) for r in range(6)]
+    args = [b.inttoptr(words[r], ty.as_pointer()) for r, ty in enumerate((pt, pt, i8, f32))]
+    args += [words[4], b.trunc(words[5], i32), b.load(b.gep(counts, [p]))]
+    args += [b.load(b.gep(coefs, [b.add(b.mul(p, i64(2)), i64(r))])) for r in range(2)]
+    b.call(piece, [*args, *kvals])
+    nxt = b.add(p, i64(1))
+    p.add_incoming(nxt, b.block)
+    b.cbranch(b.icmp_signed("<", nxt, n_pieces), body, fend)
+    b.position_at_end(fend)
+    b.ret_void()
+    return str(module)
+
+
+_KERNELS: dict[LowbitSpec, Callable[..., None]] = {}
+
+
+def kernel(spec: LowbitSpec) -> Callable[..., None]:
+    """The compiled low-bit kernel for ``spec`` (compiled on first request, tens of milliseconds).
+
+    A C function with :func:`ftmlopt.kernels.cpu.kernel`'s signature ``run(n_pieces, ptrs, counts,
+    coefs, k)``; per piece ``ptrs`` holds ``(w, g, codes, scales, first, key)`` (the first three
+    addresses are the tensor's, not the piece's; ``first`` is the piece's first element, a multiple
+    of :data:`BLOCK`), ``counts`` its element count and ``coefs`` ``(step_size, bias2)``.
+
+    Example:
+        >>> from ftmlopt.kernels import cpu_lowbit
+        >>> callable(cpu_lowbit.kernel(cpu_lowbit.LowbitSpec(8, "float32")))
+        True
+    """
+    lowbit.format_of(spec.bits)  # ValueError naming a width other than 8 or 4
+    lowbit.check_rounding(spec.rounding)
+    fn = _KERNELS.get(spec)
+    if fn is None:
+        if spec.param not in cpu.available_dtypes():
+            if not AVAILABLE:
+                cpu.kernel(cpu.Spec("compact", "float32", "float32"))  # raises ImportError, naming what to install
+            raise TypeError(f"no low-bit CPU kernel for {spec.param} parameters on this CPU")
+        with cpu._ENGINE_LOCK:
+            fn = _KERNELS.get(spec)
+            if fn is None:
+                fn = _KERNELS[spec] = cpu.compile_ir(_codegen(spec))
+    return fn
+
+
+def make_pieces(addresses: np.ndarray, sizes: np.ndarray, keys: np.ndarray, per: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cut tensors into pieces of whole blocks (at most :data:`CHUNK` elements) for :func:`ftmlopt.kernels.cpu.run`.
+
+    ``addresses`` is ``(n, 4)`` int64 (w, g, codes, scales), ``sizes`` ``(n,)``, ``keys`` ``(n,)``
+    the step keys, ``per`` ``(n, 2)`` the ``(step_size, bias2)`` of each tensor in the compute dtype.
+    Returns ``(ptrs, counts, coefs)``: ``ptrs`` has the six words per piece :func:`kernel` reads.
+
+    Example:
+        >>> import numpy as np
+        >>> ptrs, counts, coefs = make_pieces(np.zeros((1, 4), np.int64), np.array([CHUNK + 5]),
+        ...                                   np.array([7]), np.ones((1, 2), np.float32))
+        >>> counts.tolist(), ptrs[:, 4].tolist(), ptrs[:, 5].tolist()
+        ([65536, 5], [0, 65536], [7, 7])
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    n_chunks = np.maximum((sizes + CHUNK - 1) // CHUNK, 1)
+    owner = np.repeat(np.arange(sizes.size), n_chunks)
+    first = (np.arange(owner.size) - np.repeat(np.cumsum(n_chunks) - n_chunks, n_chunks)) * CHUNK
+    ptrs = np.empty((owner.size, 6), dtype=np.int64)
+    ptrs[:, :4] = np.asarray(addresses, dtype=np.int64)[owner]
+    ptrs[:, 4] = first
+    ptrs[:, 5] = np.asarray(keys, dtype=np.int64)[owner]
+    counts = np.ascontiguousarray(np.minimum(sizes[owner] - first, CHUNK))
+    return ptrs, counts, np.ascontiguousarray(np.asarray(per)[owner])
+
+
+def step_arrays(
+    ws: Sequence[np.ndarray],
+    gs: Sequence[np.ndarray],
+    codes: Sequence[np.ndarray],
+    scales: Sequence[np.ndarray],
+    c: rule.Constants,
+    *,
+    seeds: Sequence[int],
+    step: int,
+    bits: int,
+    rounding: str = "stochastic",
+    threads: int | None = None,
+) -> None:
+    """One low-bit compact step on NumPy arrays, in place (C-contiguous; float32 or float64 ``ws``/``gs``).
+
+    ``codes`` are uint8 arrays of :func:`ftmlopt.lowbit.n_code_bytes` bytes, ``scales`` float32 arrays of
+    ``ceil(numel / BLOCK)`` elements; ``c`` comes from :func:`ftmlopt.rule.constants` for ``step``
+    (``grad_scale`` multiplies, as in the rule); ``seeds`` are the tensors' seeds. The readable
+    entry point the tests hold against :mod:`ftmlopt.lowbit`.
+    """
+    dtype = ws[0].dtype
+    spec = LowbitSpec(bits, dtype.name, rounding, maximize=c.sign < 0, coupled_wd=c.wd is not None,
+                      decoupled_wd=c.decay is not None, clip=c.clip is not None)
+    fn = kernel(spec)
+    ct = np.dtype(spec.compute)
+    if c.grad_scale is not None:  # the rule multiplies first: fold it into the gradient, as it does
+        gs = [np.multiply(g, np.asarray(c.grad_scale, dtype=g.dtype)) for g in gs]
+    sizes = np.array([w.size for w in ws], dtype=np.int64)
+    for w, g, q, s in zip(ws, gs, codes, scales):
+        _check_arrays(w, g, q, s, bits)
+    addresses = np.array([[a.ctypes.data for a in row] for row in zip(ws, gs, codes, scales)],
+                         dtype=np.int64).reshape(-1, 4)
+    keys = np.array([lowbit.step_key(seed, step) for seed in seeds], dtype=np.int64)
+    per = np.tile(np.array([c.step_size, c.bias2], dtype=np.float64).astype(ct), (len(ws), 1))
+    ptrs, counts, coefs = make_pieces(addresses, sizes, keys, per)
+    cpu.run(fn, ptrs, counts, coefs, cpu.k_vector(c, ct), cpu.default_threads() if threads is None else threads)
+
+
+def _check_arrays(w: np.ndarray, g: np.ndarray, q: np.ndarray, s: np.ndarray, bits: int) -> None:
+    n = w.size
+    if g.size != n or g.dtype != w.dtype or not (w.flags.c_contiguous and g.flags.c_contiguous):
+        raise ValueError(f"w and g must be C-contiguous arrays of one dtype and size, got {w.dtype}/{g.dtype}")
+    if q.dtype != np.uint8 or q.size != lowbit.n_code_bytes(n, bits) or not q.flags.c_contiguous:
+        raise ValueError(f"codes must be {lowbit.n_code_bytes(n, bits)} contiguous uint8 bytes for {n} elements "
+                         f"at {bits} bits, got {q.size} of {q.dtype}")
+    if s.dtype != np.float32 or s.size != lowbit.n_blocks(n) or not s.flags.c_contiguous:
+        raise ValueError(f"scales must be {lowbit.n_blocks(n)} contiguous float32 values, got {s.size} of {s.dtype}")

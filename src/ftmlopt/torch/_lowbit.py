@@ -1,0 +1,287 @@
+r"""Low-bit FTML state in the torch front end: ``FTML(..., state_bits=8 | 4)``.
+
+The quantizer and the quantized step are :mod:`ftmlopt.lowbit` (written once, next to the rule);
+this module is the torch side of it: which params are quantized, their state, their step, and
+their checkpoints.
+
+* **Which params.** In a group with ``state_bits`` 8 or 4, a param of at least
+  :data:`ftmlopt.lowbit.MIN_ELEMENTS` real elements (a complex param counts its real view) keeps
+  ``codes`` (uint8; 4-bit: two codes per byte), ``scales`` (float32, one per block of 128 elements
+  of the flattened param) and ``seed`` (an int: the param's index in its optimizer, so replicas
+  agree and a resumed run is bit-identical) instead of ``v``. Smaller params keep float ``v``.
+* **The step.** Every path (for-loop, foreach, fused) steps a quantized param with
+  :func:`ftmlopt.lowbit.compact_step` on torch tensors: decode ``v``, the rule's compact step in the
+  compute dtype, requantize with the step's counter-based random bits. On the fused path (``fused``
+  True, or the default dispatch) the fused low-bit kernel replaces it where one is available
+  (:func:`fused_available`: the LLVM CPU kernel, the Triton CUDA kernel).
+* **Checkpoints.** ``torch.optim.Optimizer.load_state_dict`` casts every tensor of a param's state to
+  a floating param's dtype (codes and scales included); :func:`restore_saved` puts the saved tensors
+  back, so a ``state_dict`` round-trips bit for bit. A checkpoint of another ``state_bits`` is
+  converted (:func:`convert_entry`: float ``v`` <-> codes and scales, round-to-nearest).
+
+Example:
+    >>> import torch
+    >>> from ftmlopt.torch import FTML
+    >>> w, b = torch.nn.Parameter(torch.ones(64, 100)), torch.nn.Parameter(torch.ones(100))
+    >>> opt = FTML([w, b], lr=0.1, state_bits=4)
+    >>> w.grad, b.grad = torch.ones_like(w), torch.ones_like(b)
+    >>> opt.step()
+    >>> sorted(opt.state[w]), sorted(opt.state[b])  # 6400 elements: low-bit; 100: float v
+    (['codes', 'scales', 'seed', 'step'], ['step', 'v'])
+    >>> state_bytes(opt.state[w]) / w.numel()  # 3200 bytes of codes + 50 float32 scales
+    0.53125
+    >>> round(float(w.detach()[0, 0]), 6)  # the first step moves by lr, as with float state
+    0.9
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ftmlopt import lowbit, rule
+
+__all__ = [
+    "LOWBIT_KEYS",
+    "bits_for",
+    "check_options",
+    "check_param",
+    "check_saved_entry",
+    "convert_entry",
+    "fused_available",
+    "init_state",
+    "real_numel",
+    "restore_saved",
+    "state_bytes",
+    "step_quantized",
+]
+
+#: the state keys of a quantized param besides ``step`` (and ``master`` under multi_precision)
+LOWBIT_KEYS = ("codes", "scales", "seed")
+
+
+def check_options(group: Mapping[str, Any]) -> None:
+    """``state_bits`` (32, 8 or 4) and the options it cannot be combined with, before anything changes."""
+    if "state_bits" not in group:
+        return
+    bits = lowbit.check_state_bits(group["state_bits"])
+    if bits == 32:
+        return
+    if group.get("compact") is False:
+        raise ValueError(
+            f"Invalid state_bits: {bits} with compact=False (the MXNet three-state form keeps d, v and z in "
+            "floating point; low-bit state needs the compact form, compact=True)"
+        )
+    for flag in ("capturable", "differentiable"):
+        if group.get(flag):
+            raise ValueError(f"Invalid state_bits: {bits} with {flag}=True (low-bit state supports neither "
+                             "capturable nor differentiable steps; use state_bits=32)")
+
+
+def check_param(p: Tensor, group: Mapping[str, Any]) -> None:
+    """Refuse what low-bit state does not support yet: sharded (DTensor) params, e.g. FSDP2 (NotImplementedError)."""
+    if bits_for(p, group) < 32 and type(p).__name__ == "DTensor":
+        raise NotImplementedError(
+            "FTML(state_bits<32) does not support DTensor (FSDP2, tensor-parallel) params yet; use state_bits=32 "
+            "for them (a param group of their own)"
+        )
+
+
+def real_numel(p: Tensor) -> int:
+    """Elements of ``p``'s real view (a complex element is two)."""
+    return p.numel() * (2 if p.is_complex() else 1)
+
+
+def bits_for(p: Tensor, group: Mapping[str, Any]) -> int:
+    """The state bits ``p`` gets in ``group``: the group's ``state_bits`` if ``p`` is large enough, else 32."""
+    bits = int(group.get("state_bits", 32))
+    return bits if lowbit.is_quantized(real_numel(p), bits) else 32
+
+
+def init_state(state: dict[str, Any], p: Tensor, bits: int, seed: int) -> None:
+    """Codes and scales that decode to ``v = 0`` (the float state's start), and the param's seed."""
+    n = real_numel(p)
+    state["codes"] = torch.zeros(lowbit.n_code_bytes(n, bits), dtype=torch.uint8, device=p.device)
+    state["scales"] = torch.zeros(lowbit.n_blocks(n), dtype=torch.float32, device=p.device)
+    state["seed"] = int(seed) & 0xFFFFFFFF
+
+
+def _real(x: Tensor) -> Tensor:
+    return torch.view_as_real(x) if x.is_complex() else x
+
+
+def fused_available(params: list[Tensor]) -> bool:
+    """Whether the fused low-bit kernel (:mod:`ftmlopt.torch._fused_lowbit`) can step these params.
+
+    CPU: the LLVM kernel (:mod:`ftmlopt.kernels.cpu_lowbit`, needs llvmlite). CUDA: the Triton
+    kernel (:mod:`ftmlopt.kernels.triton_lowbit`, needs Triton). Otherwise the reference steps them.
+    """
+    kinds = {p.device.type for p in params}
+    if kinds == {"cpu"}:
+        from ftmlopt.kernels import cpu_lowbit
+
+        return bool(cpu_lowbit.AVAILABLE)
+    if kinds == {"cuda"}:
+        from ftmlopt.kernels import triton_lowbit
+
+        return bool(triton_lowbit.AVAILABLE)
+    return False
+
+
+@torch.compiler.disable  # type: ignore[misc, unused-ignore]
+def step_quantized(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    group: Mapping[str, Any],
+    *,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    fused: bool | None = None,
+    foreach: bool | None = None,
+) -> None:
+    """One step of the quantized params of one group, in place (``params`` may be float32 masters).
+
+    The group's ``fused`` True, or both ``fused`` and ``foreach`` None (the default, as for float
+    state), with the fused low-bit kernel available for these params (:func:`fused_available`): one
+    kernel call through
+    :func:`ftmlopt.torch._fused_lowbit.fused_ftml_lowbit`. Otherwise, per param: ``step += 1``, then
+    :func:`ftmlopt.lowbit.compact_step` with the group's hyper-parameters and Python-float constants
+    (as the for-loop's), in the compute dtype (float32 for float16/bfloat16), on the real view.
+    ``grad_scale`` / ``found_inf`` (GradScaler on the fused path): a step with ``found_inf`` set
+    changes nothing; otherwise the gradient is divided by ``grad_scale`` and written back unscaled,
+    as the fused kernels do.
+
+    Under ``torch.compile`` this function runs eagerly (``torch.compiler.disable``): traced, its
+    step count's ``.item()`` and in-place state updates were silently lost (the compiled step left the
+    params and the state as they were), so the low-bit part of a compiled step is a graph break.
+    """
+    if not params:
+        return
+    bits = int(group["state_bits"])
+    beta1, beta2 = group["betas"]
+    lr = group["lr"]
+    lr = float(lr) if isinstance(lr, Tensor) else lr
+    reals, real_grads = [_real(p) for p in params], [_real(g) for g in grads]
+    if (fused or (fused is None and foreach is None)) and fused_available(reals):
+        from ftmlopt.torch._fused_lowbit import fused_ftml_lowbit
+
+        fused_ftml_lowbit(
+            reals, real_grads, [s["codes"] for s in states], [s["scales"] for s in states],
+            [int(s["seed"]) for s in states], [s["step"] for s in states], grad_scale=grad_scale,
+            found_inf=found_inf, lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
+            weight_decay=group["weight_decay"], clip_gradient=group["clip_gradient"],
+            decoupled_weight_decay=group["decoupled_weight_decay"], maximize=group["maximize"], bits=bits,
+        )
+        return
+    if found_inf is not None and bool(found_inf):
+        return
+    hyper = dict(weight_decay=group["weight_decay"], decoupled=group["decoupled_weight_decay"],
+                 clip=group["clip_gradient"], maximize=group["maximize"])
+    cache: dict[int, rule.Constants] = {}
+    for w, g, state in zip(reals, real_grads, states):
+        if grad_scale is not None:
+            g.div_(grad_scale.to(g.device))
+        state["step"] += 1
+        t = int(state["step"].item())
+        c = cache.get(t) or cache.setdefault(t, rule.constants(lr, t, beta1, beta2, group["eps"], **hyper))
+        compute = torch.float64 if w.dtype == torch.float64 else torch.float32
+        new_w, codes, scales = lowbit.compact_step(
+            w.to(compute), g.to(compute), state["codes"], state["scales"], c, bits=bits, seed=state["seed"], step=t
+        )
+        w.copy_(new_w)
+        state["codes"].copy_(codes)
+        state["scales"].copy_(scales)
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+def _saved_bits(entry: Mapping[str, Any], n: int, saved_group: Mapping[str, Any]) -> int:
+    """The bits of a saved low-bit entry: the saved group's ``state_bits``, else read from the codes' length."""
+    bits = saved_group.get("state_bits")
+    if bits in (8, 4):
+        return int(bits)
+    codes = entry["codes"]
+    return 8 if codes.numel() == n and n > 1 else 4
+
+
+def check_saved_entry(entry: Mapping[str, Any], p: Tensor, saved_group: Mapping[str, Any], where: str) -> bool:
+    """Whether a saved state entry is a low-bit one; if so, that it is well formed for ``p`` (ValueError)."""
+    if "codes" not in entry:
+        return False
+    extra = set(entry) - {"step", "master", *LOWBIT_KEYS}
+    missing = {"step", *LOWBIT_KEYS} - set(entry)
+    if extra or missing:
+        raise ValueError(f"low-bit state of {where} has keys {sorted(entry)}, expected "
+                         f"{sorted(['step', *LOWBIT_KEYS])} (+ 'master')")
+    n = real_numel(p)
+    bits = _saved_bits(entry, n, saved_group)
+    codes, scales, seed = entry["codes"], entry["scales"], entry["seed"]
+    if not (isinstance(codes, Tensor) and codes.dtype == torch.uint8 and codes.dim() == 1
+            and codes.numel() == lowbit.n_code_bytes(n, bits)):
+        desc = f"{codes.dtype} {tuple(codes.shape)}" if isinstance(codes, Tensor) else type(codes).__name__
+        raise ValueError(f"state 'codes' of {where} must be a uint8 tensor of {lowbit.n_code_bytes(n, bits)} "
+                         f"elements ({bits}-bit codes of {n} elements), got {desc}")
+    if not (isinstance(scales, Tensor) and scales.dtype == torch.float32 and scales.dim() == 1
+            and scales.numel() == lowbit.n_blocks(n)):
+        desc = f"{scales.dtype} {tuple(scales.shape)}" if isinstance(scales, Tensor) else type(scales).__name__
+        raise ValueError(f"state 'scales' of {where} must be a float32 tensor of {lowbit.n_blocks(n)} elements, "
+                         f"got {desc}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(f"state 'seed' of {where} must be an int in [0, 2**32), got {seed!r}")
+    return True
+
+
+def convert_entry(
+    entry: dict[str, Any],
+    p: Tensor,
+    saved_group: Mapping[str, Any],
+    live_group: Mapping[str, Any],
+    seed: int,
+    state_dtype: torch.dtype,
+) -> tuple[dict[str, Any], str | None]:
+    """A saved entry in the layout ``live_group`` gives ``p``; and a note when it had to be converted.
+
+    float ``v`` -> codes and scales: quantized to the nearest code (deterministic), seed ``seed``.
+    codes and scales -> float ``v`` (``state_dtype``): decoded. Between 8 and 4 bits: decoded, then
+    quantized. Both directions keep ``step`` (and ``master``).
+    """
+    want = bits_for(p, live_group)
+    n = real_numel(p)
+    if "codes" in entry:
+        have = _saved_bits(entry, n, saved_group)
+        if have == want:
+            return entry, None
+        v = lowbit.decode(entry["codes"].to(p.device), entry["scales"].to(p.device), n, have)
+    else:
+        if want == 32 or "v" not in entry:
+            return entry, None
+        have = 32
+        v = _real(entry["v"]).to(device=p.device, dtype=torch.float32).reshape(-1)
+    rest = {k: x for k, x in entry.items() if k not in ("v", *LOWBIT_KEYS)}
+    if want == 32:
+        real_shape = _real(p).shape
+        v_real = v.reshape(real_shape)
+        if p.is_complex():
+            v_full = torch.view_as_complex(v_real.to(state_dtype.to_real()).contiguous())
+        else:
+            v_full = v_real.to(state_dtype)
+        return {**rest, "v": v_full}, f"{have}-bit -> float state"
+    codes, scales = lowbit.quantize(v, want, rounding="nearest")
+    note = f"{'float' if have == 32 else f'{have}-bit'} state -> {want}-bit"
+    return {**rest, "codes": codes, "scales": scales, "seed": int(seed) & 0xFFFFFFFF}, note
+
+
+def restore_saved(state: dict[str, Any], saved: Mapping[str, Any], device: torch.device) -> None:
+    """Put a low-bit entry's codes and scales back as they were saved (the base loader casts them)."""
+    for key in ("codes", "scales"):
+        if key in saved and key in state:
+            state[key] = saved[key].to(device=device, copy=True)
+
+
+def state_bytes(state: Mapping[str, Any]) -> int:
+    """Bytes of a param's optimizer state tensors (``step`` and ``master`` excluded)."""
+    return sum(x.numel() * x.element_size() for k, x in state.items()
+               if isinstance(x, Tensor) and k not in ("step", "master"))
