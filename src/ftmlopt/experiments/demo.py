@@ -87,6 +87,8 @@ REGIMES: dict[str, str] = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``ftmlopt demo`` to ``parser``."""
+    from ftmlopt.experiments import harness
+
     parser.add_argument(
         "--epochs", type=int, default=None,
         help=f"stationary task: epochs per run (default {EPOCHS}; numpy backend: {NUMPY_EPOCHS})",
@@ -96,12 +98,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seeds", type=int, default=SEEDS, help=f"seeds per rate (default {SEEDS}; 0..N-1)")
     parser.add_argument("--out", default="runs/demo", help="output folder for demo.png and demo.json")
-    parser.add_argument(
-        "--state-bits", type=int, default=32, choices=(32, 8, 4),
-        help="torch backend: FTML's state, 32 (float, default), 8 or 4 (low-bit v: ftmlopt.lowbit)",
+    harness.add_run_arguments(
+        parser, state_bits_help="torch backend: FTML's state, 32 (float, default), 8 or 4 (low-bit v: ftmlopt.lowbit)"
     )
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.add_argument("--seed", type=int, default=0, help="numpy backend only: seed of the initial weights")
     parser.add_argument(
         "--backend",

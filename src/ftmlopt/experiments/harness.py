@@ -39,6 +39,7 @@ Example (a toy task, one optimizer, two rates, no files written):
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import contextvars
 import math
@@ -105,6 +106,14 @@ def ftml_state_bits(bits: int) -> Iterator[None]:
         yield
     finally:
         FTML_STATE_BITS.reset(token)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, *, state_bits_help: str) -> None:
+    """The options the training commands (``ftmlopt reproduce``, ``ftmlopt demo``) share:
+    ``--state-bits`` (read with :func:`ftml_state_bits`), ``--threads`` and ``--no-progress``."""
+    parser.add_argument("--state-bits", type=int, default=32, choices=(32, 8, 4), help=state_bits_help)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
 def make_optimizer(

@@ -31,6 +31,8 @@ REQUIRED = ("torch", "matplotlib", "tqdm")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``TASK`` and the options of ``ftmlopt reproduce`` to ``parser``."""
+    from ftmlopt.experiments import harness
+
     parser.add_argument("task", choices=TASKS, metavar="TASK", help=f"one of: {', '.join(TASKS)}")
     parser.add_argument("--quick", action="store_true", help="CI smoke run: tiny grid, one seed, few epochs")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (0..N-1); default per task")
@@ -62,12 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--data", default=None, help="data folder (default: <shared data>/<task's folder>)")
     parser.add_argument("--out", default="runs/reproduce", help="output folder for TASK.json and TASK.png")
-    parser.add_argument(
-        "--state-bits", type=int, default=32, choices=(32, 8, 4),
-        help="FTML's state: 32 (float, default), 8 or 4 (low-bit v: ftmlopt.lowbit)",
+    harness.add_run_arguments(
+        parser, state_bits_help="FTML's state: 32 (float, default), 8 or 4 (low-bit v: ftmlopt.lowbit)"
     )
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
 def parse_rates(text: str | None) -> dict[str, float]:

@@ -223,7 +223,7 @@ def _codegen(spec: Spec) -> str:
     """LLVM IR of ``run(n_pieces, ptrs, counts, coefs, k)`` for ``spec`` (see :func:`kernel`)."""
     assert _LLVM is not None
     ir = _LLVM[1]
-    i16, i32, i64 = ir.IntType(16), ir.IntType(32), ir.IntType(64)
+    i16, i64 = ir.IntType(16), ir.IntType(64)
     f32, f64 = ir.FloatType(), ir.DoubleType()
     storage = {"float32": f32, "float64": f64, "float16": ir.HalfType(), "bfloat16": i16}
     ct = f64 if spec.compute == "float64" else f32
@@ -245,45 +245,14 @@ def _codegen(spec: Spec) -> str:
     with _loop(b, n) as j:
 
         def load(ptr: Any, ty: Any) -> Any:
-            x = b.load(b.gep(ptr, [j]))
-            if ty is i16:  # bfloat16: the high half of a float32
-                return _widen(b.bitcast(b.shl(b.zext(x, i32), i32(16)), f32))
-            return _widen(x)
-
-        def _widen(x: Any) -> Any:
-            return x if x.type == ct else b.fpext(x, ct)
+            return _load(b, ptr, j, ty, ct)
 
         def store(ptr: Any, ty: Any, x: Any) -> None:
-            if ty is i16:
-                f = x if x.type == f32 else b.fptrunc(x, f32)
-                bits = b.bitcast(f, i32)  # round to nearest even; NaN -> a quiet NaN (torch's rule)
-                odd = b.and_(b.lshr(bits, i32(16)), i32(1))
-                rounded = b.trunc(b.lshr(b.add(bits, b.add(i32(0x7FFF), odd)), i32(16)), i16)
-                x = b.select(b.fcmp_unordered("uno", f, f), i16(0x7FC0), rounded)
-            elif ty != ct:
-                x = b.fptrunc(x, ty)
-            b.store(x, b.gep(ptr, [j]))
+            _store(b, ptr, j, ty, ct, x)
 
         sqrt = module.declare_intrinsic("llvm.sqrt", [ct])
-        g = load(g_p, pt)
-        if spec.scale:
-            g = b.fdiv(g, k["scale"])
-            if spec.write_grad:
-                store(g_p, pt, g)
-        if spec.form == "operator":
-            g = b.fmul(g, k["scale"])
-        if spec.maximize:
-            g = b.fneg(g)
-        w = load(w_p, pt)
-        if spec.decoupled_wd:
-            w = b.fmul(w, k["decay"])
-        if spec.coupled_wd or spec.form == "operator":
-            g = b.fadd(g, b.fmul(w, k["wd"]))
-        if spec.clip:
-            c = k["clip"]
-            g = b.select(b.fcmp_ordered(">", g, c), c, g)
-            neg = b.fneg(c)
-            g = b.select(b.fcmp_ordered("<", g, neg), neg, g)
+        g, w = _gradient(b, spec, k, lambda: load(g_p, pt), lambda: load(w_p, pt), lambda g: store(g_p, pt, g),
+                         operator=spec.form == "operator")
         v = b.fadd(b.fmul(load(v_p, st), k["beta2"]), b.fmul(b.fmul(g, g), k["one_minus_beta2"]))
         store(v_p, st, v)
         root = b.fadd(b.call(sqrt, [b.fdiv(v, bias2)]), k["eps"])
@@ -302,7 +271,80 @@ def _codegen(spec: Spec) -> str:
         store(out_p if spec.separate_out else w_p, pt, new_w)
     b.ret_void()
 
-    # run(n_pieces, ptrs[6 per piece], counts[per piece], coefs[2 per piece], k[K_FIELDS])
+    types = (pt, pt, st, st, st, pt)
+    _emit_run(module, piece, ct, lambda b, word: [b.inttoptr(word(r), ty.as_pointer()) for r, ty in enumerate(types)])
+    return str(module)
+
+
+def _load(b: Any, ptr: Any, i: Any, ty: Any, ct: Any) -> Any:
+    """Emit: element ``i`` of ``ptr`` (storage type ``ty``; bfloat16 is an i16) widened to the compute type ``ct``."""
+    assert _LLVM is not None
+    ir = _LLVM[1]
+    i32, f32 = ir.IntType(32), ir.FloatType()
+    x = b.load(b.gep(ptr, [i]))
+    if ty == ir.IntType(16):  # bfloat16: the high half of a float32
+        x = b.bitcast(b.shl(b.zext(x, i32), i32(16)), f32)
+    return x if x.type == ct else b.fpext(x, ct)
+
+
+def _store(b: Any, ptr: Any, i: Any, ty: Any, ct: Any, x: Any) -> None:
+    """Emit: ``x`` (compute type ``ct``) rounded to the storage type ``ty`` and stored as element ``i`` of ``ptr``."""
+    assert _LLVM is not None
+    ir = _LLVM[1]
+    i16, i32, f32 = ir.IntType(16), ir.IntType(32), ir.FloatType()
+    if ty == i16:
+        f = x if x.type == f32 else b.fptrunc(x, f32)
+        bits = b.bitcast(f, i32)  # round to nearest even; NaN -> a quiet NaN (torch's rule)
+        odd = b.and_(b.lshr(bits, i32(16)), i32(1))
+        rounded = b.trunc(b.lshr(b.add(bits, b.add(i32(0x7FFF), odd)), i32(16)), i16)
+        x = b.select(b.fcmp_unordered("uno", f, f), i16(0x7FC0), rounded)
+    elif ty != ct:
+        x = b.fptrunc(x, ty)
+    b.store(x, b.gep(ptr, [i]))
+
+
+def _gradient(
+    b: Any, spec: Any, k: dict[str, Any], load_g: Callable[[], Any], load_w: Callable[[], Any],
+    store_g: Callable[[Any], None], *, operator: bool = False,
+) -> tuple[Any, Any]:
+    """Emit :func:`ftmlopt.rule.gradient` for one element; returns ``(g', w)`` (``w`` decayed when decoupled).
+
+    ``spec``'s flags (``scale``, ``write_grad``, ``maximize``, ``decoupled_wd``, ``coupled_wd``,
+    ``clip``) pick the passes; ``k`` holds the scalars by :data:`K_FIELDS` name. ``operator``: MXNet's
+    ``ftml_update`` (the gradient times ``rescale_grad``, L2 always added).
+    """
+    g = load_g()
+    if spec.scale:
+        g = b.fdiv(g, k["scale"])
+        if spec.write_grad:
+            store_g(g)
+    if operator:
+        g = b.fmul(g, k["scale"])
+    if spec.maximize:
+        g = b.fneg(g)
+    w = load_w()
+    if spec.decoupled_wd:
+        w = b.fmul(w, k["decay"])
+    if spec.coupled_wd or operator:
+        g = b.fadd(g, b.fmul(w, k["wd"]))
+    if spec.clip:
+        c = k["clip"]
+        g = b.select(b.fcmp_ordered(">", g, c), c, g)
+        neg = b.fneg(c)
+        g = b.select(b.fcmp_ordered("<", g, neg), neg, g)
+    return g, w
+
+
+def _emit_run(module: Any, piece: Any, ct: Any, addresses: Callable[[Any, Callable[[int], Any]], list[Any]]) -> None:
+    """Add ``run(n_pieces, ptrs, counts, coefs, k)`` (:func:`kernel`'s C signature) to ``module``.
+
+    For each piece it calls ``piece(*addresses(b, word), count, coef, bias2, *k)``: ``word(r)`` loads
+    the piece's ``r``-th word of ``ptrs`` (6 per piece) and ``addresses`` turns them into ``piece``'s
+    leading arguments; ``ct`` is the compute type of ``coefs`` and ``k``.
+    """
+    assert _LLVM is not None
+    ir = _LLVM[1]
+    i64 = ir.IntType(64)
     vp = i64.as_pointer()
     fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [i64, vp, vp, ct.as_pointer(), ct.as_pointer()]), "run")
     n_pieces, ptrs, counts, coefs, kp = fn.args
@@ -310,13 +352,11 @@ def _codegen(spec: Spec) -> str:
     kvals = [b.load(b.gep(kp, [i64(i)])) for i in range(len(K_FIELDS))]
     with _loop(b, n_pieces, ("body", "end")) as p:
         base = b.mul(p, i64(6))
-        types = (pt, pt, st, st, st, pt)
-        args = [b.inttoptr(b.load(b.gep(ptrs, [b.add(base, i64(r))])), ty.as_pointer()) for r, ty in enumerate(types)]
+        args = addresses(b, lambda r: b.load(b.gep(ptrs, [b.add(base, i64(r))])))
         count = b.load(b.gep(counts, [p]))
         pc = [b.load(b.gep(coefs, [b.add(b.mul(p, i64(2)), i64(r))])) for r in range(2)]
         b.call(piece, [*args, count, *pc, *kvals])
     b.ret_void()
-    return str(module)
 
 
 def _compile(spec: Spec) -> Callable[..., None]:

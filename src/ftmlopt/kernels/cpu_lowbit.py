@@ -151,44 +151,17 @@ def _codegen(spec: LowbitSpec) -> str:
         return x if x.type == ct else b.fpext(x, ct)
 
     def load_p(ptr: Any, i: Any) -> Any:
-        x = b.load(b.gep(ptr, [i]))
-        if pt is i16:  # bfloat16: the high half of a float32
-            return widen(b.bitcast(b.shl(b.zext(x, i32), i32(16)), f32))
-        return widen(x)
+        return cpu._load(b, ptr, i, pt, ct)
 
     def store_p(ptr: Any, i: Any, x: Any) -> None:
-        if pt is i16:
-            f = x if x.type == f32 else b.fptrunc(x, f32)
-            bits = b.bitcast(f, i32)  # round to nearest even; NaN -> a quiet NaN (torch's rule)
-            odd = b.and_(b.lshr(bits, i32(16)), i32(1))
-            rounded = b.trunc(b.lshr(b.add(bits, b.add(i32(0x7FFF), odd)), i32(16)), i16)
-            x = b.select(b.fcmp_unordered("uno", f, f), i16(0x7FC0), rounded)
-        elif pt != ct:
-            x = b.fptrunc(x, pt)
-        b.store(x, b.gep(ptr, [i]))
+        cpu._store(b, ptr, i, pt, ct, x)
 
     def element(i: Any, q: Any, old_scale: Any) -> Any:
         """Decode code ``q`` (i32), step element ``i``; returns ``u = sqrt(v)`` (float32)."""
         x = b.bitcast(b.add(b.shl(q, i32(shift)), i32(bias << 23)), f32)
         u_old = b.fmul(x, old_scale)
         v_old = widen(b.fmul(u_old, u_old))
-        g = load_p(g_p, i)
-        if spec.scale:
-            g = b.fdiv(g, k["scale"])
-            if spec.write_grad:
-                store_p(g_p, i, g)
-        if spec.maximize:
-            g = b.fneg(g)
-        w = load_p(w_p, i)
-        if spec.decoupled_wd:
-            w = b.fmul(w, k["decay"])
-        if spec.coupled_wd:
-            g = b.fadd(g, b.fmul(w, k["wd"]))
-        if spec.clip:
-            c = k["clip"]
-            g = b.select(b.fcmp_ordered(">", g, c), c, g)
-            neg = b.fneg(c)
-            g = b.select(b.fcmp_ordered("<", g, neg), neg, g)
+        g, w = cpu._gradient(b, spec, k, lambda: load_p(g_p, i), lambda: load_p(w_p, i), lambda g: store_p(g_p, i, g))
         v = b.fadd(b.fmul(v_old, k["beta2"]), b.fmul(b.fmul(g, g), k["one_minus_beta2"]))
         root = b.fadd(b.call(sqrt_ct, [b.fdiv(v, bias2)]), k["eps"])
         store_p(w_p, i, b.fsub(w, b.fdiv(b.fmul(g, coef), root)))
@@ -277,29 +250,12 @@ def _codegen(spec: LowbitSpec) -> str:
     b.ret_void()
 
     # run(n_pieces, ptrs[6 per piece], counts[per piece], coefs[2 per piece], k[K_FIELDS]): cpu.kernel's ABI
-    vp = i64.as_pointer()
-    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [i64, vp, vp, ct.as_pointer(), ct.as_pointer()]), "run")
-    n_pieces, ptrs, counts, coefs, kp = fn.args
-    fentry = fn.append_basic_block("entry")
-    body = fn.append_basic_block("body")
-    fend = fn.append_basic_block("end")
-    b = ir.IRBuilder(fentry)
-    kvals = [b.load(b.gep(kp, [i64(i)])) for i in range(len(k_fields))]
-    b.cbranch(b.icmp_signed(">", n_pieces, i64(0)), body, fend)
-    b.position_at_end(body)
-    p = b.phi(i64)
-    p.add_incoming(i64(0), fentry)
-    row = b.mul(p, i64(6))
-    words = [b.load(b.gep(ptrs, [b.add(row, i64(r))])) for r in range(6)]
-    args = [b.inttoptr(words[r], ty.as_pointer()) for r, ty in enumerate((pt, pt, i8, f32))]
-    args += [words[4], b.trunc(words[5], i32), b.load(b.gep(counts, [p]))]
-    args += [b.load(b.gep(coefs, [b.add(b.mul(p, i64(2)), i64(r))])) for r in range(2)]
-    b.call(piece, [*args, *kvals])
-    nxt = b.add(p, i64(1))
-    p.add_incoming(nxt, b.block)
-    b.cbranch(b.icmp_signed("<", nxt, n_pieces), body, fend)
-    b.position_at_end(fend)
-    b.ret_void()
+    def addresses(b: Any, word: Callable[[int], Any]) -> list[Any]:  # w, g, codes, scales, start, key
+        words = [word(r) for r in range(6)]
+        return [*(b.inttoptr(words[r], ty.as_pointer()) for r, ty in enumerate((pt, pt, i8, f32))),
+                words[4], b.trunc(words[5], i32)]
+
+    cpu._emit_run(module, piece, ct, addresses)
     return str(module)
 
 
