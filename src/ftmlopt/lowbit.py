@@ -289,16 +289,35 @@ class Ops:
     float32_scalar: Callable[[float], Array]
 
 
+def _array_module_ops(xp: Any) -> dict[str, Any]:
+    """The :class:`Ops` entries that NumPy and ``jax.numpy`` spell alike, for the array module ``xp``."""
+    return dict(
+        float32=lambda x: xp.asarray(x, dtype=xp.float32),
+        reshape=lambda x, shape: xp.reshape(x, shape),
+        to_int32=lambda h: h.astype(xp.int32),
+        to_uint8=lambda q: q.astype(xp.uint8),
+        clamp=lambda q, lo, hi: xp.clip(q, lo, hi),
+        where=xp.where,
+        sqrt=xp.sqrt,
+        clip=xp.clip,
+        sqrt_rn=xp.sqrt,
+        interleave=lambda a, b: xp.stack([a, b], axis=-1).reshape(-1),
+        zeros_uint8=lambda n: xp.zeros(n, dtype=xp.uint8),
+        zeros_float32=lambda n: xp.zeros(n, dtype=xp.float32),
+        int32_scalar=lambda k: xp.int32(k),
+        float32_scalar=lambda x: xp.float32(x),
+    )
+
+
 def _numpy_ops() -> Ops:
     import numpy as np
 
     mask = np.uint64(_MASK32)
     return Ops(
         name="numpy",
-        float32=lambda x: np.asarray(x, dtype=np.float32),
+        **_array_module_ops(np),
         cast_like=lambda x, like: np.asarray(x).astype(np.asarray(like).dtype, copy=False),
         flat=lambda x: np.ascontiguousarray(x).reshape(-1),
-        reshape=lambda x, shape: np.reshape(x, shape),
         pad=lambda x, n: np.concatenate([x, np.zeros(n - x.shape[0], dtype=x.dtype)]) if n > x.shape[0] else x,
         row_max=lambda x: x.max(axis=1) if x.shape[0] else np.zeros(0, dtype=x.dtype),
         bits_of=lambda x: np.ascontiguousarray(x, dtype=np.float32).view(np.int32),
@@ -308,19 +327,7 @@ def _numpy_ops() -> Ops:
         to_uint=lambda x: np.asarray(x).astype(np.uint64) & mask,
         add32=lambda a, b: (a + b) & mask,
         mul32=lambda h, c: (h * np.uint64(c)) & mask,
-        to_int32=lambda h: h.astype(np.int32),
-        to_uint8=lambda q: q.astype(np.uint8),
-        clamp=lambda q, lo, hi: np.clip(q, lo, hi),
-        where=np.where,
-        sqrt=np.sqrt,
-        clip=np.clip,
-        sqrt_rn=np.sqrt,
         div=lambda a, b: a / b,
-        interleave=lambda a, b: np.stack([a, b], axis=-1).reshape(-1),
-        zeros_uint8=lambda n: np.zeros(n, dtype=np.uint8),
-        zeros_float32=lambda n: np.zeros(n, dtype=np.float32),
-        int32_scalar=lambda k: np.int32(k),
-        float32_scalar=lambda x: np.float32(x),
     )
 
 
@@ -388,10 +395,9 @@ def _jax_ops() -> Ops:
 
     return Ops(
         name="jax",
-        float32=lambda x: jnp.asarray(x, dtype=jnp.float32),
+        **_array_module_ops(jnp),
         cast_like=lambda x, like: x.astype(like.dtype),
         flat=lambda x: jnp.reshape(x, (-1,)),
-        reshape=lambda x, shape: jnp.reshape(x, shape),
         pad=lambda x, n: jnp.pad(x, (0, n - x.shape[0])) if n > x.shape[0] else x,
         row_max=lambda x: jnp.max(x, axis=1) if x.shape[0] else jnp.zeros(0, dtype=x.dtype),
         bits_of=lambda x: jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32),
@@ -401,19 +407,7 @@ def _jax_ops() -> Ops:
         to_uint=lambda x: jnp.asarray(x).astype(jnp.uint32),
         add32=lambda a, b: a + b,
         mul32=lambda h, c: h * jnp.uint32(c),
-        to_int32=lambda h: h.astype(jnp.int32),
-        to_uint8=lambda q: q.astype(jnp.uint8),
-        clamp=lambda q, lo, hi: jnp.clip(q, lo, hi),
-        where=jnp.where,
-        sqrt=jnp.sqrt,
-        clip=jnp.clip,
-        sqrt_rn=jnp.sqrt,
         div=_jax_div,
-        interleave=lambda a, b: jnp.stack([a, b], axis=-1).reshape(-1),
-        zeros_uint8=lambda n: jnp.zeros(n, dtype=jnp.uint8),
-        zeros_float32=lambda n: jnp.zeros(n, dtype=jnp.float32),
-        int32_scalar=lambda k: jnp.int32(k),
-        float32_scalar=lambda x: jnp.float32(x),
     )
 
 
