@@ -9,7 +9,7 @@ PIP := $(PY) -m pip install --quiet --constraint constraints/dev.txt
 VENV_TF ?= .venv-tf
 PY_TF := $(VENV_TF)/bin/python
 
-.PHONY: demo test lint bench gpu-check reproduce clean
+.PHONY: demo test lint bench gpu-check reproduce clean docs
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -69,6 +69,15 @@ test: $(VENV)/.test-installed $(VENV_TF)/.tf-installed
 	$(PY) -m mypy
 	FTMLOPT_TENSORFLOW_PYTHON=$(abspath $(PY_TF)) $(PY) -m pytest
 
+# The documentation site, docs/_build/html (conf.py says why Sphinx, MyST, furo). autodoc imports the real
+# modules, so it builds in .venv with every extra; warnings (broken references included: nitpicky) fail it.
+$(VENV)/.docs-installed: $(VENV)/.test-installed
+	$(PIP) -e '.[all,docs]'
+	touch $@
+
+docs: $(VENV)/.docs-installed
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+
 # The interleaved CPU benchmark (tables, ratios to fused Adam, % of floor, state bytes, first step,
 # forward/backward slowdown); JSON next to it. BENCH_ARGS adds options, e.g. BENCH_ARGS='--threads 2'.
 bench: $(VENV)/.test-installed
@@ -82,4 +91,4 @@ gpu-check:
 	PYTHONPATH=src python3 -m ftmlopt.bench.gpu_check --out $(GPU_CHECK_OUT)
 
 clean:
-	rm -rf $(VENV) $(VENV_TF) build dist src/*.egg-info .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(VENV_TF) docs/_build build dist src/*.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -74,10 +74,10 @@ class FTML(keras.optimizers.Optimizer):
             three-state form, ``d, v, z``.
         state_dtype: dtype of the state variables; None: the variable's dtype, float32 for
             float16/bfloat16 variables.
-        weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum,
-        ema_overwrite_frequency, loss_scale_factor, gradient_accumulation_steps, name: Keras'
-            standard optimizer arguments, with their Keras meaning (``name`` None: ``"ftml"``,
-            ``"ftml_1"``, ... as Keras numbers its own optimizers).
+        weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum: Keras' standard
+            optimizer arguments, with their Keras meaning.
+        ema_overwrite_frequency, loss_scale_factor, gradient_accumulation_steps, name: the same
+            (``name`` None: ``"ftml"``, ``"ftml_1"``, ... as Keras numbers its own optimizers).
 
     Raises:
         TypeError, ValueError: on a bad argument, naming it.
