@@ -161,12 +161,15 @@ class FTML(keras.optimizers.Optimizer):
     def _state_variable(self, variable: Any, state: str) -> Any:
         dtype = rule.state_dtype(variable.dtype, self.state_dtype)
         path = getattr(variable, "path", None) or str(variable.name)
+        # The state is laid out like its variable under a Keras distribution. `layout=` is passed only
+        # then: add_variable takes it from Keras 3.10 on, and the floor is older (docs/versions.md).
+        layout = getattr(variable, "_layout", None)
         return self.add_variable(
             shape=variable.shape,
             initializer="zeros",
             dtype=dtype,
             name=f"{path.replace('/', '_').replace(':', '_')}_{state}",
-            layout=getattr(variable, "_layout", None),
+            **({} if layout is None else {"layout": layout}),
         )
 
     def _constants(self, learning_rate: Any, ct: str) -> rule.Constants:
