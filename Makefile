@@ -60,7 +60,7 @@ clean-bare:
 	rm -rf $(VENV_BARE)
 
 # `make test-oldest`: the oldest declared version of every dependency (docs/versions.md). .venv-oldest is built
-# from constraints/oldest.txt: numpy 1.23.2, llvmlite 0.44, jax 0.4.30, Keras 3.5.0 (JAX and torch backends)
+# from constraints/oldest.txt: numpy 1.23.3, llvmlite 0.44, jax 0.4.30, Keras 3.5.0 (JAX and torch backends)
 # and torch 2.13.0 (the only torch here), in which the NumPy, torch, Keras and CPU-kernel tests run; then
 # optax 0.2.4 goes in (its chex needs numpy 1.24.1: constraints/oldest-optax.txt) and the optax tests run. The
 # integration tests of libraries that are only test dependencies (Lightning, transformers, flax) and the

@@ -134,8 +134,16 @@ def _resolve_by_name(app: Any, env: Any, node: Any, contnode: Any) -> Any:  # Sp
     return make_refnode(app.builder, node["refdoc"], obj.docname, obj.node_id, contnode, best)
 
 
+def _drop_namedtuple_boilerplate(app: Any, what: str, name: str, obj: Any, options: Any, lines: list[str]) -> None:
+    """Drop the docstrings Python writes for a NamedTuple ("Alias for field number 0", "Create new
+    instance of ..."): they say nothing that the signature does not, once per field."""
+    if lines and (lines[0].startswith("Alias for field number") or lines[0].startswith("Create new instance of")):
+        del lines[:]
+
+
 def setup(app: Any) -> None:
     app.connect("missing-reference", _resolve_by_name)
+    app.connect("autodoc-process-docstring", _drop_namedtuple_boilerplate)
 
 
 html_theme = "furo"
