@@ -21,10 +21,6 @@ import ftmlopt.optax
 from ftmlopt import ftml_update
 from ftmlopt.optax import FTMLCompactState, FTMLState, ftml, ftml_direct
 
-#: float64 on within a block: ``jax.enable_x64`` on current JAX; JAX 0.4.30 (the floor that `make test-oldest`
-#: runs) has it only as ``jax.experimental.enable_x64``
-enable_x64 = getattr(jax, "enable_x64", None) or __import__("jax.experimental", fromlist=["enable_x64"]).enable_x64
-
 N = 64
 STEPS = 30
 
@@ -135,7 +131,7 @@ def test_mxnet_form_fp64_trajectory_parity(case):
     """float64 (x64 enabled): the whole free-running trajectory within 1e-12, states included."""
     okw, mkw = CASES[case]
     w0, grads = problem(np.float64)
-    with enable_x64(True):
+    with jax.enable_x64(True):
         opt = ftml_direct(**HYPER, **okw, compact=False)
         step = jax.jit(opt.step)
         params = jnp.asarray(w0)
@@ -165,7 +161,7 @@ def test_every_form_matches_the_numpy_closed_form_fp64(case):
     ref = numpy_compact(
         w0, grads, [0.125] * STEPS, 0.5, 0.875, 2.0**-20, wd=okw.get("weight_decay", 0.0), clip=okw.get("clip_gradient")
     )
-    with enable_x64(True):
+    with jax.enable_x64(True):
         for form in FORMS:
             init, step = stepper(form, **HYPER, **okw)
             step = jax.jit(step)
@@ -201,7 +197,7 @@ def test_schedule_is_evaluated_at_count_before_the_step(form):
     w0, grads = problem(np.float64, steps=10)
     schedule = optax.exponential_decay(0.25, transition_steps=1, decay_rate=0.5)
     ref = numpy_compact(w0, grads, [0.25 * 0.5**t for t in range(10)], 0.5, 0.875, 2.0**-20)
-    with enable_x64(True):
+    with jax.enable_x64(True):
         init, step = stepper(form, learning_rate=schedule, b1=0.5, b2=0.875, eps=2.0**-20)
         step = jax.jit(step)
         params = jnp.asarray(w0)
@@ -273,7 +269,7 @@ def test_decoupled_weight_decay_matches_the_numpy_rule_fp64(form):
     """decoupled_weight_decay: w <- w (1 - lr wd) before the step (z too in MXNet's form)."""
     w0, grads = problem(np.float64)
     ref = numpy_compact(w0, grads, [0.125] * STEPS, 0.5, 0.875, 2.0**-20, wd=0.25, decoupled=True, clip=0.75)
-    with enable_x64(True):
+    with jax.enable_x64(True):
         init, step = stepper(form, **HYPER, weight_decay=0.25, decoupled_weight_decay=True, clip_gradient=0.75)
         step = jax.jit(step)
         params = jnp.asarray(w0)
@@ -395,7 +391,7 @@ def test_explicit_state_dtype(form):
 
 @pytest.mark.parametrize("form", FORMS)
 def test_dtypes_are_preserved_per_leaf(form):
-    with enable_x64(True):
+    with jax.enable_x64(True):
         params = {
             "bf16": jnp.ones(3, jnp.bfloat16),
             "f16": jnp.ones(3, jnp.float16),
@@ -670,7 +666,7 @@ def test_matches_the_torch_front_end_fp64_trajectory(compact, decoupled):
         decoupled_weight_decay=decoupled,
         compact=compact,
     )
-    with enable_x64(True):
+    with jax.enable_x64(True):
         tx = ftml(**HYPER, weight_decay=0.25, clip_gradient=0.75, decoupled_weight_decay=decoupled, compact=compact)
         update = jax.jit(tx.update)
         params = jnp.asarray(w0)
