@@ -69,7 +69,8 @@ VENV_OLD ?= .venv-oldest
 PY_OLD := $(VENV_OLD)/bin/python
 PIP_OLD := $(PY_OLD) -m pip install --quiet
 OLDEST_TESTS := tests/mxnet tests/torch tests/keras tests/kernels tests/fuzz/test_fuzz_numpy.py \
-	tests/fuzz/test_fuzz_torch.py tests/fuzz/test_fuzz_keras.py tests/test_docs.py::test_docstring_examples
+	tests/fuzz/test_fuzz_torch.py tests/fuzz/test_fuzz_keras.py tests/lowbit \
+	tests/test_doctests.py -k 'not test_docstring_examples_run or mxnet or rule or lowbit'
 OLDEST_NOT := --ignore=tests/torch/test_torch_integrations.py --ignore=tests/kernels/test_triton_interpret.py \
 	--deselect 'tests/keras/test_keras.py::test_keras_backend[tensorflow]'
 OLDEST_OPTAX_TESTS := tests/jax tests/fuzz/test_fuzz_optax.py

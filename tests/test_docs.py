@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
-import importlib
 import os
 import re
 import subprocess
@@ -13,25 +11,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-
-DOCTEST_MODULES = [
-    "ftmlopt.mxnet.operator",
-    "ftmlopt.mxnet.optimizer",
-    "ftmlopt.mxnet.optimizer.base",
-    "ftmlopt.mxnet.optimizer.ftml",
-    "ftmlopt.mxnet.optimizer.sgd",
-    "ftmlopt.mxnet.optimizer.updater",
-    "ftmlopt.mxnet.lr_scheduler",
-]
-
-
-@pytest.mark.parametrize("name", DOCTEST_MODULES)
-def test_docstring_examples(name: str) -> None:
-    module = importlib.import_module(name)
-    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted > 0, f"{name} has no examples"
-    assert result.failed == 0
-
 
 #: the pages whose ```python blocks run: the README and every page of the documentation site
 PAGES = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
