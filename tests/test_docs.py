@@ -22,7 +22,6 @@ DOCTEST_MODULES = [
     "ftmlopt.mxnet.optimizer.sgd",
     "ftmlopt.mxnet.optimizer.updater",
     "ftmlopt.mxnet.lr_scheduler",
-    "ftmlopt.lowbit",
 ]
 
 

@@ -11,32 +11,7 @@ Example:
 
 from __future__ import annotations
 
-from ftmlopt.experiments.datasets import (
-    DATA_ENV,
-    DATASETS,
-    ChecksumMismatchError,
-    DataFiles,
-    Dataset,
-    DataUnavailableError,
-    IncompleteDownloadError,
-    RemoteFile,
-    cache_root,
-    describe,
-    download,
-    fetch,
-)
+from ftmlopt.experiments import datasets as _datasets
+from ftmlopt.experiments.datasets import *  # noqa: F403  (the public names, listed in its __all__)
 
-__all__ = [
-    "DATASETS",
-    "DATA_ENV",
-    "ChecksumMismatchError",
-    "DataFiles",
-    "DataUnavailableError",
-    "Dataset",
-    "IncompleteDownloadError",
-    "RemoteFile",
-    "cache_root",
-    "describe",
-    "download",
-    "fetch",
-]
+__all__ = list(_datasets.__all__)

@@ -63,13 +63,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ftmlopt import rule
+from ftmlopt import lowbit, rule
 
 __all__ = [
     "FTMLChainState",
     "FTMLCompactState",
     "FTMLDirect",
     "FTMLState",
+    "QuantizedV",
     "ScaleByFTMLState",
     "from_compact_state",
     "ftml",
@@ -318,6 +319,28 @@ def ftml_direct(
     return FTMLDirect(init=init, step=step)
 
 
+class QuantizedV(NamedTuple):
+    """A leaf of ``v`` in low bits (``state_bits`` 8 or 4, :mod:`ftmlopt.lowbit`): uint8 codes, float32 scales.
+
+    ``codes`` holds one code per element (8-bit) or two per byte (4-bit) of the flattened leaf,
+    ``scales`` one float32 per block of 128 elements.
+    """
+
+    codes: jax.Array
+    scales: jax.Array
+
+
+def _check_state_bits(state_bits: Any, compact: Any = True) -> int:
+    """``state_bits`` (None is 32: a default :func:`optax.inject_hyperparams` leaves alone) and the form it needs."""
+    bits = 32 if state_bits is None else lowbit.check_state_bits(state_bits)
+    if bits < 32 and compact is not True:
+        raise ValueError(
+            f"Invalid state_bits: {bits} with compact=False (MXNet's three-state form keeps d, v and z in floating "
+            "point; low-bit state needs the compact form)"
+        )
+    return bits
+
+
 class ScaleByFTMLState(NamedTuple):
     """State of :func:`scale_by_ftml`: the count and ``v`` (a NamedTuple; new fields go at the end)."""
 
@@ -331,6 +354,7 @@ def scale_by_ftml(
     eps: float = rule.DEFAULT_EPS,
     *,
     state_dtype: Any = None,
+    state_bits: int | None = None,
 ) -> optax.GradientTransformation:
     r"""FTML's direction (the compact form, the paper's Theorem 1), for use in an optax chain.
 
@@ -361,11 +385,20 @@ def scale_by_ftml(
     other constants combined in float64 first, never in a half type; a half-precision array
     hyper-parameter (from :func:`optax.inject_hyperparams` without ``hyperparam_dtype``) is refused.
 
+    Low-bit state: with ``state_bits`` 8 or 4 every leaf of at least
+    :data:`ftmlopt.lowbit.MIN_ELEMENTS` elements keeps its ``v`` as a :class:`QuantizedV` (about
+    1.03 / 0.53 bytes per element) and is stepped by :func:`ftmlopt.lowbit.compact_step` (the rule's
+    step from the decoded ``v``, requantized with stochastic rounding whose bits come from the leaf's
+    index in the tree, the count and the element's index: deterministic, the same on every replica);
+    smaller leaves keep float ``v``.
+
     Args:
         b1: :math:`\beta_1` in [0, 1).
         b2: :math:`\beta_2` in [0, 1).
         eps: :math:`\epsilon` >= 0, added outside the square root (MXNet's convention).
         state_dtype: dtype of ``v`` (any framework's floating dtype or its name), or None.
+        state_bits: None or 32 (float ``v``, the default), 8 or 4. (None rather than 32 by default so
+            that :func:`optax.inject_hyperparams` leaves it out: it is a static choice of layout.)
 
     Returns:
         An ``optax.GradientTransformation`` with state :class:`ScaleByFTMLState` ``(count, v)``.
@@ -384,12 +417,24 @@ def scale_by_ftml(
     _check_hyper(b2, rule.check_beta, "b2")
     _check_hyper(eps, rule.check_eps, "eps")
     requested = rule.check_state_dtype(state_dtype, "state_dtype")
+    bits = _check_state_bits(state_bits)
     b1, b2, eps = _hyper(b1), _hyper(b2), _hyper(eps)
+    ops = lowbit.ops_for(jnp.zeros(()))
+
+    def zeros(p: jax.Array) -> Any:
+        if lowbit.is_quantized(int(np.prod(p.shape)), bits):
+            codes, scales = lowbit.zeros_state(int(np.prod(p.shape)), bits, ops=ops)
+            return QuantizedV(codes=codes, scales=scales)
+        return _state_zeros(p, requested)
 
     def init(params: optax.Params) -> ScaleByFTMLState:
-        return ScaleByFTMLState(
-            count=jnp.zeros([], jnp.int32), v=jax.tree.map(lambda p: _state_zeros(p, requested), params)
-        )
+        if bits == 32:
+            return ScaleByFTMLState(
+                count=jnp.zeros([], jnp.int32), v=jax.tree.map(lambda p: _state_zeros(p, requested), params)
+            )
+        leaves, treedef = jax.tree.flatten(params)
+        v = jax.tree.unflatten(treedef, [zeros(p) for p in leaves])
+        return ScaleByFTMLState(count=jnp.zeros([], jnp.int32), v=v)
 
     def update(
         updates: optax.Updates, state: ScaleByFTMLState, params: optax.Params | None = None
@@ -410,9 +455,29 @@ def scale_by_ftml(
             moved, v_t = rule.compact_step(jnp.zeros((), ct), g.astype(ct), v.astype(ct), c, sqrt=jnp.sqrt, clip=_clip)
             return -moved, v_t.astype(v.dtype)  # 0 - x, negated: x exactly
 
-        pairs = jax.tree.map(leaf, updates, state.v)
-        direction, v = _unzip(updates, pairs, 2)
-        return direction, ScaleByFTMLState(count=count, v=v)
+        if bits == 32:
+            pairs = jax.tree.map(leaf, updates, state.v)
+            direction, v = _unzip(updates, pairs, 2)
+            return direction, ScaleByFTMLState(count=count, v=v)
+
+        def low_leaf(g: jax.Array, q: QuantizedV, seed: int) -> tuple[jax.Array, QuantizedV]:
+            ct = _compute_dtype(g.dtype)
+            c = rule.constants(
+                lr=1.0, t=count.astype(ct), beta1=jnp.asarray(b1, ct), beta2=jnp.asarray(b2, ct), eps=eps
+            ).cast(lambda x: jnp.asarray(x, ct))
+            moved, codes, scales = lowbit.compact_step(
+                jnp.zeros(g.shape, ct), g.astype(ct), q.codes, q.scales, c, bits=bits, seed=seed, step=count, ops=ops
+            )
+            return -moved, QuantizedV(codes=codes, scales=scales)
+
+        g_leaves, treedef = jax.tree.flatten(updates)
+        v_leaves = jax.tree.leaves(state.v, is_leaf=lambda x: isinstance(x, QuantizedV))
+        out = [
+            low_leaf(g, v, i) if isinstance(v, QuantizedV) else leaf(g, v)
+            for i, (g, v) in enumerate(zip(g_leaves, v_leaves, strict=True))
+        ]
+        return (jax.tree.unflatten(treedef, [d for d, _ in out]),
+                ScaleByFTMLState(count=count, v=jax.tree.unflatten(treedef, [v for _, v in out])))
 
     return optax.GradientTransformation(init, update)
 
@@ -510,6 +575,7 @@ def ftml(
     decoupled_weight_decay: bool = False,
     mask: Any = None,
     state_dtype: Any = None,
+    state_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""FTML (Follow the Moving Leader, Zheng & Kwok, ICML 2017) as an optax transformation.
 
@@ -570,6 +636,8 @@ def ftml(
             ``params -> tree``): the decay applies where it is True, as in :func:`optax.adamw`.
             Compact form only.
         state_dtype: dtype of the state; None: the parameter's dtype, float32 for half types.
+        state_bits: None or 32 (float ``v``, the default), 8 or 4: low-bit ``v`` for leaves of at least
+            4096 elements (:func:`scale_by_ftml`; compact form only, ``ValueError`` with ``compact=False``).
 
     Returns:
         An ``optax.GradientTransformationExtraArgs``; its state is :class:`FTMLChainState` (with
@@ -605,6 +673,7 @@ def ftml(
     """
     if weight_decay is None:
         weight_decay = 0.0
+    bits = _check_state_bits(state_bits, compact)
     if not compact and mask is not None:
         raise ValueError(
             "Invalid mask: ftml(compact=False) (MXNet's form) has no weight-decay mask; use the compact form"
@@ -612,7 +681,8 @@ def ftml(
     if compact is True:
         _validate(learning_rate, b1, b2, eps, weight_decay, clip_gradient, compact, decoupled_weight_decay, state_dtype)
         return _compact_chain(
-            learning_rate, b1, b2, eps, weight_decay, clip_gradient, bool(decoupled_weight_decay), mask, state_dtype
+            learning_rate, b1, b2, eps, weight_decay, clip_gradient, bool(decoupled_weight_decay), mask, state_dtype,
+            bits,
         )
     init, run = _make(
         learning_rate, b1, b2, eps, weight_decay, clip_gradient, compact, decoupled_weight_decay, state_dtype
@@ -637,6 +707,7 @@ def _compact_chain(
     decoupled: bool,
     mask: Any,
     state_dtype: Any,
+    state_bits: int = 32,
 ) -> optax.GradientTransformationExtraArgs:
     """The compact form of :func:`ftml` as an optax chain (arguments already validated)."""
     weight_decay = _hyper(weight_decay)
@@ -646,7 +717,7 @@ def _compact_chain(
         pieces.append(_needs_params(optax.add_decayed_weights(weight_decay, mask), f"weight_decay={weight_decay!r}"))
     if clip_gradient is not None:
         pieces.append(optax.clip(_hyper(clip_gradient)))
-    pieces.append(scale_by_ftml(b1, b2, eps, state_dtype=state_dtype))
+    pieces.append(scale_by_ftml(b1, b2, eps, state_dtype=state_dtype, state_bits=state_bits))
     if decay and decoupled:
         pieces.append(
             _needs_params(

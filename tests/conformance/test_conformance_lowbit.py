@@ -6,7 +6,10 @@ from the decoded state). Each implementation is driven through its public API fo
 a changing learning rate (lr 0 included); at every step the implementation's own previous weights,
 codes and scales are fed into one step of the reference, and its new codes and scales must be
 bit-identical, its weights equal within the dtype's tolerance (torch's CPU ``sqrt`` and XLA's
-division by a scalar are not correctly rounded; the rule's weight update uses them).
+division by a scalar are not correctly rounded; the rule's weight update uses them; optax's chain
+multiplies by the learning rate last). optax runs eagerly here (op by op); under ``jax.jit`` XLA
+fuses the second-moment update into a multiply-add, which ``tests/jax/test_optax_lowbit.py`` covers
+with its own tolerance (a code moves by at most one). optax takes the betas in float32.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "plain": {},
     "coupled_wd_clip": {"weight_decay": 0.1, "clip": 2.0},
     "decoupled_wd_maximize": {"weight_decay": 0.1, "decoupled": True, "maximize": True},
+    "decoupled_wd": {"weight_decay": 0.1, "decoupled": True},
 }
 #: (rtol, atol) of the weights per param dtype
 TOL = {"float32": (2e-6, 1e-7), "bfloat16": (1.6e-2, 1e-3)}
@@ -61,14 +65,42 @@ def _torch_path(path: str) -> Callable[..., Result]:
     return run
 
 
-IMPLS: dict[str, tuple[Callable[..., Result], tuple[str, ...]]] = {
-    **{f"torch[{path}]": (_torch_path(path), ("float32", "bfloat16")) for path in ("forloop", "foreach", "fused")},
+def _optax(bits: int, dtype: str, opts: dict[str, Any], w0: np.ndarray, grads: list[np.ndarray]) -> Result:
+    """``ftmlopt.optax.ftml(state_bits=...)`` stepped eagerly (op by op: no fused multiply-add, so bit for bit)."""
+    import jax.numpy as jnp
+    import optax
+
+    from ftmlopt import optax as fo
+
+    jdt = getattr(jnp, dtype)
+    table = jnp.asarray(LRS, jnp.float32)
+    tx = fo.ftml(lambda count: table[count], BETA1, BETA2, EPS, weight_decay=opts.get("weight_decay", 0.0),
+                 clip_gradient=opts.get("clip"), decoupled_weight_decay=opts.get("decoupled", False), state_bits=bits)
+    params = {"w": jnp.asarray(w0, jdt)}
+    state = tx.init(params)
+    out = []
+    for g in grads:
+        updates, state = tx.update({"w": jnp.asarray(g, jdt)}, state, params)
+        params = optax.apply_updates(params, updates)
+        q = state.v["w"]
+        out.append((np.asarray(params["w"], np.float32), np.asarray(q.codes), np.asarray(q.scales)))
+    return out
+
+
+#: name -> (driver, param dtypes, options it can express, whether its betas are float32 (optax's convention))
+IMPLS: dict[str, tuple[Callable[..., Result], tuple[str, ...], tuple[str, ...], bool]] = {
+    **{
+        f"torch[{path}]": (_torch_path(path), ("float32", "bfloat16"), tuple(k for k in OPTIONS if k != "decoupled_wd"),
+                           False)
+        for path in ("forloop", "foreach", "fused")
+    },
+    "optax.ftml": (_optax, ("float32", "bfloat16"), ("plain", "coupled_wd_clip", "decoupled_wd"), True),
 }
 
 CASES = [
     pytest.param(name, bits, dtype, opt, id=f"{name}-{bits}bit-{dtype}-{opt}")
-    for name, (_, dtypes) in IMPLS.items()
-    for bits, dtype, opt in itertools.product((8, 4), dtypes, OPTIONS)
+    for name, (_, dtypes, opts, _) in IMPLS.items()
+    for bits, dtype, opt in itertools.product((8, 4), dtypes, opts)
 ]
 
 
@@ -83,8 +115,9 @@ def _round(x: np.ndarray, dtype: str) -> np.ndarray:
 
 @pytest.mark.parametrize(("name", "bits", "dtype", "opt"), CASES)
 def test_low_bit_state_matches_the_reference_every_step(name: str, bits: int, dtype: str, opt: str) -> None:
-    run, _ = IMPLS[name]
+    run, _, _, f32_betas = IMPLS[name]
     opts = OPTIONS[opt]
+    betas = (np.float32(BETA1), np.float32(BETA2)) if f32_betas else (BETA1, BETA2)
     rng = np.random.default_rng(zlib.crc32(f"{name}/{bits}/{dtype}/{opt}".encode()))
     w0 = rng.normal(size=SHAPE).astype(np.float32)
     grads = [(rng.normal(size=SHAPE) * 10.0 ** rng.uniform(-3, 1, size=SHAPE)).astype(np.float32) for _ in LRS]
@@ -94,7 +127,7 @@ def test_low_bit_state_matches_the_reference_every_step(name: str, bits: int, dt
     rtol, atol = TOL[dtype]
     w_prev, (codes_prev, scales_prev) = _round(w0, dtype), lowbit.zeros_state(w0.size, bits)
     for t, ((w_got, codes_got, scales_got), g, lr) in enumerate(zip(results, grads, LRS), start=1):
-        c = rule.constants(lr, t, BETA1, BETA2, EPS, weight_decay=opts.get("weight_decay", 0.0),
+        c = rule.constants(lr, t, *betas, EPS, weight_decay=opts.get("weight_decay", 0.0),
                            decoupled=opts.get("decoupled", False), clip=opts.get("clip"),
                            maximize=opts.get("maximize", False)).cast(np.float32)
         w_exp, codes_exp, scales_exp = lowbit.compact_step(w_prev, _round(g, dtype), codes_prev, scales_prev, c,

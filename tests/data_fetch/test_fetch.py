@@ -13,7 +13,6 @@ NumPy-only run deselects them and runs the rest, which reads folders and the cac
 
 from __future__ import annotations
 
-import doctest
 import hashlib
 import io
 import json
@@ -384,12 +383,6 @@ def test_registry_has_a_checksum_for_every_download() -> None:
     assert {n for n, f in mnist.items() if f.optional} == {"train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"}
     with pytest.raises(ValueError, match="unknown data set 'cifar'"):
         fetch("cifar")
-
-
-@pytest.mark.parametrize("module", [DS, ftmlopt.datasets])
-def test_module_examples(module: Any) -> None:
-    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted > 0 and result.failed == 0
 
 
 def test_the_documented_path_is_the_same_code() -> None:

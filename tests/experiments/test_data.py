@@ -199,10 +199,3 @@ def test_digits_split() -> None:
     assert xtr.shape == (1437, 1, 8, 8) and xte.shape == (360, 1, 8, 8)
     assert 0.0 <= xtr.min() and xtr.max() <= 1.0
     assert len(set(ytr.tolist())) == 10
-
-
-def test_module_examples() -> None:
-    import doctest
-
-    result = doctest.testmod(D, optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted > 0 and result.failed == 0

@@ -9,15 +9,12 @@ one ulp of the *terms* but large relative to the element itself.
 
 from __future__ import annotations
 
-import doctest
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-import ftmlopt.optax
 from ftmlopt import ftml_update
 from ftmlopt.optax import FTMLChainState, FTMLCompactState, FTMLState, ftml, ftml_direct
 
@@ -649,11 +646,6 @@ def test_bad_arguments_are_rejected_by_name(factory, kwargs, error, pattern):
 def test_integer_parameters_are_rejected():
     with pytest.raises(TypeError, match="int32"):
         ftml().init({"w": jnp.ones(2, jnp.int32)})
-
-
-def test_docstring_examples():
-    result = doctest.testmod(ftmlopt.optax, optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted > 0 and result.failed == 0
 
 
 # ============================================================================ against ftmlopt.torch

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ftmlopt import rule
-from ftmlopt.kernels import cpu
+from ftmlopt.kernels import cpu, omp_team
 from ftmlopt.torch._fused import _fused_ftml
 
 OPTIONS = [
@@ -39,11 +39,14 @@ def _arrays(rng: np.random.Generator, compact: bool, dtype: type = np.float64) -
     return out
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize(("threads", "where"), [(1, "team"), (2, "team"), (3, "team"), (2, "pool"), (3, "pool")])
 @pytest.mark.parametrize("compact", [True, False])
 @pytest.mark.parametrize("opt", range(len(OPTIONS)))
-def test_float64_kernel_is_bit_identical_to_the_rule(compact, opt, threads, monkeypatch) -> None:
+def test_float64_kernel_is_bit_identical_to_the_rule(compact, opt, threads, where, monkeypatch) -> None:
+    # "team": torch's OpenMP team where this process has one (torch is imported here); "pool": the fallback
     monkeypatch.setattr(cpu, "PARALLEL_MIN", 0)
+    if where == "pool":
+        monkeypatch.setattr(omp_team, "team", lambda: None)
     rng = np.random.default_rng(10 * opt + compact)
     got = _arrays(rng, compact)
     want = {k: [a.copy() for a in v] for k, v in got.items()}

@@ -23,13 +23,20 @@ if setting != "none":
 # take one torch.optim.Adam step first, so that what follows compares FTML's effect alone
 _w = torch.nn.Parameter(torch.ones(4)); _w.grad = torch.ones(4); torch.optim.Adam([_w]).step()
 before = {"threads": torch.get_num_threads(), "interop": torch.get_num_interop_threads(), "env": dict(os.environ)}
+# torch's OpenMP team: the threads a parallel ATen op adds to this fresh process
+tasks_before_op = set(os.listdir("/proc/self/task"))
+(torch.randn(1 << 22) * 2).sum()
+tasks_before = set(os.listdir("/proc/self/task"))
+import numpy as np
 from ftmlopt.kernels import cpu
 from ftmlopt.torch import FTML
-seen = []
+seen, traces = [], []
 real_run = cpu.run
 def spy(fn, ptrs, counts, coefs, k, threads):
     seen.append(threads)
-    return real_run(fn, ptrs, counts, coefs, k, threads)
+    trace = np.full(3 * threads, -1, np.int64)
+    real_run(fn, ptrs, counts, coefs, k, threads, trace=trace)
+    traces.append(trace.reshape(threads, 3).tolist())
 cpu.run = spy
 gen = torch.Generator().manual_seed(0)
 params = [torch.nn.Parameter(torch.randn(1 << 19, generator=gen)) for _ in range(2)]
@@ -40,13 +47,16 @@ for compact in (True, False):
             p.grad = torch.randn(p.shape, generator=gen)
         opt.step()
 # the MXNet operator's path too (NumPy arrays, threads from torch since torch is loaded)
-import numpy as np
 from ftmlopt import ftml_update
 w = np.ones(1 << 18, np.float32)
 ftml_update(w, np.full_like(w, 0.5), *(np.zeros_like(w) for _ in range(3)), lr=0.1, t=1, out=w)
 after = {"threads": torch.get_num_threads(), "interop": torch.get_num_interop_threads(), "env": dict(os.environ)}
 workers = [t.name for t in threading.enumerate() if t.name.startswith("ftmlopt-cpu")]
-print(json.dumps({"before": before, "after": after, "seen": seen, "workers": workers,
+print(json.dumps({"before": before, "after": after, "seen": seen, "workers": workers, "traces": traces,
+                  "team": sorted(map(int, tasks_before - tasks_before_op)), "main": threading.get_native_id(),
+                  "new_tasks": sorted(set(os.listdir("/proc/self/task")) - tasks_before),
+                  "aten_openmp": "ATen parallel backend: OpenMP" in torch.__config__.parallel_info(),
+                  "libgomp": any("/libgomp" in line for line in open("/proc/self/maps")),
                   "numba_loaded": "numba" in sys.modules, "finite": all(bool(p.isfinite().all()) for p in params)}))
 """
 
@@ -73,10 +83,23 @@ def test_fused_step_keeps_thread_settings_and_uses_torchs_count(setting, omp, ex
         assert before["threads"] == expected
     threads = before["threads"]
     assert out["seen"] and all(n == threads for n in out["seen"]), out["seen"]
-    # workers are the extra threads of the step (the calling thread is one): never more
-    assert len(out["workers"]) <= threads - 1
-    if threads > 1:
-        assert out["workers"], "a 1M-element step with several threads should use the worker pool"
+    on_team = out["aten_openmp"] and out["libgomp"]  # torch's wheels: ATen on GNU libgomp
+    if threads == 1:
+        # one thread: the calling thread alone, no team entered, no thread started
+        assert all(row[0] == -1 for trace in out["traces"] for row in trace), out["traces"]
+        assert out["new_tasks"] == [] and out["workers"] == []
+    elif on_team:
+        # every multi-threaded step ran on torch's OpenMP team: member 0 is the calling thread, the
+        # others are exactly the threads a parallel ATen op had started; no thread of our own exists
+        assert len(out["team"]) == threads - 1, out["team"]
+        for trace in out["traces"]:
+            assert [row[:2] for row in trace] == [[i, threads] for i in range(threads)], trace
+            assert trace[0][2] == out["main"]
+            assert sorted(row[2] for row in trace[1:]) == out["team"], (trace, out["team"])
+        assert out["new_tasks"] == [] and out["workers"] == []
+    else:
+        # another runtime: the private pool, never more workers than the extra threads of a step
+        assert 1 <= len(out["workers"]) <= threads - 1
     assert not out["numba_loaded"]  # no Numba threading layer (OpenMP) is started by the fused path
     assert out["finite"]
 

@@ -170,16 +170,3 @@ def test_module_imports_and_reports_unavailable_without_llvmlite() -> None:
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "raised the CPU kernels need llvmlite" in res.stdout
-
-
-@pytest.mark.parametrize(
-    "name",
-    ["ftmlopt.mxnet._kernel", "ftmlopt.kernels.cpu", "ftmlopt.kernels.triton_cuda", "ftmlopt.torch._fused",
-     "ftmlopt.bench", "ftmlopt.bench.floors", "ftmlopt.bench.gpu_check"],
-)
-def test_docstring_examples(name: str) -> None:
-    import doctest
-    import importlib
-
-    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted > 0 and result.failed == 0

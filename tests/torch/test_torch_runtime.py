@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
-import importlib
 from typing import Any
 
 import pytest
@@ -243,14 +241,3 @@ def test_differentiable_gradient_matches_closed_form() -> None:
     out = _diff_step(p, grad, zeros, zeros, zeros, lr, {})[0]
     (g_p,) = torch.autograd.grad(out.sum(), p)
     torch.testing.assert_close(g_p, torch.ones(4, dtype=torch.float64))
-
-
-# ----------------------------------------------------------------------------- docstrings
-@pytest.mark.parametrize("name", ["ftmlopt.torch", "ftmlopt.torch.ftml", "ftmlopt.torch.functional",
-                                  "ftmlopt.torch._validation", "ftmlopt.torch._checkpoint", "ftmlopt.torch._dtypes",
-                                  "ftmlopt.torch._constants", "ftmlopt.torch._single_tensor",
-                                  "ftmlopt.torch._multi_tensor"])
-def test_docstring_examples(name: str) -> None:
-    module = importlib.import_module(name)
-    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ftmlopt._json import write_json
-from ftmlopt.bench import probes, report
+from ftmlopt.bench import probes, report, training_loop
 from ftmlopt.bench.timing import NoProgress, bench_workload
 from ftmlopt.bench.workloads import WORKLOADS
 
@@ -78,6 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--mxnet", nargs="?", const=sys.executable, default=None, metavar="PYTHON",
         help="also time MXNet's ftml_update in PYTHON (default: this interpreter) where `import mxnet` works",
     )
+    parser.add_argument("--training-loop", type=int, default=10, metavar="ROUNDS",
+                        help="rounds of the step timed inside a training loop (bench/training_loop.py; 0: skip)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -115,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         progress.close()
     extras = None if args.no_extras or args.device != "cpu" else probes.extras(args.threads)
+    loop = training_loop.from_args(args)  # None with --no-extras, --training-loop 0 or on CUDA
     out = {
         "command": "ftmlopt bench " + " ".join(_argv_of(args)),
         "device": args.device,
@@ -130,12 +133,15 @@ def run(args: argparse.Namespace) -> int:
         "python": platform.python_version(),
         "workloads": results,
         "extras": extras,
+        "training_loop": loop,
     }
     print(report.header(out))
     for res in results:
         print(report.table(res), end="\n\n")
     if extras is not None:
         print(report.extras_table(extras), end="\n\n")
+    if loop is not None:
+        print(training_loop.table(loop), end="\n\n")
     if args.json:
         write_json(out, args.json, indent=2)
         print(f"wrote {args.json}")
@@ -151,6 +157,8 @@ def _argv_of(args: argparse.Namespace) -> list[str]:
         out.append(f"--only '{args.only}'")
     if args.no_extras:
         out.append("--no-extras")
+    if args.training_loop != 10:
+        out.append(f"--training-loop {args.training_loop}")
     if args.mxnet:
         out.append(f"--mxnet {args.mxnet}")
     return out

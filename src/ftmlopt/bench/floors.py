@@ -7,7 +7,7 @@ threads, with the same pieces and the same vectorized loop shape as the real ker
 ``old ^ (other & mask)`` with a runtime ``mask`` of 0: nothing changes, nothing can be folded away.
 
 * CPU: LLVM IR compiled through llvmlite and run by :func:`ftmlopt.kernels.cpu.run` (the fused
-  step's own thread pool, ``torch.get_num_threads()`` threads);
+  step's threads: torch's OpenMP team where there is one, ``torch.get_num_threads()`` of them);
 * CUDA: a Triton kernel over the fused step's chunk tables.
 
 Example:

@@ -27,7 +27,7 @@ Example (a toy task, one optimizer, two rates, no files written):
     ...         self.opt = make_opt([self.w])
     ...     def train_epoch(self):
     ...         self.opt.zero_grad(); loss = (self.w ** 2).sum(); loss.backward(); self.opt.step()
-    ...         return float(loss)
+    ...         return loss.item()
     >>> spec = TaskSpec(name="quad", title="toy", paper="", optimizers=("Adam",),
     ...                 grids={"Adam": (0.1, 0.01)}, quick_grids={"Adam": (0.1,)}, epochs=5, quick_epochs=2,
     ...                 seeds=1, load=lambda data, quick: None,

@@ -10,10 +10,14 @@ was overridden), and a new process paid 1-7 s of JIT before its first step. This
   exactly the operations, in exactly the order, of :func:`ftmlopt.rule.compact_step` /
   :func:`ftmlopt.rule.mxnet_step` (float64 results are bit-identical to the rule's). Compiling
   one variant takes tens of milliseconds, there is no cache to fill, and nothing is written to disk;
-* runs a step on ``threads`` threads (the caller passes ``torch.get_num_threads()``): the calling
-  thread plus ``threads - 1`` workers of a private pool that block on a queue between steps
-  (no spinning, no OpenMP, no process-global setting touched). Small steps run on the calling
-  thread alone.
+* runs a step on ``threads`` threads (the caller passes ``torch.get_num_threads()``), on **torch's
+  own OpenMP team** when torch is loaded and ATen runs on GNU libgomp (torch's wheels ship
+  ``torch/lib/libgomp.so.1``): a small generic body compiled here is handed to that library's
+  ``GOMP_parallel``, each team member steps its share of the pieces, and the threads ATen keeps
+  spinning between its ops do the work instead of competing with a pool of ours (see
+  :func:`backend`). Elsewhere (no torch, another OpenMP runtime, a forked child) the calling
+  thread plus ``threads - 1`` workers of a private pool that block on a queue between steps. No
+  process-global setting is touched either way. Small steps run on the calling thread alone.
 
 Storage types: parameters and gradients (``P``) and state (``S``) may each be float32,
 float64, float16 or bfloat16; the arithmetic runs in float64 when either is float64 and in
@@ -43,10 +47,9 @@ Example:
     >>> from ftmlopt.kernels import cpu
     >>> w, g, v = np.array([1.0, -2.0]), np.array([0.5, 0.0]), np.zeros(2)
     >>> c = rule.constants(lr=0.1, t=1, beta1=0.6, beta2=0.999, eps=1e-8)
-    >>> if cpu.AVAILABLE:
-    ...     cpu.step_arrays([w], [g], [v], c, compact=True)
-    ... else:
-    ...     w[0] = 0.9
+    >>> cpu.AVAILABLE  # llvmlite is installed ('ftmlopt[cpu]')
+    True
+    >>> cpu.step_arrays([w], [g], [v], c, compact=True)
     >>> [round(float(x), 6) for x in w]
     [0.9, -2.0]
 """
@@ -66,10 +69,11 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ftmlopt import rule
+from ftmlopt.kernels import omp_team
 
 __all__ = [
-    "AVAILABLE", "CHUNK", "DTYPES", "PARALLEL_MIN", "Spec", "available_dtypes", "bump_counters", "default_threads",
-    "kernel", "run", "step_arrays",
+    "AVAILABLE", "CHUNK", "DTYPES", "PARALLEL_MIN", "Spec", "available_dtypes", "backend", "bump_counters",
+    "default_threads", "kernel", "run", "step_arrays",
 ]
 
 
@@ -153,7 +157,7 @@ def available_dtypes() -> tuple[str, ...]:
 
     Example:
         >>> from ftmlopt.kernels import cpu
-        >>> "float32" in cpu.available_dtypes() if cpu.AVAILABLE else True
+        >>> "float32" in cpu.available_dtypes()
         True
     """
     if not AVAILABLE:
@@ -320,7 +324,7 @@ def kernel(spec: Spec) -> Callable[..., None]:
 
     Example:
         >>> from ftmlopt.kernels import cpu
-        >>> callable(cpu.kernel(cpu.Spec("compact", "float32", "float32"))) if cpu.AVAILABLE else True
+        >>> callable(cpu.kernel(cpu.Spec("compact", "float32", "float32")))
         True
     """
     if not AVAILABLE:
@@ -391,7 +395,7 @@ def bump_counters(addresses: np.ndarray, dtype: str, increment: float = 1.0) -> 
         >>> from ftmlopt.kernels import cpu
         >>> steps = np.array([0.0, 4.0], dtype=np.float32)
         >>> addresses = np.array([steps.ctypes.data, steps.ctypes.data + 4], dtype=np.int64)
-        >>> cpu.bump_counters(addresses, "float32").tolist() if cpu.AVAILABLE else [1.0, 5.0]
+        >>> cpu.bump_counters(addresses, "float32").tolist()
         [1.0, 5.0]
     """
     fn = _COUNTERS.get(dtype)
@@ -462,17 +466,37 @@ def _split(counts: np.ndarray, threads: int) -> list[int]:
     return [0, *sorted(set(np.minimum(cuts, counts.size).tolist())), counts.size]
 
 
+def backend() -> str:
+    """Where a multi-threaded step runs now: ``"openmp"`` (torch's own OpenMP team, GNU libgomp) or
+    ``"pool"`` (this module's private workers: torch not loaded, another OpenMP runtime, a forked child).
+
+    Example:
+        >>> from ftmlopt.kernels import cpu
+        >>> cpu.backend() in ("openmp", "pool")
+        True
+    """
+    return "pool" if omp_team.team() is None else "openmp"
+
+
 def run(
-    fn: Callable[..., None], ptrs: np.ndarray, counts: np.ndarray, coefs: np.ndarray, k: np.ndarray, threads: int
+    fn: Callable[..., None], ptrs: np.ndarray, counts: np.ndarray, coefs: np.ndarray, k: np.ndarray, threads: int,
+    *, trace: np.ndarray | None = None,
 ) -> None:
     """Call kernel ``fn`` over the pieces, on up to ``threads`` threads (the caller's is one of them).
 
     Pieces are dealt out in contiguous runs of about equal size; large tensors should already be
     cut (see :func:`pieces`). The arrays must be C-contiguous (int64, int64, compute dtype x2).
+    The threads are torch's OpenMP team when :func:`backend` says ``"openmp"``, else a private
+    pool. ``trace`` (int64, ``3 * threads`` entries) records, on the OpenMP path only, each
+    member's thread number, team size and native thread id (see :func:`omp_team.launch`).
     """
     total = int(counts.sum())
     if threads <= 1 or total < PARALLEL_MIN or counts.size == 1:
         fn(counts.size, ptrs.ctypes.data, counts.ctypes.data, coefs.ctypes.data, k.ctypes.data)
+        return
+    team = omp_team.team()
+    if team is not None:
+        omp_team.launch(team, fn, ptrs, counts, coefs, k, threads, trace)
         return
     bounds = _split(counts, threads)
     item = coefs.itemsize

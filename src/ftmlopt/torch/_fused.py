@@ -66,6 +66,12 @@ def fused_supported(params: Iterable[Tensor]) -> bool:
         >>> fused_supported([torch.zeros(3, dtype=torch.int64)])
         False
     """
+    import torch
+
+    params = params if isinstance(params, list) else list(params)
+    if (not torch.compiler.is_compiling() and all(map(_IS_CPU, params))
+            and all(map(torch.Tensor.is_floating_point, params))):
+        return _cpu_available()  # the usual eager case, checked without a Python loop per tensor
     kinds = set()
     for p in params:
         if not (p.is_floating_point() or p.is_complex()):
@@ -147,9 +153,10 @@ def _fused_ftml(
         rule.check_clip(clip_gradient, "clip_gradient value")  # None or > 0, as on every other path
     if n == 0:
         return
-    for p in params:
-        if p.device.type not in ("cpu", "cuda"):
-            raise RuntimeError(f"FTML(fused=True) has no kernel for device {p.device.type!r} (CPU and CUDA only)")
+    if torch.compiler.is_compiling() or not all(map(_IS_CPU, params)):  # (dynamo cannot trace attrgetter)
+        for p in params:
+            if p.device.type not in ("cpu", "cuda"):
+                raise RuntimeError(f"FTML(fused=True) has no kernel for device {p.device.type!r} (CPU and CUDA only)")
     lists = [params, grads, vs] if compact else [params, grads, ds, vs, zs]
     if has_complex:
         lists = [[torch.view_as_real(t) if t.is_complex() else t for t in lst] for lst in lists]
@@ -233,11 +240,12 @@ def _step(
     import torch
 
     lists = [params, grads, vs] if compact else [params, grads, ds, vs, zs]
-    keys = list(zip(map(_DEVICE, params), map(_DTYPE, params), map(_DTYPE, vs), map(_DTYPE, steps)))
     groups: dict[Any, list[int]] = {}
-    if keys.count(keys[0]) == len(keys):  # the usual case: one group
-        groups[keys[0]] = list(range(len(keys)))
+    if all(map(_IS_CPU, params)) and all(len(set(map(_DTYPE, lst))) == 1 for lst in (params, vs, steps)):
+        # the usual case, one CPU group: found without building a key per tensor
+        groups[(params[0].device, params[0].dtype, vs[0].dtype, steps[0].dtype)] = list(range(len(params)))
     else:
+        keys = list(zip(map(_DEVICE, params), map(_DTYPE, params), map(_DTYPE, vs), map(_DTYPE, steps)))
         for i, key in enumerate(keys):
             groups.setdefault(key, []).append(i)
     args: dict[str, Any] = dict(
@@ -261,6 +269,19 @@ def _step(
 
 
 _NP = {"float32": np.float32, "float64": np.float64}
+_NAMES: dict[Any, str] = {}
+
+
+def _names() -> dict[Any, str]:
+    """torch dtype -> the kernels' storage type name (built once)."""
+    if not _NAMES:
+        import torch
+
+        _NAMES.update({torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
+                       torch.bfloat16: "bfloat16"})
+    return _NAMES
+
+
 _DTYPE = attrgetter("dtype")
 _DEVICE = attrgetter("device")
 _IS_CPU = attrgetter("is_cpu")
@@ -295,7 +316,8 @@ def _cpu_group(
         if not set(map(type, lst)) <= plain:
             bad = next(type(t).__name__ for t in lst if type(t) not in plain)
             raise TypeError(f"fused FTML needs plain tensors, got a {bad} (tensor subclasses are not supported)")
-    numels = np.array([list(map(torch.Tensor.numel, lst)) for lst in lists], dtype=np.int64)
+    n = len(steps)
+    numels = np.array([np.fromiter(map(torch.Tensor.numel, lst), np.int64, n) for lst in lists])
     if (numels != numels[0]).any():
         i = int(np.nonzero((numels != numels[0]).any(axis=0))[0][0])
         raise ValueError(
@@ -318,7 +340,7 @@ def _cpu_group(
         )
     scale = float(grad_scale) if grad_scale is not None else None
 
-    names = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+    names = _names()
     usable = cpu.available_dtypes()
     p_dtype, s_dtype = lists[0][0].dtype, lists[2 if compact else 3][0].dtype
     want_p = p_dtype if names.get(p_dtype) in usable else torch.float32
@@ -348,16 +370,16 @@ def _cpu_group(
 
     # the counters are incremented and read in one call through their addresses (checked above: one
     # element each, float32/float64, on the CPU)
-    t_all = cpu.bump_counters(np.fromiter(map(torch.Tensor.data_ptr, steps), np.int64, len(steps)),
-                              names[step_dtype])
-    per = np.empty((len(steps), 2), dtype=np.float64)
+    t_all = cpu.bump_counters(np.fromiter(map(torch.Tensor.data_ptr, steps), np.int64, n), names[step_dtype])
+    per = np.empty((n, 2), dtype=np.float64)
     c = None
-    for t in np.unique(t_all).tolist():
+    t_values: list[float] = [float(t_all[0])] if t_all.min() == t_all.max() else np.unique(t_all).tolist()
+    for t_value in t_values:
         c = rule.constants(
-            lr_value, int(t), beta1, beta2, eps, weight_decay=weight_decay, decoupled=decoupled_weight_decay,
+            lr_value, int(t_value), beta1, beta2, eps, weight_decay=weight_decay, decoupled=decoupled_weight_decay,
             clip=clip_gradient, maximize=maximize,
         )
-        per[t_all == t] = (c.step_size if compact else c.d_scale, c.bias2)
+        per[t_all == t_value] = (c.step_size if compact else c.d_scale, c.bias2)
     assert c is not None
     k = cpu.k_vector(c, compute, scale=1.0 if scale is None else scale)
 
@@ -365,9 +387,14 @@ def _cpu_group(
     v = work[2] if compact else work[3]
     d = v if compact else work[2]
     z = v if compact else work[4]
+    # (w, g, d, v, z, out) per tensor; compact: d and z are v, out is w (each address read once)
     ptr = torch.Tensor.data_ptr
-    addresses = np.array([list(map(ptr, row)) for row in (w, g, d, v, z)], dtype=np.int64)
-    addresses = np.ascontiguousarray(np.vstack([addresses, addresses[:1]]).T)
+    addresses = np.empty((n, 6), dtype=np.int64)
+    for col, row in ((0, w), (1, g), (3, v), *(() if compact else ((2, d), (4, z)))):
+        addresses[:, col] = np.fromiter(map(ptr, row), np.int64, n)
+    addresses[:, 5] = addresses[:, 0]
+    if compact:
+        addresses[:, 2] = addresses[:, 4] = addresses[:, 3]
     sizes = numels[0]
     p_size, s_size = w[0].element_size(), v[0].element_size()
     ptrs, counts, coefs = cpu.pieces(addresses, sizes, [p_size, p_size, s_size, s_size, s_size, p_size],

@@ -13,11 +13,25 @@ their checkpoints.
   :func:`ftmlopt.lowbit.compact_step` on torch tensors: decode ``v``, the rule's compact step in the
   compute dtype, requantize with the step's counter-based random bits. On the fused path (``fused``
   True, or the default dispatch) the fused low-bit kernel replaces it where one is available
-  (:func:`fused_available`: the CPU kernel; CUDA once a Triton low-bit kernel is installed).
+  (:func:`fused_available`: the LLVM CPU kernel, the Triton CUDA kernel).
 * **Checkpoints.** ``torch.optim.Optimizer.load_state_dict`` casts every tensor of a param's state to
   a floating param's dtype (codes and scales included); :func:`restore_saved` puts the saved tensors
   back, so a ``state_dict`` round-trips bit for bit. A checkpoint of another ``state_bits`` is
   converted (:func:`convert_entry`: float ``v`` <-> codes and scales, round-to-nearest).
+
+Example:
+    >>> import torch
+    >>> from ftmlopt.torch import FTML
+    >>> w, b = torch.nn.Parameter(torch.ones(64, 100)), torch.nn.Parameter(torch.ones(100))
+    >>> opt = FTML([w, b], lr=0.1, state_bits=4)
+    >>> w.grad, b.grad = torch.ones_like(w), torch.ones_like(b)
+    >>> opt.step()
+    >>> sorted(opt.state[w]), sorted(opt.state[b])  # 6400 elements: low-bit; 100: float v
+    (['codes', 'scales', 'seed', 'step'], ['step', 'v'])
+    >>> state_bytes(opt.state[w]) / w.numel()  # 3200 bytes of codes + 50 float32 scales
+    0.53125
+    >>> round(float(w.detach()[0, 0]), 6)  # the first step moves by lr, as with float state
+    0.9
 """
 
 from __future__ import annotations
@@ -102,24 +116,22 @@ def _real(x: Tensor) -> Tensor:
 def fused_available(params: list[Tensor]) -> bool:
     """Whether the fused low-bit kernel (:mod:`ftmlopt.torch._fused_lowbit`) can step these params.
 
-    CPU: the LLVM kernel (:mod:`ftmlopt.kernels.cpu_lowbit`, needs llvmlite). CUDA: a Triton
-    low-bit kernel where one is installed (``ftmlopt.kernels.triton_lowbit``). Otherwise the
-    reference steps them.
+    CPU: the LLVM kernel (:mod:`ftmlopt.kernels.cpu_lowbit`, needs llvmlite). CUDA: the Triton
+    kernel (:mod:`ftmlopt.kernels.triton_lowbit`, needs Triton). Otherwise the reference steps them.
     """
-    import importlib.util
-
     kinds = {p.device.type for p in params}
     if kinds == {"cpu"}:
         from ftmlopt.kernels import cpu_lowbit
 
         return bool(cpu_lowbit.AVAILABLE)
-    if kinds == {"cuda"} and importlib.util.find_spec("ftmlopt.kernels.triton_lowbit") is not None:
-        from ftmlopt.kernels import triton_lowbit  # type: ignore[attr-defined, unused-ignore]
+    if kinds == {"cuda"}:
+        from ftmlopt.kernels import triton_lowbit
 
-        return bool(getattr(triton_lowbit, "AVAILABLE", False))
+        return bool(triton_lowbit.AVAILABLE)
     return False
 
 
+@torch.compiler.disable  # type: ignore[misc, unused-ignore]
 def step_quantized(
     params: list[Tensor],
     grads: list[Tensor],
@@ -142,6 +154,10 @@ def step_quantized(
     ``grad_scale`` / ``found_inf`` (GradScaler on the fused path): a step with ``found_inf`` set
     changes nothing; otherwise the gradient is divided by ``grad_scale`` and written back unscaled,
     as the fused kernels do.
+
+    Under ``torch.compile`` this function runs eagerly (``torch.compiler.disable``): traced, its
+    step count's ``.item()`` and in-place state updates were silently lost (the compiled step left the
+    params and the state as they were), so the low-bit part of a compiled step is a graph break.
     """
     if not params:
         return
