@@ -82,10 +82,10 @@ class FTML(keras.optimizers.Optimizer):
             three-state form, ``d, v, z``.
         state_dtype: dtype of the state variables; None: the variable's dtype, float32 for
             float16/bfloat16 variables.
-        weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum,
-        ema_overwrite_frequency, loss_scale_factor, gradient_accumulation_steps, name: Keras'
-            standard optimizer arguments, with their Keras meaning (``name`` None: ``"ftml"``,
-            ``"ftml_1"``, ... as Keras numbers its own optimizers).
+        weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum: Keras' standard
+            optimizer arguments, with their Keras meaning.
+        ema_overwrite_frequency, loss_scale_factor, gradient_accumulation_steps, name: the same
+            (``name`` None: ``"ftml"``, ``"ftml_1"``, ... as Keras numbers its own optimizers).
 
     Raises:
         TypeError, ValueError: on a bad argument, naming it.
@@ -165,12 +165,15 @@ class FTML(keras.optimizers.Optimizer):
     def _state_variable(self, variable: Any, state: str) -> Any:
         dtype = rule.state_dtype(variable.dtype, self.state_dtype)
         path = getattr(variable, "path", None) or str(variable.name)
+        # The state is laid out like its variable under a Keras distribution. `layout=` is passed only
+        # then: add_variable takes it from Keras 3.10 on, and the floor is older (docs/versions.md).
+        layout = getattr(variable, "_layout", None)
         return self.add_variable(
             shape=variable.shape,
             initializer="zeros",
             dtype=dtype,
             name=f"{path.replace('/', '_').replace(':', '_')}_{state}",
-            layout=getattr(variable, "_layout", None),
+            **({} if layout is None else {"layout": layout}),
         )
 
     def _constants(self, learning_rate: Any, ct: str) -> rule.Constants:

@@ -280,7 +280,7 @@ class Ops:
     div: Callable[[Array, Array], Array]
     #: the correctly rounded float32 square root (of a float32 array)
     sqrt_rn: Callable[[Array], Array]
-    #: interleave two 1-D arrays of equal length: ``[a0, b0, a1, b1, ...]``
+    #: interleaves two 1-D arrays of equal length into ``[a0, b0, a1, b1, ...]``
     interleave: Callable[[Array, Array], Array]
     zeros_uint8: Callable[[int], Array]
     zeros_float32: Callable[[int], Array]

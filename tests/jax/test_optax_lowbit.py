@@ -54,7 +54,9 @@ def test_scale_by_ftml_is_the_reference_direction_eagerly(bits: int) -> None:
                                                    bits=bits, seed=1, step=t)
         assert np.array_equal(np.asarray(state.v["w"].codes), codes)
         assert np.array_equal(np.asarray(state.v["w"].scales), scales)
-        np.testing.assert_allclose(np.asarray(direction["w"]), -moved, rtol=1e-6, atol=1e-12)
+        # float32 direction: XLA lowers the division and sqrt differently across jax versions (a few
+        # dozen ulps apart on jax 0.4.30, the floor); the codes and scales above are bit for bit
+        np.testing.assert_allclose(np.asarray(direction["w"]), -moved, rtol=1e-5, atol=1e-12)
         assert int(state.count) == t
 
 

@@ -151,3 +151,32 @@ def test_bad_input_is_refused_before_anything_changes() -> None:
         step_lowbit(ws, [g, g], [x for x, _ in state], [y for _, y in state], [0, 1], [1, 2],
                     [c, rule.constants(0.1, 2, beta1=0.6, beta2=0.99, eps=1e-8)], bits=8)
     assert (w == 1).all() and (q == 0).all() and (s == 0).all() and all((x == 1).all() for x in ws)
+
+
+_COMPILE_SCRIPT = """
+from ftmlopt.kernels import triton_lowbit
+ALL = dict(MAXIMIZE=True, COUPLED_WD=True, DECOUPLED_WD=True, HAS_CLIP=True, HAS_SCALE=True)
+for bits, param, flags in ((8, "float32", {}), (4, "bfloat16", ALL), (8, "float64", ALL), (4, "float16", {})):
+    ptx = triton_lowbit.compile_ptx(bits, param, **flags)
+    ops = ("div.rn.f32", "sqrt.rn.f32", "div.rn.f64", "fma.rn.f32", "fma.rn.f64", "div.full", "approx")
+    print(bits, param, *(ptx.count(op) for op in ops))
+"""
+
+
+def test_kernel_compiles_for_sm90_with_correctly_rounded_float32_and_no_fma() -> None:
+    """The real compiler (not the interpreter) accepts every variant; float32 math is div.rn/sqrt.rn, uncontracted."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [line.split() for line in res.stdout.strip().splitlines()]
+    assert [r[:2] for r in rows] == [["8", "float32"], ["4", "bfloat16"], ["8", "float64"], ["4", "float16"]]
+    for bits, param, div_rn, sqrt_rn, div_rn64, fma, fma64, div_full, approx in rows:
+        assert int(fma) == int(fma64) == int(div_full) == int(approx) == 0, (bits, param)
+        # the encoding is float32 for every param dtype (u = sqrt(float32(v)), the scale, u / scale); the
+        # rule's divisions are float64 for float64 params
+        assert int(div_rn) > 0 and int(sqrt_rn) > 0, (bits, param)
+        assert (int(div_rn64) > 0) == (param == "float64"), (bits, param)

@@ -32,7 +32,7 @@ from ftmlopt import lowbit, rule
 if TYPE_CHECKING:
     from torch import Tensor
 
-__all__ = ["AVAILABLE", "BLOCKS", "step"]
+__all__ = ["AVAILABLE", "BLOCKS", "compile_ptx", "step"]
 
 AVAILABLE: bool = importlib.util.find_spec("triton") is not None
 
@@ -205,6 +205,51 @@ def _build() -> dict[str, Any]:
     return _STATE
 
 
+def _constexprs(bits: int, rounding: str, param: str, flags: dict[str, bool]) -> dict[str, Any]:
+    """The kernel's compile-time switches for a launch (``param``: a torch dtype name)."""
+    import triton.language as tl
+
+    e_bits, m_bits = lowbit.format_of(bits)
+    f64 = param == "float64"
+    out: dict[str, Any] = dict(
+        BITS=bits, SHIFT=23 - m_bits, BIAS=127 - (2**e_bits - 1), M=m_bits, TOP_CODE=2 ** (e_bits + m_bits) - 1,
+        TOP=lowbit.top(bits), STOCHASTIC=lowbit.check_rounding(rounding) == "stochastic", MAXIMIZE=False,
+        COUPLED_WD=False, DECOUPLED_WD=False, HAS_CLIP=False, HAS_SCALE=False,
+        MT=tl.float64 if f64 else tl.float32, F64=f64, BF16=param == "bfloat16", NB=BLOCKS,
+    )
+    out.update(flags)
+    return out
+
+
+def compile_ptx(bits: int = 8, param: str = "float32", arch: int = 90, rounding: str = "stochastic",
+                **flags: bool) -> str:
+    """Compile the kernel ahead of time for ``sm_<arch>`` (no GPU needed) and return its PTX.
+
+    ``flags`` set the option switches (``MAXIMIZE``, ``COUPLED_WD``, ``DECOUPLED_WD``, ``HAS_CLIP``,
+    ``HAS_SCALE``). The launch options are :func:`step`'s (``enable_fp_fusion=False``), so the PTX
+    shows what the GPU runs: ``div.rn``/``sqrt.rn`` and no contracted ``fma`` in float32.
+
+    Example:
+        >>> from ftmlopt.kernels import triton_lowbit
+        >>> ptx = triton_lowbit.compile_ptx(4, "bfloat16")  # doctest: +SKIP
+        >>> "div.rn.f32" in ptx and "fma.rn.f32" not in ptx  # doctest: +SKIP
+        True
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = _build()["kernel"]
+    short = {"float32": "fp32", "float64": "fp64", "float16": "fp16", "bfloat16": "bf16"}
+    ct = "fp64" if param == "float64" else "fp32"
+    signature = dict(table="*i64", sizes="*i64", keys="*i64", coefs=f"*{ct}", chunk_tensor="*i64",
+                     chunk_block="*i64", n_tensors="i32", hyper=f"*{ct}", p_like=f"*{short[param]}")
+    consts = _constexprs(bits, rounding, param, flags)
+    source = ASTSource(fn=kernel, signature={**signature, **dict.fromkeys(consts, "constexpr")}, constexprs=consts)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"enable_fp_fusion": False})
+    return str(compiled.asm["ptx"])
+
+
 def step(
     params: "list[Tensor]",
     grads: "list[Tensor]",
@@ -234,7 +279,6 @@ def step(
         ...                    bits=8)  # doctest: +SKIP
     """
     import torch
-    import triton.language as tl
 
     if not AVAILABLE:
         raise RuntimeError("the fused low-bit step on CUDA needs triton: pip install 'ftmlopt[triton]'")
@@ -255,7 +299,6 @@ def step(
 
     ws = [usable(p, True) for p in params]
     gs = [usable(g, grad_scale is not None) for g in grads]
-    e_bits, m_bits = lowbit.format_of(bits)
     c0 = constants[0]
     mt = torch.float64 if p_dtype == torch.float64 else torch.float32
     sizes = [p.numel() for p in params]
@@ -277,15 +320,11 @@ def step(
     hyper = dev([c0.beta2, c0.one_minus_beta2, c0.eps, 0.0 if c0.wd is None else c0.wd,
                  float("inf") if c0.clip is None else c0.clip, 1.0 if c0.decay is None else c0.decay,
                  1.0 if grad_scale is None else grad_scale], torch.float64).to(mt)
+    flags = dict(MAXIMIZE=c0.sign < 0, COUPLED_WD=c0.wd is not None, DECOUPLED_WD=c0.decay is not None,
+                 HAS_CLIP=c0.clip is not None, HAS_SCALE=grad_scale is not None)
     kernel[(len(owner),)](
         table, dev(sizes, torch.int64), keys, coefs, dev(owner, torch.int64), dev(first, torch.int64), len(params),
-        hyper, ws[0],
-        BITS=bits, SHIFT=23 - m_bits, BIAS=127 - (2**e_bits - 1), M=m_bits, TOP_CODE=2 ** (e_bits + m_bits) - 1,
-        TOP=lowbit.top(bits), STOCHASTIC=lowbit.check_rounding(rounding) == "stochastic", MAXIMIZE=c0.sign < 0,
-        COUPLED_WD=c0.wd is not None, DECOUPLED_WD=c0.decay is not None, HAS_CLIP=c0.clip is not None,
-        HAS_SCALE=grad_scale is not None, MT=tl.float64 if mt == torch.float64 else tl.float32,
-        F64=mt == torch.float64, BF16=p_dtype == torch.bfloat16, NB=BLOCKS,
-        enable_fp_fusion=False,
+        hyper, ws[0], **_constexprs(bits, rounding, str(p_dtype).split(".")[-1], flags), enable_fp_fusion=False,
     )
     for original, copy in staged:
         original.copy_(copy)

@@ -6,5 +6,5 @@
 * :mod:`ftmlopt.mxnet.lr_scheduler` (also ``ftmlopt.lr_scheduler``): MXNet's learning-rate schedulers.
 
 The MXNet behaviour reproduced is described in ``docs/mxnet-semantics.md``; what "bit for bit" covers
-is measured in ``docs/mxnet-parity.md``; the deliberate differences are listed in the README.
+is measured in ``docs/mxnet-parity.md``; the deliberate differences are listed in ``docs/mxnet-system.md``.
 """

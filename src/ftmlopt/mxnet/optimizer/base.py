@@ -1,7 +1,7 @@
 """MXNet 1.9's ``Optimizer`` base class and registry, over NumPy arrays.
 
-Semantics follow ``mxnet.optimizer.Optimizer`` 1.9.1 (see the README's "Differences from MXNet"
-table for the deliberate departures): learning-rate defaulting and scheduler override,
+Semantics follow ``mxnet.optimizer.Optimizer`` 1.9.1 (the deliberate departures are listed under
+"Differences from MXNet 1.9" in ``docs/mxnet-system.md``): learning-rate defaulting and scheduler override,
 ``lr_mult``/``wd_mult`` with the ``_weight``/``_gamma`` rule, per-device update counts,
 multi-precision wrappers, and pickling without ``param_dict``.
 """
@@ -238,7 +238,7 @@ class Optimizer:
     # ------------------------------------------------------------------ learning rate
     @property
     def learning_rate(self) -> float:
-        """The current base rate: ``lr_scheduler(num_update)`` if there is a scheduler, else ``lr``.
+        """The current base rate, ``lr_scheduler(num_update)`` if there is a scheduler, else ``lr``.
 
         Built-in schedulers are stateful, so reading this can advance them (as in MXNet).
         """
