@@ -407,6 +407,18 @@ def job_lowbit_fsdp(rank: int, world: int, port: int, outdir: str) -> None:
             out["tp/lowbit"].update(n_state=len(opt.state), plain=plain.detach().clone(),
                                     cols=cols.detach().to_local().clone())
 
+        with _recorded(out, "reshard/lowbit"):
+            # a one-process low-bit state dict (1-D codes over each whole param) loaded into FSDP2: refused
+            single = lowbit_single_process_run(4, 1)[1].state_dict()
+            model, opt = _lowbit_fsdp_run(4, rank, 0, 1)
+            before = _local_lowbit(model, opt, 4)
+            try:
+                opt.load_state_dict(single)
+                out["reshard/lowbit"] = {"refused": ""}
+            except ValueError as err:
+                out["reshard/lowbit"] = {"refused": str(err)}
+            out["reshard/lowbit"].update(before=before, after=_local_lowbit(model, opt, 4))
+
         for bits in (4, 8):
             key = f"dcp/lowbit{bits}"
             with _recorded(out, key):

@@ -172,6 +172,16 @@ def test_low_bit_refuses_other_dtensor_layouts_before_anything_changes(lowbit_fs
         assert torch.equal(got["plain"], torch.ones(5000)) and torch.equal(got["cols"], torch.ones(64, 50))
 
 
+def test_low_bit_state_dict_of_one_process_is_refused_under_fsdp2(lowbit_fsdp: list[dict[str, Any]]) -> None:
+    """Low-bit state does not reshard: a one-process state dict into FSDP2 is a ValueError, nothing changed."""
+    for rank in (0, 1):
+        got = _result(lowbit_fsdp[rank], "reshard/lowbit")
+        assert "must be a uint8 tensor of shape (2, 5253)" in got["refused"]
+        assert "same number of ranks" in got["refused"]
+        _assert_same(got["after"]["params"], got["before"]["params"], f"rank {rank} params after the refusal")
+        _assert_same(got["after"]["state"], got["before"]["state"], f"rank {rank} state after the refusal")
+
+
 def _u_gap(bits: int, u_a: torch.Tensor, u_b: torch.Tensor, top_a: torch.Tensor, top_b: torch.Tensor) -> float:
     """max |u_a - u_b| over max(u_a, u_b, the smaller block's smallest code): in code steps' units of u."""
     from ftmlopt import lowbit

@@ -14,6 +14,12 @@ their checkpoints.
   compute dtype, requantize with the step's counter-based random bits. On the fused path (``fused``
   True, or the default dispatch) the fused low-bit kernel replaces it where one is available
   (:func:`fused_available`: the LLVM CPU kernel, the Triton CUDA kernel).
+* **FSDP2.** A DTensor param sharded on dim 0 over a 1-D mesh (``fully_shard``) is stepped on
+  each rank's local shard, as a tensor of its own: blocks of 128 over the shard's flattened
+  elements, rounding bits from the local flat index. Its ``codes`` and ``scales`` are DTensors of
+  shape ``(ranks, L)`` sharded on dim 0 (:func:`state_shapes`): one row per rank, padded to the
+  longest rank's length, so that ``torch.distributed.checkpoint`` saves every rank's row. Such a
+  checkpoint loads into the same number of ranks only. Other DTensor layouts: NotImplementedError.
 * **Checkpoints.** ``torch.optim.Optimizer.load_state_dict`` casts every tensor of a param's state to
   a floating param's dtype (codes and scales included); :func:`restore_saved` puts the saved tensors
   back, so a ``state_dict`` round-trips bit for bit. A checkpoint of another ``state_bits`` is
