@@ -6,6 +6,10 @@ checkpoint round trip; ``job_dcp_reshard_back`` runs the last leg. The expected 
 a single-process run in this process on the same global batches (see ``_dist_jobs``), and every
 comparison is bit for bit (``torch.equal``): FTML is element-wise and the gradients are the same
 bits in every layout, so nothing may differ.
+
+Low-bit state (``job_lowbit_fsdp``) is quantized per local shard under FSDP2: bit for bit against
+the reference stepping each rank's shard alone, within a stated tolerance against one process
+(``LOWBIT_VS_ONE_PROCESS``), and bit for bit across a DCP save and load on the same two ranks.
 """
 
 from __future__ import annotations
