@@ -377,6 +377,8 @@ def _lowbit_fsdp_run(bits: int, rank: int, first: int, last: int, path: Path | N
 
 def job_lowbit_fsdp(rank: int, world: int, port: int, outdir: str) -> None:
     """FSDP2 with low-bit state (8 and 4 bits), and a DCP save / load round trip of it on 2 ranks."""
+    from ftmlopt.torch import _lowbit
+
     _init(rank, world, port)
     out: dict[str, Any] = {}
     try:
@@ -388,6 +390,7 @@ def job_lowbit_fsdp(rank: int, world: int, port: int, outdir: str) -> None:
                     out[key] = _local_lowbit(model, opt, bits)
                     out[key]["state_types"] = [type(opt.state[p][k]).__name__
                                                for p in model.parameters() for k in ("codes", "scales")]
+                    out[key]["state_bytes"] = [_lowbit.state_bytes(opt.state[p]) for p in model.parameters()]
 
         with _recorded(out, "tp/lowbit"):
             # a DTensor sharded otherwise than FSDP2's dim 0 (tensor-parallel Shard(1)) is refused, nothing changed

@@ -157,10 +157,15 @@ def test_fsdp2_low_bit_steps_each_shard_as_its_own_tensor(
     The shards are odd and unequal (10505 / 10500 elements), rank 1 holds an empty one, and the codes
     and scales are DTensors (one padded row per rank) so that DCP saves every rank's.
     """
+    from ftmlopt import lowbit
+
     ref = J.lowbit_per_shard_reference(bits, J.STEPS, fused=path == "fused")
     for rank in (0, 1):
         got = _result(lowbit_fsdp[rank], f"fsdp/lowbit{bits}/{path}")
         assert got["state_types"] == ["DTensor"] * 6
+        # this rank's bytes: its row of codes and of float32 scales, padded to rank 0's shard
+        longest = [10505, 2101, 4201]
+        assert got["state_bytes"] == [lowbit.n_code_bytes(n, bits) + 4 * lowbit.n_blocks(n) for n in longest]
         _assert_same(got["params"], ref[rank]["params"], f"FSDP2 {bits}-bit {path} rank {rank} params")
         _assert_same(got["state"], ref[rank]["state"], f"FSDP2 {bits}-bit {path} rank {rank} state")
     assert [p.numel() for p in ref[1]["params"]] == [10500, 2100, 0]

@@ -384,6 +384,6 @@ def restore_saved(state: dict[str, Any], saved: Mapping[str, Any], device: torch
 
 
 def state_bytes(state: Mapping[str, Any]) -> int:
-    """Bytes of a param's optimizer state tensors (``step`` and ``master`` excluded)."""
-    return sum(x.numel() * x.element_size() for k, x in state.items()
+    """Bytes of a param's optimizer state tensors (``step`` and ``master`` excluded); this rank's, if sharded."""
+    return sum(_local(x).numel() * x.element_size() for k, x in state.items()
                if isinstance(x, Tensor) and k not in ("step", "master"))
