@@ -422,6 +422,18 @@ def job_lowbit_fsdp(rank: int, world: int, port: int, outdir: str) -> None:
                 out["reshard/lowbit"] = {"refused": str(err)}
             out["reshard/lowbit"].update(before=before, after=_local_lowbit(model, opt, 4))
 
+        with _recorded(out, "convert/lowbit"):
+            # an FSDP2 8-bit state dict into an FSDP2 4-bit optimizer: converting sharded state is refused
+            saved = _lowbit_fsdp_run(8, rank, 0, 1)[1].state_dict()
+            model, opt = _lowbit_fsdp_run(4, rank, 0, 1)
+            before = _local_lowbit(model, opt, 4)
+            try:
+                opt.load_state_dict(saved)
+                out["convert/lowbit"] = {"refused": ""}
+            except NotImplementedError as err:
+                out["convert/lowbit"] = {"refused": str(err)}
+            out["convert/lowbit"].update(before=before, after=_local_lowbit(model, opt, 4))
+
         for bits in (4, 8):
             key = f"dcp/lowbit{bits}"
             with _recorded(out, key):

@@ -191,6 +191,15 @@ def test_low_bit_state_dict_of_one_process_is_refused_under_fsdp2(lowbit_fsdp: l
         _assert_same(got["after"]["state"], got["before"]["state"], f"rank {rank} state after the refusal")
 
 
+def test_low_bit_width_conversion_of_sharded_state_is_refused(lowbit_fsdp: list[dict[str, Any]]) -> None:
+    """An 8-bit FSDP2 state dict loaded into a 4-bit FSDP2 FTML: NotImplementedError, nothing changed."""
+    for rank in (0, 1):
+        got = _result(lowbit_fsdp[rank], "convert/lowbit")
+        assert "DTensor (sharded) param from 8-bit to 4-bit state is not supported" in got["refused"]
+        _assert_same(got["after"]["params"], got["before"]["params"], f"rank {rank} params after the refusal")
+        _assert_same(got["after"]["state"], got["before"]["state"], f"rank {rank} state after the refusal")
+
+
 def _u_gap(bits: int, u_a: torch.Tensor, u_b: torch.Tensor, top_a: torch.Tensor, top_b: torch.Tensor) -> float:
     """max |u_a - u_b| over max(u_a, u_b, the smaller block's smallest code): in code steps' units of u."""
     from ftmlopt import lowbit
