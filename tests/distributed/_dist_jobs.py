@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -70,12 +71,87 @@ def build_big_model() -> nn.Module:
     return nn.Sequential(nn.Linear(5, 900), nn.Tanh(), nn.Linear(900, 1))
 
 
+#: low-bit state under FSDP2 (:func:`build_lowbit_model`): hyper-parameters; DCP saves after LOWBIT_DCP_K steps
+LOWBIT_FSDP_CONFIG: dict[str, Any] = {"weight_decay": 0.01}
+LOWBIT_DCP_K, LOWBIT_DCP_TOTAL = 2, 4
+
+
+def build_lowbit_model() -> nn.Module:
+    """An MLP whose params all get low-bit state, with odd and unequal shards under FSDP2 on 2 ranks.
+
+    ``0.weight`` (4201 x 5): 10505 and 10500 elements per rank; ``0.bias``: 2101 and 2100;
+    ``2.weight`` (1 x 4201): all 4201 on rank 0, an empty shard on rank 1. None is a multiple of
+    the block (128).
+    """
+    torch.manual_seed(7)
+    return nn.Sequential(nn.Linear(5, 4201), nn.Tanh(), nn.Linear(4201, 1, bias=False))
+
+
 def lowbit_reference_run(steps: int) -> dict[str, list[torch.Tensor]]:
     """Single-process FTML(state_bits=4) on the global batches of :func:`build_big_model`."""
     model = build_big_model()
     opt = FTML(model.parameters(), lr=LR, **LOWBIT_CONFIG)
     local_steps(model, opt, 0, steps)
     return snapshot(model, opt)
+
+
+def shard_rows(rows: int, rank: int, world: int = 2) -> slice:
+    """The rows of dim 0 that FSDP2 gives ``rank``: ``ceil(rows / world)`` each, the last ranks shorter or empty."""
+    size = -(-rows // world)
+    return slice(min(rank * size, rows), min((rank + 1) * size, rows))
+
+
+def lowbit_per_shard_reference(bits: int, steps: int, fused: bool) -> list[dict[str, list[torch.Tensor]]]:
+    """Rank by rank, what FSDP2 with ``FTML(state_bits=bits)`` must hold: each rank's shard of each param
+    stepped as a tensor of its own by the reference, :func:`ftmlopt.lowbit.compact_step` (blocks and
+    rounding bits over the shard's flattened elements, the seed the param's index), on the full
+    gradient of the global batch. ``fused``: as the fused CPU kernel is tested to equal it (NumPy,
+    float32 constants); else as the for-loop runs it (torch tensors, Python-float constants)."""
+    from ftmlopt import lowbit, rule
+
+    model = build_lowbit_model()
+    params = list(model.parameters())
+    state: dict[tuple[int, int], tuple[Any, Any]] = {}
+    for i, p in enumerate(params):
+        for rank in (0, 1):
+            n = p[shard_rows(p.shape[0], rank)].numel()
+            state[i, rank] = lowbit.zeros_state(n, bits, ops=lowbit.ops_for(p.detach().numpy() if fused else p))
+    for t in range(1, steps + 1):
+        model.zero_grad(set_to_none=True)
+        for half in (0, 1):
+            half_loss(model, t - 1, half).backward()
+        c = rule.constants(LR, t, rule.DEFAULT_BETA1, rule.DEFAULT_BETA2, rule.DEFAULT_EPS,
+                           weight_decay=LOWBIT_FSDP_CONFIG["weight_decay"])
+        if fused:
+            c = c.cast(np.float32)
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                g = p.grad / 2
+                for rank in (0, 1):
+                    rows = shard_rows(p.shape[0], rank)
+                    if p[rows].numel() == 0:
+                        continue
+                    codes, scales = state[i, rank]
+                    w_t, g_t = (p[rows].numpy().copy(), g[rows].numpy()) if fused else (p[rows], g[rows])
+                    w, codes, scales = lowbit.compact_step(w_t, g_t, codes, scales, c, bits=bits, seed=i, step=t)
+                    p[rows] = torch.as_tensor(w)
+                    state[i, rank] = codes, scales
+    out = []
+    for rank in (0, 1):
+        ranked: dict[str, list[torch.Tensor]] = {"params": [], "state": []}
+        for i, p in enumerate(params):
+            ranked["params"].append(p.detach()[shard_rows(p.shape[0], rank)].clone())
+            ranked["state"] += [torch.tensor(float(steps)), *(torch.as_tensor(x) for x in state[i, rank])]
+        out.append(ranked)
+    return out
+
+
+def lowbit_single_process_run(bits: int, steps: int) -> tuple[nn.Module, FTML]:
+    """One process, ``FTML(state_bits=bits)`` on :func:`build_lowbit_model`: blocks over each whole param."""
+    model = build_lowbit_model()
+    opt = FTML(model.parameters(), lr=LR, state_bits=bits, **LOWBIT_FSDP_CONFIG)
+    local_steps(model, opt, 0, steps)
+    return model, opt
 
 
 def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,10 +233,10 @@ def _init(rank: int, world: int, port: int) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
 
 
-def _fsdp_model() -> nn.Module:
+def _fsdp_model(build: Any = build_model) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
-    model = build_model()
+    model = build()
     for layer in model:
         if isinstance(layer, nn.Linear):
             fully_shard(layer)
@@ -270,6 +346,106 @@ def job_dcp_reshard_back(rank: int, world: int, port: int, outdir: str) -> None:
             out["dcp/back"]["resumed"] = snapshot(model, opt)
     finally:
         torch.save(out, Path(outdir) / f"rank{rank}_back.pt")
+        dist.barrier()  # both ranks are done with gloo before it is torn down
+        dist.destroy_process_group()
+
+
+def _local_lowbit(model: nn.Module, opt: FTML, bits: int) -> dict[str, list[torch.Tensor]]:
+    """Each param's local shard, and its state (step, codes, scales) as this rank's kernels see it."""
+    from ftmlopt.torch import _lowbit
+
+    params, state = [], []
+    for p in model.parameters():
+        local = p.detach().to_local()
+        params.append(local.clone())
+        st = opt.state[p]
+        codes, scales = _lowbit.local_state(st, local.numel(), bits)
+        state += [st["step"].clone(), codes.clone(), scales.clone()]
+    return {"params": params, "state": state}
+
+
+def _lowbit_fsdp_run(bits: int, rank: int, first: int, last: int, path: Path | None = None,
+                     fused: bool = True) -> Any:
+    model = _fsdp_model(build_lowbit_model)
+    impl = {"fused": True} if fused else {"fused": False, "foreach": False}
+    opt = FTML(model.parameters(), lr=LR, state_bits=bits, **impl, **LOWBIT_FSDP_CONFIG)
+    if path is not None:
+        _dcp_load(model, opt, path)
+    data_parallel_steps(model, opt, rank, first, last)
+    return model, opt
+
+
+def job_lowbit_fsdp(rank: int, world: int, port: int, outdir: str) -> None:
+    """FSDP2 with low-bit state (8 and 4 bits), and a DCP save / load round trip of it on 2 ranks."""
+    from ftmlopt.torch import _lowbit
+
+    _init(rank, world, port)
+    out: dict[str, Any] = {}
+    try:
+        for bits in (8, 4):
+            for path in ("loop", "fused"):
+                key = f"fsdp/lowbit{bits}/{path}"
+                with _recorded(out, key):
+                    model, opt = _lowbit_fsdp_run(bits, rank, 0, STEPS, fused=path == "fused")
+                    out[key] = _local_lowbit(model, opt, bits)
+                    out[key]["state_types"] = [type(opt.state[p][k]).__name__
+                                               for p in model.parameters() for k in ("codes", "scales")]
+                    out[key]["state_bytes"] = [_lowbit.state_bytes(opt.state[p]) for p in model.parameters()]
+
+        with _recorded(out, "tp/lowbit"):
+            # a DTensor sharded otherwise than FSDP2's dim 0 (tensor-parallel Shard(1)) is refused, nothing changed
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.tensor import Shard, distribute_tensor
+
+            mesh = init_device_mesh("cpu", (world,))
+            plain = nn.Parameter(torch.ones(5000))
+            cols = nn.Parameter(distribute_tensor(torch.ones(64, 100), mesh, [Shard(1)]))
+            opt = FTML([plain, cols], lr=LR, state_bits=8)
+            plain.grad, cols.grad = torch.ones(5000), distribute_tensor(torch.ones(64, 100), mesh, [Shard(1)])
+            try:
+                opt.step()
+                out["tp/lowbit"] = {"refused": ""}
+            except NotImplementedError as err:
+                out["tp/lowbit"] = {"refused": str(err)}
+            out["tp/lowbit"].update(n_state=len(opt.state), plain=plain.detach().clone(),
+                                    cols=cols.detach().to_local().clone())
+
+        with _recorded(out, "reshard/lowbit"):
+            # a one-process low-bit state dict (1-D codes over each whole param) loaded into FSDP2: refused
+            single = lowbit_single_process_run(4, 1)[1].state_dict()
+            model, opt = _lowbit_fsdp_run(4, rank, 0, 1)
+            before = _local_lowbit(model, opt, 4)
+            try:
+                opt.load_state_dict(single)
+                out["reshard/lowbit"] = {"refused": ""}
+            except ValueError as err:
+                out["reshard/lowbit"] = {"refused": str(err)}
+            out["reshard/lowbit"].update(before=before, after=_local_lowbit(model, opt, 4))
+
+        with _recorded(out, "convert/lowbit"):
+            # an FSDP2 8-bit state dict into an FSDP2 4-bit optimizer: converting sharded state is refused
+            saved = _lowbit_fsdp_run(8, rank, 0, 1)[1].state_dict()
+            model, opt = _lowbit_fsdp_run(4, rank, 0, 1)
+            before = _local_lowbit(model, opt, 4)
+            try:
+                opt.load_state_dict(saved)
+                out["convert/lowbit"] = {"refused": ""}
+            except NotImplementedError as err:
+                out["convert/lowbit"] = {"refused": str(err)}
+            out["convert/lowbit"].update(before=before, after=_local_lowbit(model, opt, 4))
+
+        for bits in (4, 8):
+            key = f"dcp/lowbit{bits}"
+            with _recorded(out, key):
+                path = Path(outdir) / f"dcp_lowbit{bits}"
+                model, opt = _lowbit_fsdp_run(bits, rank, 0, LOWBIT_DCP_K)
+                _dcp_save(model, opt, path)
+                data_parallel_steps(model, opt, rank, LOWBIT_DCP_K, LOWBIT_DCP_TOTAL)
+                out[key] = {"uninterrupted": _local_lowbit(model, opt, bits)}
+                model, opt = _lowbit_fsdp_run(bits, rank, LOWBIT_DCP_K, LOWBIT_DCP_TOTAL, path)
+                out[key]["resumed"] = _local_lowbit(model, opt, bits)
+    finally:
+        torch.save(out, Path(outdir) / f"rank{rank}_lowbit.pt")
         dist.barrier()  # both ranks are done with gloo before it is torn down
         dist.destroy_process_group()
 

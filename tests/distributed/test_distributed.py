@@ -6,6 +6,10 @@ checkpoint round trip; ``job_dcp_reshard_back`` runs the last leg. The expected 
 a single-process run in this process on the same global batches (see ``_dist_jobs``), and every
 comparison is bit for bit (``torch.equal``): FTML is element-wise and the gradients are the same
 bits in every layout, so nothing may differ.
+
+Low-bit state (``job_lowbit_fsdp``) is quantized per local shard under FSDP2: bit for bit against
+the reference stepping each rank's shard alone, within a stated tolerance against one process
+(``LOWBIT_VS_ONE_PROCESS``), and bit for bit across a DCP save and load on the same two ranks.
 """
 
 from __future__ import annotations
@@ -133,3 +137,130 @@ def test_dcp_two_ranks_to_one_and_back(wrappers: list[dict[str, Any]], outdir: P
         _assert_same(back["loaded_k2"]["state"], at_k2["state"], f"2-rank reload rank {rank}, state")
         _assert_same(back["resumed"]["params"], total["params"], f"2-rank resumed rank {rank}")
         _assert_same(back["resumed"]["state"], total["state"], f"2-rank resumed rank {rank}, state")
+
+
+# ----------------------------------------------------------------------------- low-bit state under FSDP2 and DCP
+@pytest.fixture(scope="module")
+def lowbit_fsdp(outdir: Path) -> list[dict[str, Any]]:
+    """Results of ``job_lowbit_fsdp`` from rank 0 and rank 1."""
+    J.launch(J.job_lowbit_fsdp, 2, outdir)
+    return [torch.load(outdir / f"rank{r}_lowbit.pt", weights_only=False) for r in (0, 1)]
+
+
+@pytest.mark.parametrize("path", ["loop", "fused"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fsdp2_low_bit_steps_each_shard_as_its_own_tensor(
+    lowbit_fsdp: list[dict[str, Any]], bits: int, path: str
+) -> None:
+    """Each rank's params, step, codes and scales equal the reference stepping that rank's shard alone.
+
+    The shards are odd and unequal (10505 / 10500 elements), rank 1 holds an empty one, and the codes
+    and scales are DTensors (one padded row per rank) so that DCP saves every rank's.
+    """
+    from ftmlopt import lowbit
+
+    ref = J.lowbit_per_shard_reference(bits, J.STEPS, fused=path == "fused")
+    for rank in (0, 1):
+        got = _result(lowbit_fsdp[rank], f"fsdp/lowbit{bits}/{path}")
+        assert got["state_types"] == ["DTensor"] * 6
+        # this rank's bytes: its row of codes and of float32 scales, padded to rank 0's shard
+        longest = [10505, 2101, 4201]
+        assert got["state_bytes"] == [lowbit.n_code_bytes(n, bits) + 4 * lowbit.n_blocks(n) for n in longest]
+        _assert_same(got["params"], ref[rank]["params"], f"FSDP2 {bits}-bit {path} rank {rank} params")
+        _assert_same(got["state"], ref[rank]["state"], f"FSDP2 {bits}-bit {path} rank {rank} state")
+    assert [p.numel() for p in ref[1]["params"]] == [10500, 2100, 0]
+    assert not torch.equal(ref[0]["params"][0], J.build_lowbit_model()[0].weight.detach()[:2101])
+
+
+def test_low_bit_refuses_other_dtensor_layouts_before_anything_changes(lowbit_fsdp: list[dict[str, Any]]) -> None:
+    """A DTensor sharded on dim 1 (tensor parallel) with state_bits=8: NotImplementedError, nothing stepped."""
+    for rank in (0, 1):
+        got = _result(lowbit_fsdp[rank], "tp/lowbit")
+        assert "sharded on dim 0 over a 1-D mesh" in got["refused"] and "Shard(dim=1)" in got["refused"]
+        assert got["n_state"] == 0
+        assert torch.equal(got["plain"], torch.ones(5000)) and torch.equal(got["cols"], torch.ones(64, 50))
+
+
+def test_low_bit_state_dict_of_one_process_is_refused_under_fsdp2(lowbit_fsdp: list[dict[str, Any]]) -> None:
+    """Low-bit state does not reshard: a one-process state dict into FSDP2 is a ValueError, nothing changed."""
+    for rank in (0, 1):
+        got = _result(lowbit_fsdp[rank], "reshard/lowbit")
+        assert "must be a uint8 tensor of shape (2, 5253)" in got["refused"]
+        assert "same number of ranks" in got["refused"]
+        _assert_same(got["after"]["params"], got["before"]["params"], f"rank {rank} params after the refusal")
+        _assert_same(got["after"]["state"], got["before"]["state"], f"rank {rank} state after the refusal")
+
+
+def test_low_bit_width_conversion_of_sharded_state_is_refused(lowbit_fsdp: list[dict[str, Any]]) -> None:
+    """An 8-bit FSDP2 state dict loaded into a 4-bit FSDP2 FTML: NotImplementedError, nothing changed."""
+    for rank in (0, 1):
+        got = _result(lowbit_fsdp[rank], "convert/lowbit")
+        assert "DTensor (sharded) param from 8-bit to 4-bit state is not supported" in got["refused"]
+        _assert_same(got["after"]["params"], got["before"]["params"], f"rank {rank} params after the refusal")
+        _assert_same(got["after"]["state"], got["before"]["state"], f"rank {rank} state after the refusal")
+
+
+def _u_gap(bits: int, u_a: torch.Tensor, u_b: torch.Tensor, top_a: torch.Tensor, top_b: torch.Tensor) -> float:
+    """max |u_a - u_b| over max(u_a, u_b, the smaller block's smallest code): in code steps' units of u."""
+    from ftmlopt import lowbit
+
+    smallest = lowbit.code_values(bits)[0]
+    floor = torch.minimum(top_a, top_b) * smallest
+    return float(((u_a - u_b).abs() / torch.maximum(torch.maximum(u_a, u_b), floor).clamp_min(1e-30)).max())
+
+
+#: FSDP2 against one process, low-bit state (blocks per shard vs per whole param; the rounding bits of
+#: each over its own flat index): weights within this many (steps * lr), ``u = sqrt(v)`` within this
+#: relative gap (per element, relative to the larger u or the block's smallest code) after J.STEPS steps.
+LOWBIT_VS_ONE_PROCESS = {8: {"w": 0.05, "u": 0.2}, 4: {"w": 0.25, "u": 0.8}}
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fsdp2_low_bit_is_within_tolerance_of_one_process(lowbit_fsdp: list[dict[str, Any]], bits: int) -> None:
+    from ftmlopt import lowbit
+
+    model, opt = J.lowbit_single_process_run(bits, J.STEPS)
+    w_err = u_err = 0.0
+    for rank in (0, 1):
+        got = _result(lowbit_fsdp[rank], f"fsdp/lowbit{bits}/fused")
+        for i, p in enumerate(model.parameters()):
+            rows = J.shard_rows(p.shape[0], rank)
+            w_one, w_shard = p.detach()[rows], got["params"][i]
+            n = w_shard.numel()
+            if n == 0:
+                continue
+            st = opt.state[p]
+            start = rows.start * (p.numel() // p.shape[0])
+            blocks_one = (torch.arange(start, start + n) // lowbit.BLOCK)
+            blocks_shard = torch.arange(n) // lowbit.BLOCK
+            u_one = lowbit.decode(st["codes"], st["scales"], p.numel(), bits)[start:start + n].sqrt()
+            codes, scales = got["state"][3 * i + 1], got["state"][3 * i + 2]
+            u_shard = lowbit.decode(codes, scales, n, bits).sqrt()
+            top = lowbit.top(bits)
+            u_err = max(u_err, _u_gap(bits, u_shard, u_one, scales[blocks_shard] * top,
+                                      st["scales"][blocks_one] * top))
+            w_err = max(w_err, float((w_one - w_shard).abs().max()) / (J.STEPS * J.LR))
+    print(f"\n{bits}-bit FSDP2 vs one process after {J.STEPS} steps: weights {w_err:.4f} x steps*lr, u {u_err:.4f}")
+    assert 0 < w_err <= LOWBIT_VS_ONE_PROCESS[bits]["w"]
+    assert u_err <= LOWBIT_VS_ONE_PROCESS[bits]["u"]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dcp_low_bit_round_trip_on_two_ranks(lowbit_fsdp: list[dict[str, Any]], bits: int) -> None:
+    """Save after LOWBIT_DCP_K steps (FSDP2, 2 ranks), load into a fresh model and optimizer: bit-identical."""
+    for rank in (0, 1):
+        got = _result(lowbit_fsdp[rank], f"dcp/lowbit{bits}")
+        _assert_same(got["resumed"]["params"], got["uninterrupted"]["params"], f"DCP {bits}-bit rank {rank} params")
+        _assert_same(got["resumed"]["state"], got["uninterrupted"]["state"], f"DCP {bits}-bit rank {rank} state")
+        assert float(got["resumed"]["state"][0]) == J.LOWBIT_DCP_TOTAL
+
+
+def test_dcp_low_bit_checkpoint_does_not_reshard(lowbit_fsdp: list[dict[str, Any]], outdir: Path) -> None:
+    """A 2-rank low-bit checkpoint loaded into one process is refused (its codes are one row per rank)."""
+    _result(lowbit_fsdp[0], "dcp/lowbit4")
+    model = J.build_lowbit_model()
+    opt = J.FTML(model.parameters(), lr=J.LR, state_bits=4, **J.LOWBIT_FSDP_CONFIG)
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+    with pytest.raises(CheckpointException, match=r"Size mismatch .*\[2, 5253\].*weight\.codes"):
+        J._dcp_load(model, opt, outdir / "dcp_lowbit4")

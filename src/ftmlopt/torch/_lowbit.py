@@ -14,6 +14,12 @@ their checkpoints.
   compute dtype, requantize with the step's counter-based random bits. On the fused path (``fused``
   True, or the default dispatch) the fused low-bit kernel replaces it where one is available
   (:func:`fused_available`: the LLVM CPU kernel, the Triton CUDA kernel).
+* **FSDP2.** A DTensor param sharded on dim 0 over a 1-D mesh (``fully_shard``) is stepped on
+  each rank's local shard, as a tensor of its own: blocks of 128 over the shard's flattened
+  elements, rounding bits from the local flat index. Its ``codes`` and ``scales`` are DTensors of
+  shape ``(ranks, L)`` sharded on dim 0 (:func:`state_shapes`): one row per rank, padded to the
+  longest rank's length, so that ``torch.distributed.checkpoint`` saves every rank's row. Such a
+  checkpoint loads into the same number of ranks only. Other DTensor layouts: NotImplementedError.
 * **Checkpoints.** ``torch.optim.Optimizer.load_state_dict`` casts every tensor of a param's state to
   a floating param's dtype (codes and scales included); :func:`restore_saved` puts the saved tensors
   back, so a ``state_dict`` round-trips bit for bit. A checkpoint of another ``state_bits`` is
@@ -36,6 +42,7 @@ Example:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -53,9 +60,12 @@ __all__ = [
     "convert_entry",
     "fused_available",
     "init_state",
+    "is_dtensor",
+    "local_state",
     "real_numel",
     "restore_saved",
     "state_bytes",
+    "state_shapes",
     "step_quantized",
 ]
 
@@ -81,13 +91,67 @@ def check_options(group: Mapping[str, Any]) -> None:
                              "capturable nor differentiable steps; use state_bits=32)")
 
 
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (without importing torch.distributed)."""
+    if "torch.distributed.tensor" not in sys.modules:  # no DTensor can exist
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if is_dtensor(t) else t  # type: ignore[attr-defined]
+
+
 def check_param(p: Tensor, group: Mapping[str, Any]) -> None:
-    """Refuse what low-bit state does not support yet: sharded (DTensor) params, e.g. FSDP2 (NotImplementedError)."""
-    if bits_for(p, group) < 32 and type(p).__name__ == "DTensor":
+    """Low-bit state of a DTensor param needs FSDP2's layout: a 1-D mesh, ``Shard(0)`` (NotImplementedError)."""
+    if bits_for(p, group) < 32 and is_dtensor(p):
+        _shard_layout(p)
+
+
+def _shard_layout(p: Any) -> tuple[int, int]:
+    """``(ranks, most real elements a rank holds)`` of a DTensor param sharded FSDP2's way.
+
+    FSDP2 (``fully_shard``) splits dim 0 as ``torch.chunk`` does: ``ceil(rows / ranks)`` rows per
+    rank, the last ranks shorter or empty; rank 0 holds the most.
+    """
+    from torch.distributed.tensor import Shard
+
+    mesh, placements = p.device_mesh, tuple(p.placements)
+    if mesh.ndim != 1 or placements != (Shard(0),) or p.dim() == 0:
         raise NotImplementedError(
-            "FTML(state_bits<32) does not support DTensor (FSDP2, tensor-parallel) params yet; use state_bits=32 "
-            "for them (a param group of their own)"
+            f"FTML(state_bits<32) supports DTensor params sharded on dim 0 over a 1-D mesh (FSDP2's fully_shard), "
+            f"got placements {placements} on a {mesh.ndim}-D mesh; use state_bits=32 for these params (a param "
+            "group of their own)"
         )
+    ranks, rows = mesh.size(), p.shape[0]
+    per_row = real_numel(p) // rows if rows else 0
+    return ranks, min(-(-rows // ranks), rows) * per_row
+
+
+def state_shapes(p: Tensor, bits: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shapes of ``p``'s ``codes`` and ``scales`` with ``bits``-bit state.
+
+    A plain param: 1-D, ``n_code_bytes(numel)`` and ``n_blocks(numel)``. A DTensor param (FSDP2):
+    2-D DTensors ``(ranks, L)`` sharded on dim 0, one row per rank holding the codes (scales) of its
+    local shard's flattened elements, padded to the longest rank's length ``L``; DCP then saves
+    every rank's row (a plain tensor would count as replicated: only one copy would be saved).
+    """
+    if is_dtensor(p):
+        ranks, most = _shard_layout(p)
+        return (ranks, lowbit.n_code_bytes(most, bits)), (ranks, lowbit.n_blocks(most))
+    n = real_numel(p)
+    return (lowbit.n_code_bytes(n, bits),), (lowbit.n_blocks(n),)
+
+
+def local_state(state: Mapping[str, Any], numel: int, bits: int) -> tuple[Tensor, Tensor]:
+    """1-D views of the codes and scales of ``numel`` local real elements (a rank's row, unpadded, if sharded)."""
+    codes, scales = state["codes"], state["scales"]
+    if is_dtensor(codes):
+        return (codes.to_local()[0, : lowbit.n_code_bytes(numel, bits)],
+                scales.to_local()[0, : lowbit.n_blocks(numel)])
+    return codes, scales
 
 
 def real_numel(p: Tensor) -> int:
@@ -102,10 +166,22 @@ def bits_for(p: Tensor, group: Mapping[str, Any]) -> int:
 
 
 def init_state(state: dict[str, Any], p: Tensor, bits: int, seed: int) -> None:
-    """Codes and scales that decode to ``v = 0`` (the float state's start), and the param's seed."""
-    n = real_numel(p)
-    state["codes"] = torch.zeros(lowbit.n_code_bytes(n, bits), dtype=torch.uint8, device=p.device)
-    state["scales"] = torch.zeros(lowbit.n_blocks(n), dtype=torch.float32, device=p.device)
+    """Codes and scales that decode to ``v = 0`` (the float state's start), and the param's seed.
+
+    A DTensor param (FSDP2) gets DTensor codes and scales of :func:`state_shapes`, on its mesh.
+    """
+    codes_shape, scales_shape = state_shapes(p, bits)
+    codes = torch.zeros(codes_shape[-1], dtype=torch.uint8, device=p.device)
+    scales = torch.zeros(scales_shape[-1], dtype=torch.float32, device=p.device)
+    if is_dtensor(p):
+        from torch.distributed.tensor import DTensor, Shard
+
+        codes, scales = (
+            DTensor.from_local(t.unsqueeze(0), p.device_mesh, [Shard(0)], run_check=False,  # type: ignore[attr-defined]
+                               shape=torch.Size(shape), stride=(shape[1], 1))
+            for t, shape in ((codes, codes_shape), (scales, scales_shape))
+        )
+    state["codes"], state["scales"] = codes, scales
     state["seed"] = int(seed) & 0xFFFFFFFF
 
 
@@ -165,12 +241,23 @@ def step_quantized(
     beta1, beta2 = group["betas"]
     lr = group["lr"]
     lr = float(lr) if isinstance(lr, Tensor) else lr
-    reals, real_grads = [_real(p) for p in params], [_real(g) for g in grads]
+    reals, real_grads = [_real(_local(p)) for p in params], [_real(_local(g)) for g in grads]
+    if any(w.numel() == 0 for w in reals):  # an empty shard (FSDP2): only its step is counted
+        if found_inf is None or not bool(found_inf):
+            for w, state in zip(reals, states):
+                if w.numel() == 0:
+                    state["step"] += 1
+        keep = [i for i, w in enumerate(reals) if w.numel() > 0]
+        reals, real_grads = [reals[i] for i in keep], [real_grads[i] for i in keep]
+        states = [states[i] for i in keep]
+        if not reals:
+            return
+    local = [local_state(s, w.numel(), bits) for w, s in zip(reals, states)]
     if (fused or (fused is None and foreach is None)) and fused_available(reals):
         from ftmlopt.torch._fused_lowbit import fused_ftml_lowbit
 
         fused_ftml_lowbit(
-            reals, real_grads, [s["codes"] for s in states], [s["scales"] for s in states],
+            reals, real_grads, [q for q, _ in local], [s for _, s in local],
             [int(s["seed"]) for s in states], [s["step"] for s in states], grad_scale=grad_scale,
             found_inf=found_inf, lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
             weight_decay=group["weight_decay"], clip_gradient=group["clip_gradient"],
@@ -182,7 +269,7 @@ def step_quantized(
     hyper = dict(weight_decay=group["weight_decay"], decoupled=group["decoupled_weight_decay"],
                  clip=group["clip_gradient"], maximize=group["maximize"])
     cache: dict[int, rule.Constants] = {}
-    for w, g, state in zip(reals, real_grads, states):
+    for w, g, state, (codes_t, scales_t) in zip(reals, real_grads, states, local):
         if grad_scale is not None:
             g.div_(grad_scale.to(g.device))
         state["step"] += 1
@@ -190,11 +277,11 @@ def step_quantized(
         c = cache.get(t) or cache.setdefault(t, rule.constants(lr, t, beta1, beta2, group["eps"], **hyper))
         compute = torch.float64 if w.dtype == torch.float64 else torch.float32
         new_w, codes, scales = lowbit.compact_step(
-            w.to(compute), g.to(compute), state["codes"], state["scales"], c, bits=bits, seed=state["seed"], step=t
+            w.to(compute), g.to(compute), codes_t, scales_t, c, bits=bits, seed=state["seed"], step=t
         )
         w.copy_(new_w)
-        state["codes"].copy_(codes)
-        state["scales"].copy_(scales)
+        codes_t.copy_(codes)
+        scales_t.copy_(scales)
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
@@ -219,15 +306,22 @@ def check_saved_entry(entry: Mapping[str, Any], p: Tensor, saved_group: Mapping[
     n = real_numel(p)
     bits = _saved_bits(entry, n, saved_group)
     codes, scales, seed = entry["codes"], entry["scales"], entry["seed"]
-    if not (isinstance(codes, Tensor) and codes.dtype == torch.uint8 and codes.dim() == 1
-            and codes.numel() == lowbit.n_code_bytes(n, bits)):
-        desc = f"{codes.dtype} {tuple(codes.shape)}" if isinstance(codes, Tensor) else type(codes).__name__
-        raise ValueError(f"state 'codes' of {where} must be a uint8 tensor of {lowbit.n_code_bytes(n, bits)} "
-                         f"elements ({bits}-bit codes of {n} elements), got {desc}")
-    if not (isinstance(scales, Tensor) and scales.dtype == torch.float32 and scales.dim() == 1
-            and scales.numel() == lowbit.n_blocks(n)):
-        desc = f"{scales.dtype} {tuple(scales.shape)}" if isinstance(scales, Tensor) else type(scales).__name__
-        raise ValueError(f"state 'scales' of {where} must be a float32 tensor of {lowbit.n_blocks(n)} elements, "
+    codes_shape, scales_shape = state_shapes(p, bits)
+    sharded = is_dtensor(p)
+    # a sharded param's codes are one row per rank: another number of ranks (or a plain tensor) is another layout
+    layout = (" (a DTensor, one row per rank: a low-bit checkpoint loads into the same number of ranks only)"
+              if sharded else "")
+    if not (isinstance(codes, Tensor) and codes.dtype == torch.uint8 and tuple(codes.shape) == codes_shape
+            and is_dtensor(codes) == sharded):
+        desc = f"{type(codes).__name__} {codes.dtype} {tuple(codes.shape)}" if isinstance(codes, Tensor) else \
+            type(codes).__name__
+        raise ValueError(f"state 'codes' of {where} must be a uint8 tensor of shape {codes_shape}{layout} "
+                         f"({bits}-bit codes of {n} elements), got {desc}")
+    if not (isinstance(scales, Tensor) and scales.dtype == torch.float32 and tuple(scales.shape) == scales_shape
+            and is_dtensor(scales) == sharded):
+        desc = f"{type(scales).__name__} {scales.dtype} {tuple(scales.shape)}" if isinstance(scales, Tensor) else \
+            type(scales).__name__
+        raise ValueError(f"state 'scales' of {where} must be a float32 tensor of shape {scales_shape}{layout}, "
                          f"got {desc}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
         raise ValueError(f"state 'seed' of {where} must be an int in [0, 2**32), got {seed!r}")
@@ -254,11 +348,19 @@ def convert_entry(
         have = _saved_bits(entry, n, saved_group)
         if have == want:
             return entry, None
+    elif want == 32 or "v" not in entry:
+        return entry, None
+    else:
+        have = 32
+    if is_dtensor(p):
+        raise NotImplementedError(
+            f"FTML.load_state_dict: converting the state of a DTensor (sharded) param from "
+            f"{'float' if have == 32 else f'{have}-bit'} to {'float' if want == 32 else f'{want}-bit'} state is "
+            "not supported; load it into an FTML with the checkpoint's state_bits"
+        )
+    if "codes" in entry:
         v = lowbit.decode(entry["codes"].to(p.device), entry["scales"].to(p.device), n, have)
     else:
-        if want == 32 or "v" not in entry:
-            return entry, None
-        have = 32
         v = _real(entry["v"]).to(device=p.device, dtype=torch.float32).reshape(-1)
     rest = {k: x for k, x in entry.items() if k not in ("v", *LOWBIT_KEYS)}
     if want == 32:
@@ -282,6 +384,6 @@ def restore_saved(state: dict[str, Any], saved: Mapping[str, Any], device: torch
 
 
 def state_bytes(state: Mapping[str, Any]) -> int:
-    """Bytes of a param's optimizer state tensors (``step`` and ``master`` excluded)."""
-    return sum(x.numel() * x.element_size() for k, x in state.items()
+    """Bytes of a param's optimizer state tensors (``step`` and ``master`` excluded); this rank's, if sharded."""
+    return sum(_local(x).numel() * x.element_size() for k, x in state.items()
                if isinstance(x, Tensor) and k not in ("step", "master"))

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _get_capturable_supported_devices
 
-from ftmlopt import lowbit, rule
+from ftmlopt import rule
 from ftmlopt.torch import _dtypes, _lowbit
 
 __all__ = [
@@ -127,7 +127,7 @@ def check_state(p: Tensor, state: Mapping[str, Any], group: Mapping[str, Any]) -
             "built with the state_bits you want"
         )
     if low_bits < 32:
-        if state["codes"].numel() != lowbit.n_code_bytes(_lowbit.real_numel(p), low_bits):
+        if tuple(state["codes"].shape) != _lowbit.state_shapes(p, low_bits)[0]:
             raise RuntimeError(
                 f"this FTML state holds codes of another width than state_bits={low_bits}: the group's state_bits "
                 "changed after the state was created; convert it with opt.load_state_dict(state_dict)"

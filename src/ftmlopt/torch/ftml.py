@@ -109,7 +109,8 @@ class FTML(Optimizer):
             (about 1.03 / 0.53 bytes per element: :mod:`ftmlopt.lowbit`), for params of at least
             4096 elements (smaller ones keep float ``v``); state ``codes``, ``scales``, ``seed``
             instead of ``v``. Needs ``compact=True``; not with ``capturable`` or ``differentiable``.
-            Per param group too. ``load_state_dict`` converts a checkpoint of another width.
+            Per param group too. ``load_state_dict`` converts a checkpoint of another width. Under
+            FSDP2 the blocks are per local shard (``docs/lowbit.md``: the tolerance against one process).
         maximize: maximize the objective (the gradient is negated first).
         foreach: use the ``torch._foreach_*`` implementation (default: on CUDA).
         fused: use the fused kernels of :mod:`ftmlopt.torch._fused` (LLVM via llvmlite on CPU, Triton on CUDA;
