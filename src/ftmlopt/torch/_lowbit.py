@@ -311,21 +311,23 @@ def check_saved_entry(entry: Mapping[str, Any], p: Tensor, saved_group: Mapping[
     # a sharded param's codes are one row per rank: another number of ranks (or a plain tensor) is another layout
     layout = (" (a DTensor, one row per rank: a low-bit checkpoint loads into the same number of ranks only)"
               if sharded else "")
-    if not (isinstance(codes, Tensor) and codes.dtype == torch.uint8 and tuple(codes.shape) == codes_shape
-            and is_dtensor(codes) == sharded):
-        desc = f"{type(codes).__name__} {codes.dtype} {tuple(codes.shape)}" if isinstance(codes, Tensor) else \
-            type(codes).__name__
-        raise ValueError(f"state 'codes' of {where} must be a uint8 tensor of shape {codes_shape}{layout} "
-                         f"({bits}-bit codes of {n} elements), got {desc}")
-    if not (isinstance(scales, Tensor) and scales.dtype == torch.float32 and tuple(scales.shape) == scales_shape
-            and is_dtensor(scales) == sharded):
-        desc = f"{type(scales).__name__} {scales.dtype} {tuple(scales.shape)}" if isinstance(scales, Tensor) else \
-            type(scales).__name__
-        raise ValueError(f"state 'scales' of {where} must be a float32 tensor of shape {scales_shape}{layout}, "
-                         f"got {desc}")
+    _check_saved_tensor("codes", codes, torch.uint8, codes_shape, sharded, where,
+                        f"{layout} ({bits}-bit codes of {n} elements)")
+    _check_saved_tensor("scales", scales, torch.float32, scales_shape, sharded, where, layout)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
         raise ValueError(f"state 'seed' of {where} must be an int in [0, 2**32), got {seed!r}")
     return True
+
+
+def _check_saved_tensor(name: str, value: Any, dtype: torch.dtype, shape: tuple[int, ...], sharded: bool,
+                        where: str, detail: str) -> None:
+    """A saved state tensor ``name`` has ``dtype`` and ``shape`` and is a DTensor iff ``sharded`` (ValueError)."""
+    if not (isinstance(value, Tensor) and value.dtype == dtype and tuple(value.shape) == shape
+            and is_dtensor(value) == sharded):
+        desc = f"{type(value).__name__} {value.dtype} {tuple(value.shape)}" if isinstance(value, Tensor) else \
+            type(value).__name__
+        raise ValueError(f"state '{name}' of {where} must be a {str(dtype).removeprefix('torch.')} tensor of shape "
+                         f"{shape}{detail}, got {desc}")
 
 
 def convert_entry(
