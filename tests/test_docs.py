@@ -29,7 +29,7 @@ def _blocks() -> list[tuple[str, int, str]]:
     found = []
     for page in PAGES:
         for i, m in enumerate(_BLOCK.finditer("\n" + (ROOT / page).read_text())):
-            if m["before"].startswith(("<!-- file:", "<!-- fragment")):
+            if m["before"].strip().startswith(("<!-- file:", "<!-- fragment")):
                 continue
             code = "\n".join(line[len(m["indent"]):] for line in m["code"].split("\n"))
             found.append((page, i, code + "\n"))
