@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import sys
 from typing import Any, cast
 
@@ -209,4 +210,7 @@ def local_shards(*lists: list[Tensor]) -> list[list[Tensor]]:
         return list(lists)
     from torch.distributed.tensor import DTensor
 
+    # state is created like its param, so the params say whether any tensor is a DTensor (one C loop)
+    if not torch.compiler.is_compiling() and not any(map(isinstance, lists[0], itertools.repeat(DTensor))):
+        return list(lists)
     return [[t.to_local() if isinstance(t, DTensor) else t for t in lst] for lst in lists]

@@ -274,15 +274,19 @@ class FTML(Optimizer):
             raise RuntimeError("lr as a Tensor is not supported for capturable=False and foreach=True")
         has_complex = False
         compact = group["compact"]
+        multi_precision, differentiable = group["multi_precision"], group["differentiable"]
+        states = self.state
         for p in group["params"]:
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
-            if p.grad.is_sparse:
+            if grad.is_sparse:
                 raise RuntimeError("FTML does not support sparse gradients")
-            has_complex |= torch.is_complex(p)
-            use_master = group["multi_precision"] and _dtypes.is_half(p.dtype)
-            state = self.state[p]
-            if len(state) == 0:
+            if p.is_complex():
+                has_complex = True
+            use_master = multi_precision and _dtypes.is_half(p.dtype)
+            state = states[p]
+            if not state:
                 if group["fused"]:
                     check_fused_param(p)
                 # Like torch's Adam, ``step`` stays on the CPU (cheap .item()) unless it must be
@@ -302,7 +306,7 @@ class FTML(Optimizer):
                     dtype = _dtypes.state_dtype(p, group)
                     for key in ("v",) if compact else ("d", "v", "z"):
                         state[key] = torch.zeros_like(like, dtype=dtype, memory_format=torch.preserve_format)
-            if group["differentiable"] and state["step"].requires_grad:
+            if differentiable and state["step"].requires_grad:
                 raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
 
             low = quantized is not None and "codes" in state
@@ -310,11 +314,11 @@ class FTML(Optimizer):
             if use_master:
                 master = state["master"]
                 to_params.append(master)
-                to_grads.append(p.grad.to(torch.float32))
+                to_grads.append(grad.to(torch.float32))
                 masters.append((p, master))
             else:
                 to_params.append(p)
-                to_grads.append(p.grad)
+                to_grads.append(grad)
             if low and quantized is not None:
                 quantized[2].append(state)
                 continue
@@ -349,8 +353,10 @@ class FTML(Optimizer):
             for i, group in enumerate(self.param_groups):
                 check_group_at_step(group, i)
                 # the common case (the state has the param's dtype, default flags) costs one comparison
+                low_bits = group["state_bits"] < 32
                 plain = (group.get("state_dtype") is None and not group["multi_precision"] and group["compact"]
-                         and group["state_bits"] == 32)
+                         and not low_bits)
+                states = self.state
                 for p in group["params"]:
                     grad = p.grad
                     if grad is None:
@@ -359,9 +365,9 @@ class FTML(Optimizer):
                         raise RuntimeError("FTML does not support sparse gradients")
                     if not (p.is_floating_point() or p.is_complex()):
                         raise TypeError(f"FTML needs floating-point or complex parameters, got one of dtype {p.dtype}")
-                    if group["state_bits"] < 32:
+                    if low_bits:
                         _lowbit.check_param(p, group)
-                    state = self.state.get(p)
+                    state = states.get(p)
                     if state and not (plain and "v" in state and state["v"].dtype == p.dtype):
                         check_state(p, state, group)
         for group in self.param_groups:

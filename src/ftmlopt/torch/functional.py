@@ -27,6 +27,7 @@ MXNet's three-state form takes ``ds`` and ``zs`` and ``compact=False``:
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -66,6 +67,10 @@ def _fused_with_lr0_fallback(lists: StepTensors, opts: StepOptions, *, grad_scal
                        found_inf=found_inf, **flags)
 
 
+_PLAIN = {Tensor, torch.nn.Parameter}
+_IS_CPU = operator.attrgetter("is_cpu")
+
+
 def _fused_is_default(params: list[Tensor], differentiable: bool) -> bool:
     """Fused is the default on the CPU when the kernel says it can step these params.
 
@@ -76,7 +81,10 @@ def _fused_is_default(params: list[Tensor], differentiable: bool) -> bool:
     """
     if differentiable or not params or torch.jit.is_scripting():
         return False
-    if not all(type(p) in (Tensor, torch.nn.Parameter) and p.device.type == "cpu" for p in params):
+    if torch.compiler.is_compiling():  # dynamo traces plain loops, not map/attrgetter
+        if not all(type(p) in (Tensor, torch.nn.Parameter) and p.device.type == "cpu" for p in params):
+            return False
+    elif not set(map(type, params)) <= _PLAIN or not all(map(_IS_CPU, params)):  # C loops: 2,000 tensors
         return False
     from ftmlopt.torch import _fused
 
