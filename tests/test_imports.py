@@ -131,3 +131,10 @@ def test_layers_import_downwards_only(layer: str, forbidden: tuple[str, ...]) ->
         if target.startswith(forbidden) and target != "ftmlopt.rule"
     )
     assert not bad, bad
+
+
+def test_the_numba_era_is_over() -> None:
+    """Only the deprecated FTMLOPT_DISABLE_NUMBA alias may still say "numba" (the kernels are llvmlite's)."""
+    src = Path(__file__).resolve().parents[1] / "src" / "ftmlopt"
+    saying = sorted(str(p.relative_to(src)) for p in src.rglob("*.py") if "numba" in p.read_text().lower())
+    assert saying == ["mxnet/operator.py"], saying

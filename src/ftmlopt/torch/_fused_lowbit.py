@@ -144,8 +144,8 @@ def step_lowbit(
     from ftmlopt.kernels import cpu, cpu_lowbit
 
     if not cpu_lowbit.AVAILABLE:
-        raise RuntimeError("the fused low-bit CPU step needs llvmlite (it comes with numba): "
-                           "pip install 'ftmlopt[numba]'")
+        raise RuntimeError("the fused low-bit CPU step needs llvmlite >= 0.44: "
+                           "pip install 'ftmlopt[cpu]'")
     p_dtype = params[0].dtype
     name = _NAMES[str(p_dtype)]
     if name not in cpu.available_dtypes() or any(p.dtype != p_dtype for p in params):
