@@ -57,7 +57,9 @@ MUST_HAVE_EXAMPLES = {
     "ftmlopt.mxnet.lr_scheduler", "ftmlopt.torch", "ftmlopt.torch.ftml", "ftmlopt.torch.functional",
     "ftmlopt.torch._fused", "ftmlopt.optax", "ftmlopt.kernels.cpu", "ftmlopt.kernels.triton_cuda",
     "ftmlopt.bench", "ftmlopt.bench.floors", "ftmlopt.bench.gpu_check", "ftmlopt.datasets",
-    "ftmlopt.experiments.datasets", "ftmlopt.experiments.data",
+    "ftmlopt.experiments.datasets", "ftmlopt.experiments.data", "ftmlopt.experiments.harness", "ftmlopt._json",
+    "ftmlopt.bench.cli", "ftmlopt.bench.workloads", "ftmlopt.bench.timing", "ftmlopt.bench.report",
+    "ftmlopt.bench.probes", "ftmlopt.bench.mxnet_server",
 }
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
-import importlib
 import io
 import json
 import os
@@ -16,17 +14,6 @@ import pytest
 
 from ftmlopt import ftml_update
 from ftmlopt.bench import mxnet_server, probes
-
-
-@pytest.mark.parametrize(
-    "name",
-    ["ftmlopt._json", "ftmlopt.bench.cli", "ftmlopt.bench.workloads", "ftmlopt.bench.timing",
-     "ftmlopt.bench.report", "ftmlopt.bench.probes", "ftmlopt.bench.mxnet_server"],
-)
-def test_docstring_examples(name: str) -> None:
-    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted > 0 and result.failed == 0
-
 
 SETUP = {"op": "setup", "shapes": [[3], [2, 2]], "dtype": "float32", "lr": 0.01, "beta1": 0.6, "beta2": 0.999,
          "eps": 1e-8}

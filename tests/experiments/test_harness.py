@@ -157,11 +157,6 @@ def test_one_factory_for_every_task() -> None:
         transformer.make_optimizer("RMSprop", p, 0.1)
 
 
-def test_module_examples() -> None:
-    import doctest
-
-    result = doctest.testmod(H, optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted > 0 and result.failed == 0
 
 
 def test_ftml_state_bits_context_builds_low_bit_ftml() -> None:
