@@ -215,11 +215,13 @@ def mix32(h: Array, ops: Ops) -> Array:
 
     ``h ^= h >> 16; h *= 0x85EBCA6B; h ^= h >> 13; h *= 0xC2B2AE35; h ^= h >> 16`` (products mod 2**32).
     """
-    h = h ^ (h >> 16)
+    # shift counts of the values' own type: NumPy 1.x refuses uint64 scalar >> Python int (int64)
+    s16, s13 = ops.uint_scalar(16), ops.uint_scalar(13)
+    h = h ^ (h >> s16)
     h = ops.mul32(h, _MUL1)
-    h = h ^ (h >> 13)
+    h = h ^ (h >> s13)
     h = ops.mul32(h, _MUL2)
-    return h ^ (h >> 16)
+    return h ^ (h >> s16)
 
 
 def traced_step_key(seed: int, step: Array, ops: Ops) -> Array:

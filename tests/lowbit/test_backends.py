@@ -89,7 +89,7 @@ def test_jax_jit_matches_numpy_step_by_step(bits: int) -> None:
     moved = 0
     for t, (rw, rcodes, rscales, g) in enumerate(ref, start=1):
         jw, jcodes, jscales = (np.asarray(a) for a in fn(w, g, codes, scales, t))
-        np.testing.assert_allclose(jscales, rscales, rtol=1.2e-7, atol=0)
+        np.testing.assert_allclose(jscales, rscales, rtol=2.4e-7, atol=0)  # two float32 ulps (XLA's fused ops)
         q, rq = (lowbit.unpack4(x, w.size, lowbit.ops_for(x)) if bits == 4 else x.astype(np.int32)
                  for x in (jcodes, rcodes))
         assert np.abs(q - rq).max() <= 1
