@@ -129,7 +129,7 @@ class Spec(NamedTuple):
 
     @property
     def compute(self) -> str:
-        return "float64" if "float64" in (self.param, self.state) else "float32"
+        return rule.compute_dtype(self.param, self.state)  # the one decision (float64 if either is)
 
 
 # ============================================================================ code generation
