@@ -160,3 +160,48 @@ def test_fused_refuses_state_of_another_size_before_writing_anything() -> None:
                         decoupled_weight_decay=False, compact=False, maximize=False),
         )
     assert all(torch.equal(a, b) for a, b in zip((w, g, d, v, z, step), before))
+
+
+# ---------------------------------------------------------------------------- the CPU group plan cache
+def test_plan_is_reused_and_follows_new_gradient_tensors() -> None:
+    from ftmlopt.torch import _fused
+
+    gen = torch.Generator().manual_seed(21)
+    pair = Pair(_make([(70_000,), (9,)], torch.float32, None, gen), compact=True)
+    kept = []  # old gradients stay alive, so each step's gradients live at new addresses
+    pair.step(_grads(pair.fused_p, gen), **HYPER, **OPTIONS[1])
+    plans = dict(_fused._PLANS)
+    for k in range(3):
+        fg, _ = pair.step(_grads(pair.fused_p, gen), **HYPER, **OPTIONS[1])
+        kept.append(fg)
+        pair.check(torch.float32, f"step {k + 2}")
+    assert len({g.data_ptr() for fg in kept for g in fg[:1]}) == 3
+    assert dict(_fused._PLANS) == plans  # the same plan served every later step
+
+
+def test_plan_is_not_reused_for_tensors_of_another_size_at_the_same_address() -> None:
+    gen = torch.Generator().manual_seed(22)
+    buf = torch.randn(100, generator=gen)
+    v = torch.zeros(100)
+    step = torch.zeros(())
+    opts = StepOptions(compact=True, **HYPER, **OPTIONS[0])
+    _fused_ftml(StepTensors([buf], [torch.ones(100)], [], [v], [], [step]), opts)
+    tail_w, tail_v = buf[50:].clone(), v[50:].clone()
+    # the first half only: same addresses, half the elements; the tail must not move
+    _fused_ftml(StepTensors([buf[:50]], [torch.ones(50)], [], [v[:50]], [], [step]), opts)
+    assert torch.equal(buf[50:], tail_w) and torch.equal(v[50:], tail_v)
+    assert not torch.equal(buf[:50], tail_w[:50])
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_plan_follows_hyper_parameter_changes(compact) -> None:
+    gen = torch.Generator().manual_seed(23)
+    pair = Pair(_make([(300,), (4, 5)], torch.float32, None, gen), compact=compact)
+    schedule = [
+        dict(lr=0.05, grad_scale=None), dict(lr=0.01, grad_scale=None), dict(lr=0.01, grad_scale=2.0),
+        dict(lr=0.2, grad_scale=8.0),
+    ]
+    for k, change in enumerate(schedule):
+        kw = {**HYPER, **OPTIONS[2], "lr": change["lr"]}  # decoupled decay: the factor 1 - lr*wd moves with lr
+        pair.step(_grads(pair.fused_p, gen), grad_scale=change["grad_scale"], **kw)
+        pair.check(torch.float32, f"step {k + 1}")
