@@ -73,8 +73,8 @@ from ftmlopt import rule
 from ftmlopt.kernels import omp_team
 
 __all__ = [
-    "AVAILABLE", "CHUNK", "DTYPES", "PARALLEL_MIN", "Spec", "available_dtypes", "backend", "bump_counters",
-    "default_threads", "kernel", "run", "step_arrays",
+    "AVAILABLE", "CHUNK", "DTYPES", "PARALLEL_MIN", "Prepared", "Spec", "available_dtypes", "backend", "bump_counters",
+    "counter_kernel", "default_threads", "kernel", "run", "step_arrays",
 ]
 
 
@@ -437,16 +437,28 @@ def bump_counters(addresses: np.ndarray, dtype: str, increment: float = 1.0) -> 
         >>> cpu.bump_counters(addresses, "float32").tolist()
         [1.0, 5.0]
     """
+    fn = counter_kernel(dtype)
+    addresses = np.ascontiguousarray(addresses, dtype=np.int64)
+    out = np.empty(addresses.size, dtype=np.float64)
+    fn(addresses.size, addresses.ctypes.data, out.ctypes.data, float(increment))
+    return out
+
+
+def counter_kernel(dtype: str) -> Callable[..., None]:
+    """The compiled ``run(n, addresses, out, increment)`` behind :func:`bump_counters` (``dtype``: float32/64).
+
+    For callers that keep their address and output arrays between calls (their ``ctypes.data``
+    taken once).
+    """
     fn = _COUNTERS.get(dtype)
     if fn is None:
         if not AVAILABLE:
             kernel(Spec("compact", "float32", "float32"))  # raises ImportError, naming what to install
         with _ENGINE_LOCK:
-            fn = _COUNTERS[dtype] = _COUNTER_SIGNATURE(_jit(_counter_ir(dtype), optimize=False))
-    addresses = np.ascontiguousarray(addresses, dtype=np.int64)
-    out = np.empty(addresses.size, dtype=np.float64)
-    fn(addresses.size, addresses.ctypes.data, out.ctypes.data, float(increment))
-    return out
+            fn = _COUNTERS.get(dtype)
+            if fn is None:
+                fn = _COUNTERS[dtype] = _COUNTER_SIGNATURE(_jit(_counter_ir(dtype), optimize=False))
+    return fn
 
 
 # ============================================================================ threads
@@ -543,6 +555,61 @@ def run(
     fn(*calls[0])
     for f in futures:
         f.result()
+
+
+class Prepared:
+    """A kernel call over arrays that stay put between calls: :func:`run` with the addresses taken once.
+
+    The arrays' *contents* may change between calls (new coefficients, a new gradient column), not
+    the arrays themselves; they are kept alive here. ``prepared(threads)`` runs the call on
+    ``threads`` threads exactly as :func:`run` would (torch's OpenMP team, else the pool).
+
+    Example:
+        >>> import numpy as np
+        >>> from ftmlopt import rule
+        >>> from ftmlopt.kernels import cpu
+        >>> w, g, v = np.ones(4, np.float32), np.full(4, 0.5, np.float32), np.zeros(4, np.float32)
+        >>> ptrs = np.array([[w.ctypes.data, g.ctypes.data, v.ctypes.data, v.ctypes.data, v.ctypes.data,
+        ...                   w.ctypes.data]], dtype=np.int64)
+        >>> c = rule.constants(0.1, 1, 0.6, 0.999, 1e-8)
+        >>> coefs = np.array([[c.step_size, c.bias2]], dtype=np.float32)
+        >>> call = cpu.Prepared(cpu.kernel(cpu.Spec("compact", "float32", "float32")), ptrs,
+        ...                     np.array([4]), coefs, cpu.k_vector(c, np.float32))
+        >>> call(1)
+        >>> [round(float(x), 6) for x in w]
+        [0.9, 0.9, 0.9, 0.9]
+    """
+
+    __slots__ = ("_args", "_arrays", "_omp", "_total", "fn")
+
+    def __init__(self, fn: Callable[..., None], ptrs: np.ndarray, counts: np.ndarray, coefs: np.ndarray,
+                 k: np.ndarray) -> None:
+        arrays = (np.ascontiguousarray(ptrs, dtype=np.int64), np.ascontiguousarray(counts, dtype=np.int64),
+                  coefs, k)
+        if any(a is not b for a, b in zip(arrays, (ptrs, counts))) or not (
+                coefs.flags.c_contiguous and k.flags.c_contiguous):
+            raise ValueError("Prepared needs C-contiguous arrays (int64 ptrs and counts) that it can keep")
+        self.fn = fn
+        self._arrays = arrays
+        self._args = (counts.size, ptrs.ctypes.data, counts.ctypes.data, coefs.ctypes.data, k.ctypes.data)
+        self._total = int(counts.sum())
+        self._omp: tuple[Any, np.ndarray, int] | None = None  # (team, data block, its address)
+
+    def __call__(self, threads: int) -> None:
+        n_pieces = self._args[0]
+        if threads <= 1 or self._total < PARALLEL_MIN or n_pieces == 1:
+            self.fn(*self._args)
+            return
+        team = omp_team.team()
+        if team is None:
+            ptrs, counts, coefs, k = self._arrays
+            run(self.fn, ptrs, counts, coefs, k, threads)
+            return
+        omp = self._omp
+        if omp is None or omp[0] is not team:
+            data = omp_team.prepare(team, self.fn, *self._arrays)
+            omp = self._omp = (team, data, data.ctypes.data)
+        team.parallel(omp_team.body_address(), omp[2], threads, 0)
 
 
 def pieces(addresses: np.ndarray, sizes: np.ndarray, itemsizes: Sequence[int], per: np.ndarray

@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["Team", "is_gnu_libgomp", "launch", "team"]
+__all__ = ["Team", "body_address", "is_gnu_libgomp", "launch", "prepare", "team"]
 
 #: slots of the int64 ``data`` block the body reads, in this order
 SLOTS = ("kernel", "n_pieces", "ptrs", "counts", "coefs", "k", "coef_bytes", "thread_num", "num_threads", "trace",
@@ -259,9 +259,25 @@ def launch(team: Team, kernel: Any, ptrs: np.ndarray, counts: np.ndarray, coefs:
     """
     if trace is not None and (trace.dtype != np.int64 or trace.size < 3 * threads or not trace.flags.c_contiguous):
         raise ValueError(f"trace must be a contiguous int64 array of >= {3 * threads} entries")
-    data = np.array([
+    data = prepare(team, kernel, ptrs, counts, coefs, k, trace)
+    team.parallel(_body(), data.ctypes.data, threads, 0)
+
+
+def prepare(team: Team, kernel: Any, ptrs: np.ndarray, counts: np.ndarray, coefs: np.ndarray, k: np.ndarray,
+            trace: np.ndarray | None = None) -> np.ndarray:
+    """The body's ``data`` block (:data:`SLOTS`) for these arrays: :func:`launch` without the call.
+
+    A caller that steps the same arrays again and again (their contents change, not their
+    addresses) keeps the block and calls ``team.parallel(body_address(), data.ctypes.data,
+    threads, 0)``; the arrays must outlive it.
+    """
+    return np.array([
         ctypes.cast(kernel, ctypes.c_void_p).value, counts.size, ptrs.ctypes.data, counts.ctypes.data,
         coefs.ctypes.data, k.ctypes.data, 2 * coefs.itemsize, team.thread_num, team.num_threads,
         0 if trace is None else trace.ctypes.data, team.gettid,
     ], dtype=np.int64)
-    team.parallel(_body(), data.ctypes.data, threads, 0)
+
+
+def body_address() -> int:
+    """The address of the compiled team-member body :func:`launch` hands to ``GOMP_parallel``."""
+    return _body()

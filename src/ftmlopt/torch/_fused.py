@@ -269,24 +269,29 @@ class _Plan:
     """What a CPU group's kernel call needs besides the gradients and the step's constants.
 
     Built on a group's first step and reused while the same tensors (same addresses, sizes and
-    dtypes) come back: the spec and kernel, the pieces (:func:`ftmlopt.kernels.cpu.pieces`), the
-    step counters' addresses, and buffers for the per-piece coefficients and the ``k`` scalars.
-    Only integers (addresses) are kept, never the tensors. After a large step the Python side
-    runs with caches the kernel has flushed; building these arrays every step cost about half a
-    millisecond there (16 tensors), 5-8 % of the step of 16M parameters.
+    dtypes) come back: the kernel call over its pieces (:class:`ftmlopt.kernels.cpu.Prepared`,
+    with buffers for the per-piece coefficients and the ``k`` scalars, filled each step) and the
+    step counters' addresses. Only integers (addresses) are kept, never the tensors. After a large
+    step the Python side runs with caches the kernel has flushed; building these arrays every
+    step cost about half a millisecond there (16 tensors), 5-8 % of the step of 16M parameters.
     """
 
-    __slots__ = ("coefs", "compute", "counts", "fn", "g_offsets", "g_ptrs", "k", "k_key", "owner", "ptrs",
-                 "spec", "step_ptrs")
+    __slots__ = ("call", "coefs", "compute", "count_args", "counter", "g_offsets", "g_ptrs", "k", "k_key", "owner",
+                 "ptrs", "step_out")
 
-    def __init__(self, spec: Any, fn: Any, ptrs: np.ndarray, counts: np.ndarray, owner: np.ndarray,
-                 g_offsets: np.ndarray, g_ptrs: tuple[int, ...], step_ptrs: np.ndarray) -> None:
-        self.spec, self.fn, self.compute = spec, fn, _NP[spec.compute]
-        self.ptrs, self.counts, self.owner, self.g_offsets = ptrs, counts, owner, g_offsets
-        self.g_ptrs, self.step_ptrs = g_ptrs, step_ptrs
+    def __init__(self, spec: Any, ptrs: np.ndarray, counts: np.ndarray, owner: np.ndarray, g_offsets: np.ndarray,
+                 g_ptrs: tuple[int, ...], step_ptrs: np.ndarray, step_dtype: str) -> None:
+        from ftmlopt.kernels import cpu
+
+        self.compute = _NP[spec.compute]
+        self.ptrs, self.owner, self.g_offsets, self.g_ptrs = ptrs, owner, g_offsets, g_ptrs
         self.coefs = np.empty((counts.size, 2), dtype=self.compute)
+        self.k = np.zeros(len(cpu.K_FIELDS), dtype=self.compute)
         self.k_key: tuple[Any, ...] | None = None
-        self.k = np.empty(0, dtype=self.compute)
+        self.call = cpu.Prepared(cpu.kernel(spec), ptrs, counts, self.coefs, self.k)
+        self.counter = cpu.counter_kernel(step_dtype)
+        self.step_out = np.empty(step_ptrs.size, dtype=np.float64)
+        self.count_args = (step_ptrs.size, step_ptrs.ctypes.data, self.step_out.ctypes.data, 1.0, step_ptrs)
 
 
 #: plans by (options, dtypes, the group's addresses and sizes); a handful of groups at a time
@@ -381,7 +386,8 @@ def _cpu_group(
 
     # the counters are incremented and read in one call through their addresses (checked above: one
     # element each, float32/float64, on the CPU)
-    t_all = cpu.bump_counters(plan.step_ptrs, names[step_dtype])
+    plan.counter(*plan.count_args[:4])
+    t_all = plan.step_out
     first_t = t_all[0]
     one_t = bool((t_all == first_t).all())
     per = None if one_t else np.empty((len(steps), 2), dtype=np.float64)
@@ -401,10 +407,10 @@ def _cpu_group(
         plan.coefs[:] = per[plan.owner]
     k_key = (lr_value, beta1, beta2, eps, weight_decay, decoupled_weight_decay, clip_gradient, maximize, scale)
     if plan.k_key != k_key:  # the k scalars depend on the hyper-parameters only, not on t
-        plan.k = cpu.k_vector(c, plan.compute, scale=1.0 if scale is None else scale)
+        plan.k[:] = cpu.k_vector(c, plan.compute, scale=1.0 if scale is None else scale)
         plan.k_key = k_key
 
-    cpu.run(plan.fn, plan.ptrs, plan.counts, plan.coefs, plan.k, torch.get_num_threads())
+    plan.call(torch.get_num_threads())
     for original, copy, write_back in staged:
         if write_back:
             original.copy_(copy)
@@ -441,4 +447,4 @@ def _new_plan(work: list[list[Tensor]], steps: list[Tensor], flags: tuple[Any, .
     owner = owner_col[:, 0].astype(np.intp)
     g_offsets = ptrs[:, 1] - addresses[owner, 1]
     step_ptrs = np.fromiter(map(ptr, steps), np.int64, n)
-    return _Plan(spec, cpu.kernel(spec), np.ascontiguousarray(ptrs), counts, owner, g_offsets, g_ptrs, step_ptrs)
+    return _Plan(spec, np.ascontiguousarray(ptrs), counts, owner, g_offsets, g_ptrs, step_ptrs, flags[-1])
