@@ -30,14 +30,21 @@ tasks_before = set(os.listdir("/proc/self/task"))
 import numpy as np
 from ftmlopt.kernels import cpu
 from ftmlopt.torch import FTML
-seen, traces = [], []
-real_run = cpu.run
+seen, traces, optimizer_calls = [], [], []
+real_run, real_prepared = cpu.run, cpu.Prepared.__call__
 def spy(fn, ptrs, counts, coefs, k, threads):
     seen.append(threads)
     trace = np.full(3 * threads, -1, np.int64)
     real_run(fn, ptrs, counts, coefs, k, threads, trace=trace)
     traces.append(trace.reshape(threads, 3).tolist())
+def spy_prepared(self, threads):  # the optimizer's fused step calls a prepared kernel call
+    optimizer_calls.append(threads)
+    seen.append(threads)
+    trace = np.full(3 * threads, -1, np.int64)
+    real_prepared(self, threads, trace=trace)
+    traces.append(trace.reshape(threads, 3).tolist())
 cpu.run = spy
+cpu.Prepared.__call__ = spy_prepared
 gen = torch.Generator().manual_seed(0)
 params = [torch.nn.Parameter(torch.randn(1 << 19, generator=gen)) for _ in range(2)]
 for compact in (True, False):
@@ -53,6 +60,7 @@ ftml_update(w, np.full_like(w, 0.5), *(np.zeros_like(w) for _ in range(3)), lr=0
 after = {"threads": torch.get_num_threads(), "interop": torch.get_num_interop_threads(), "env": dict(os.environ)}
 workers = [t.name for t in threading.enumerate() if t.name.startswith("ftmlopt-cpu")]
 print(json.dumps({"before": before, "after": after, "seen": seen, "workers": workers, "traces": traces,
+                  "optimizer_calls": optimizer_calls,
                   "team": sorted(map(int, tasks_before - tasks_before_op)), "main": threading.get_native_id(),
                   "new_tasks": sorted(set(os.listdir("/proc/self/task")) - tasks_before),
                   "aten_openmp": "ATen parallel backend: OpenMP" in torch.__config__.parallel_info(),
@@ -83,6 +91,7 @@ def test_fused_step_keeps_thread_settings_and_uses_torchs_count(setting, omp, ex
         assert before["threads"] == expected
     threads = before["threads"]
     assert out["seen"] and all(n == threads for n in out["seen"]), out["seen"]
+    assert len(out["optimizer_calls"]) == 6, out["optimizer_calls"]  # 2 forms x 3 steps, each traced
     on_team = out["aten_openmp"] and out["libgomp"]  # torch's wheels: ATen on GNU libgomp
     if threads == 1:
         # one thread: the calling thread alone, no team entered, no thread started

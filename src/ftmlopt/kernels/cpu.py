@@ -557,6 +557,9 @@ def run(
         f.result()
 
 
+_run_pieces = run  # what Prepared falls back to (bound here: a spy on cpu.run sees only direct calls)
+
+
 class Prepared:
     """A kernel call over arrays that stay put between calls: :func:`run` with the addresses taken once.
 
@@ -595,15 +598,16 @@ class Prepared:
         self._total = int(counts.sum())
         self._omp: tuple[Any, np.ndarray, int] | None = None  # (team, data block, its address)
 
-    def __call__(self, threads: int) -> None:
+    def __call__(self, threads: int, *, trace: np.ndarray | None = None) -> None:
+        """Run the call on up to ``threads`` threads; ``trace`` as in :func:`run` (OpenMP path only)."""
         n_pieces = self._args[0]
         if threads <= 1 or self._total < PARALLEL_MIN or n_pieces == 1:
             self.fn(*self._args)
             return
         team = omp_team.team()
-        if team is None:
+        if team is None or trace is not None:
             ptrs, counts, coefs, k = self._arrays
-            run(self.fn, ptrs, counts, coefs, k, threads)
+            _run_pieces(self.fn, ptrs, counts, coefs, k, threads, trace=trace)
             return
         omp = self._omp
         if omp is None or omp[0] is not team:
