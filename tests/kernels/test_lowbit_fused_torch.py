@@ -180,3 +180,45 @@ def test_kernel_compiles_for_sm90_with_correctly_rounded_float32_and_no_fma() ->
         # rule's divisions are float64 for float64 params
         assert int(div_rn) > 0 and int(sqrt_rn) > 0, (bits, param)
         assert (int(div_rn64) > 0) == (param == "float64"), (bits, param)
+
+
+# ---------------------------------------------------------------------------- the CPU group plan cache
+@pytest.mark.parametrize("bits", [8, 4])
+def test_cpu_plan_follows_new_gradients_keys_and_hyper_parameters(bits) -> None:
+    """The same params stepped again with new gradient tensors (kept alive: new addresses), new step
+    keys and a changing lr (the decoupled decay factor lives in ``k``): bit for bit the reference."""
+    from ftmlopt.torch import _fused_lowbit
+
+    gen = torch.Generator().manual_seed(40 + bits)
+    shapes = [(70_000,), (4097,)]  # more than one piece, and a partial block
+    ws = [torch.randn(s, generator=gen) for s in shapes]
+    state = [lowbit.zeros_state(w.numel(), bits, ops=lowbit.ops_for(w)) for w in ws]
+    qs, ss = [q for q, _ in state], [s for _, s in state]
+    ref = [[w.clone(), q.clone(), s.clone()] for w, q, s in zip(ws, qs, ss)]
+    kept, plans = [], None
+    for t, lr in enumerate([1e-2, 1e-2, 3e-3, 3e-2], start=1):
+        gs = [_grad(gen, s, t) for s in shapes]
+        kept.append(gs)
+        c = rule.constants(lr, t, **HYPER, weight_decay=0.1, decoupled=True)
+        for i, g in enumerate(gs):
+            ref[i] = list(_reference(ref[i][0], g, ref[i][1], ref[i][2], c, bits=bits, seed=5 + i, t=t))
+        step_lowbit(ws, [g.clone() for g in gs], qs, ss, [5, 6], [t, t], c, bits=bits)
+        for i in range(len(ws)):
+            for got, want in zip((ws[i], qs[i], ss[i]), ref[i]):
+                assert _same(got, want), (i, t)
+        if t == 1:
+            plans = dict(_fused_lowbit._PLANS)
+    assert dict(_fused_lowbit._PLANS) == plans  # one plan served every step
+
+
+def test_cpu_plan_is_not_reused_for_another_size_at_the_same_address() -> None:
+    gen = torch.Generator().manual_seed(44)
+    w = torch.randn(8192, generator=gen)
+    q, s = lowbit.zeros_state(8192, 8, ops=lowbit.ops_for(w))
+    c = rule.constants(1e-2, 1, **HYPER)
+    step_lowbit([w], [torch.ones(8192)], [q], [s], [0], [1], c, bits=8)
+    tail = w[4096:].clone(), q[4096:].clone(), s[32:].clone()
+    # the first half: the same addresses, half the elements; the second half must not move
+    step_lowbit([w[:4096]], [torch.ones(4096)], [q[:4096]], [s[:32]], [0], [2], rule.constants(1e-2, 2, **HYPER),
+                bits=8)
+    assert all(_same(a, b) for a, b in zip((w[4096:], q[4096:], s[32:]), tail))

@@ -179,15 +179,56 @@ def step_lowbit(
                     != (cs[0].sign, cs[0].wd is None, cs[0].decay is None, cs[0].clip is None)):
                 raise ValueError("the constants of one fused low-bit call may differ only in their step")
     ptr = torch.Tensor.data_ptr
-    addresses = np.array([list(map(ptr, row)) for row in zip(ws, gs, codes, scales)], dtype=np.int64)
-    keys = np.array([lowbit.step_key(seed, t) for seed, t in zip(seeds, steps)], dtype=np.int64)
-    per = np.array([(c.step_size, c.bias2) for c in cs], dtype=np.float64).astype(ct)
-    sizes = np.fromiter((p.numel() for p in params), np.int64, len(params))
-    pieces = cpu_lowbit.make_pieces(addresses, sizes, keys, per)
+    n = len(params)
+    sizes = tuple(map(torch.Tensor.numel, params))
+    g_ptrs = tuple(map(ptr, gs))
+    key = (spec, sizes, tuple(map(ptr, ws)), tuple(map(ptr, codes)), tuple(map(ptr, scales)))
+    plan = _PLANS.get(key)
+    if plan is None:
+        addresses = np.array([list(map(ptr, row)) for row in zip(ws, gs, codes, scales)], dtype=np.int64)
+        # built with each tensor's index as its key: the pieces' owners, then the keys are filled per step
+        ptrs, counts, _ = cpu_lowbit.make_pieces(addresses, np.array(sizes, dtype=np.int64),
+                                                 np.arange(n, dtype=np.int64), np.zeros((n, 2), dtype=ct))
+        plan = _Plan(cpu_lowbit.kernel(spec), ptrs, counts, ct, g_ptrs, ptrs[:, 1] - addresses[ptrs[:, 5], 1])
+        if not staged:  # staged params get new addresses every step: nothing to reuse
+            if len(_PLANS) >= 64:
+                _PLANS.clear()
+            _PLANS[key] = plan
+    elif g_ptrs != plan.g_ptrs:  # new gradient tensors (zero_grad(set_to_none=True)): re-point that column
+        plan.ptrs[:, 1] = np.fromiter(g_ptrs, np.int64, n)[plan.owner] + plan.g_offsets
+        plan.g_ptrs = g_ptrs
+    keys = np.fromiter((lowbit.step_key(seed, t) for seed, t in zip(seeds, steps)), np.int64, n)
+    plan.ptrs[:, 5] = keys[plan.owner]
+    if len(distinct) == 1:
+        plan.coefs[:] = (cs[0].step_size, cs[0].bias2)  # rounded once from float64 to the compute dtype
+    else:
+        plan.coefs[:] = np.array([(c.step_size, c.bias2) for c in cs], dtype=np.float64)[plan.owner]
+    plan.k[:] = k
     with torch.no_grad():
-        cpu.run(cpu_lowbit.kernel(spec), *pieces, k, torch.get_num_threads() if threads is None else threads)
+        plan.call(torch.get_num_threads() if threads is None else threads)
         for original, copy in staged:
             original.copy_(copy)
+
+
+class _Plan:
+    """A CPU group's kernel call kept between steps (as ``torch._fused``'s plan): the pieces of the
+    same params, codes and scales (by address and size); the gradient column, the per-piece keys and
+    coefficients and ``k`` are rewritten each step. Only addresses are kept, never the tensors."""
+
+    __slots__ = ("call", "coefs", "g_offsets", "g_ptrs", "k", "owner", "ptrs")
+
+    def __init__(self, fn: Any, ptrs: np.ndarray, counts: np.ndarray, ct: Any, g_ptrs: tuple[int, ...],
+                 g_offsets: np.ndarray) -> None:
+        from ftmlopt.kernels import cpu
+
+        self.ptrs, self.g_ptrs, self.g_offsets = ptrs, g_ptrs, g_offsets
+        self.owner = ptrs[:, 5].astype(np.intp)
+        self.coefs = np.empty((counts.size, 2), dtype=ct)
+        self.k = np.zeros(len(cpu.K_FIELDS), dtype=ct)
+        self.call = cpu.Prepared(fn, ptrs, counts, self.coefs, self.k)
+
+
+_PLANS: dict[tuple[Any, ...], _Plan] = {}
 
 
 def fused_ftml_lowbit(
@@ -258,9 +299,7 @@ def _body(
     lowbit.check_rounding(rounding)
     if found_inf is not None and float(found_inf) != 0.0:
         return  # an inf/NaN gradient: nothing changes, the step is not counted
-    with torch.no_grad():
-        torch._foreach_add_(state_steps, 1)
-    ts = [int(s.item()) for s in state_steps]
+    ts = _count(state_steps)
     cache: dict[int, rule.Constants] = {}
     for t in set(ts):
         cache[t] = rule.constants(float(lr), t, beta1, beta2, eps, weight_decay=weight_decay,
@@ -275,6 +314,28 @@ def _body(
 
         step_lowbit(pick(params), pick(grads), pick(codes), pick(scales), pick(seeds), pick(ts),
                     [cache[t] for t in pick(ts)], bits=bits, rounding=rounding, grad_scale=scale)
+
+
+def _count(state_steps: list[Tensor]) -> list[int]:
+    """Increment every step tensor by one and return the new counts.
+
+    Contiguous CPU float32/float64 counters of one dtype are bumped and read in one compiled call
+    (:func:`ftmlopt.kernels.cpu.bump_counters`); anything else through ``torch._foreach_add_``.
+    """
+    import torch
+
+    dtype = state_steps[0].dtype
+    names = {torch.float32: "float32", torch.float64: "float64"}
+    if (all(s.device.type == "cpu" and s.dtype == dtype and s.is_contiguous() for s in state_steps)
+            and dtype in names):
+        from ftmlopt.kernels import cpu
+
+        if cpu.AVAILABLE:
+            addresses = np.fromiter(map(torch.Tensor.data_ptr, state_steps), np.int64, len(state_steps))
+            return [int(t) for t in cpu.bump_counters(addresses, names[dtype]).tolist()]
+    with torch.no_grad():
+        torch._foreach_add_(state_steps, 1)
+    return [int(s.item()) for s in state_steps]
 
 
 def _register() -> Any:
