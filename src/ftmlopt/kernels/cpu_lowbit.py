@@ -14,8 +14,8 @@ mantissa bits; ``k``: the step's constants, as in :mod:`ftmlopt.kernels.cpu`)::
     u = x(q) * s;  v = u * u                                                   (float32)
     g' = rule.gradient(g, w);  v <- v * b2 + (g' * g') * (1 - b2)              (compute type)
     w <- w - (g' * step_size) / (sqrt(v / bias2) + eps)                        (rule.compact_step)
-    u = sqrt(float32(v));  s' = max_block(u) / TOP                             (float32)
-    q = clamp(((bitcast<i32>(u / s') + r_i) >> (23 - M)) - ((127 - (2^E - 1)) << M), 0, 2^(E+M) - 1)
+    u = sqrt(float32(v));  s' = max_block(u) / TOP;  rho = 1 / s' (1 if s' <= 0)  (float32)
+    q = clamp(((bitcast<i32>(u * rho) + r_i) >> (23 - M)) - ((127 - (2^E - 1)) << M), 0, 2^(E+M) - 1)
 
 with ``r_i = mix32(i ^ key) >> (9 + M)`` (stochastic rounding; ``key`` from the tensor's seed and
 step) or ``2^(22 - M)`` (round to nearest). No fast-math and no FMA contraction: float32
@@ -173,9 +173,9 @@ def _codegen(spec: LowbitSpec) -> str:
         ub = b.and_(b.bitcast(u, i32), i32(0x7FFFFFFF))  # any NaN sorts above +inf and wins
         return b.select(b.icmp_signed(">", ub, mx), ub, mx)
 
-    def encode(j: Any, i: Any, new_scale: Any) -> Any:
-        """The code (i32) of buffered element ``j`` (flat index ``i`` mod 2**32, i32) with the block's new scale."""
-        x = b.fdiv(b.load(b.gep(buf, [i64(0), j])), new_scale)
+    def encode(j: Any, i: Any, rho: Any) -> Any:
+        """The code (i32) of buffered element ``j`` (flat index ``i`` mod 2**32, i32), ``rho`` = 1 / scale."""
+        x = b.fmul(b.load(b.gep(buf, [i64(0), j])), rho)
         if spec.rounding == "stochastic":
             h = b.xor(i, key)
             h = b.xor(h, b.lshr(h, i32(16)))
@@ -222,13 +222,13 @@ def _codegen(spec: LowbitSpec) -> str:
         mx = loop(nb, [i32(0)], step, "step")[0]
         umax = b.bitcast(mx, f32)
         new_scale = b.fdiv(umax, f32(top))
-        # an all-zero block: scale 0, and every code 0 (u / 1 = 0 encodes below the smallest code)
-        divisor = b.select(b.fcmp_ordered("==", new_scale, f32(0.0)), f32(1.0), new_scale)
+        # an all-zero block: scale 0, and every code 0 (u * 1 = 0 encodes below the smallest code)
+        rho = b.fdiv(f32(1.0), b.select(b.fcmp_ordered(">", new_scale, f32(0.0)), new_scale, f32(1.0)))
         codes_out, first_out = (c_p, base) if spec.bits == 8 else (b.gep(qbuf, [i64(0), i64(0)]), i64(0))
 
         def enc(j: Any, _: list[Any]) -> list[Any]:
             i = b.add(base32, b.trunc(j, i32))  # 32-bit lanes: the random bits use the index mod 2**32
-            b.store(b.trunc(encode(j, i, divisor), i8), b.gep(codes_out, [b.add(first_out, j)]))
+            b.store(b.trunc(encode(j, i, rho), i8), b.gep(codes_out, [b.add(first_out, j)]))
             return []
 
         loop(nb, [], enc, "encode")
