@@ -462,7 +462,7 @@ def encode(u: Array, bits: int, *, r: Array | int, ops: Ops) -> tuple[Array, Arr
     u2 = ops.reshape(ops.pad(u, nb * BLOCK), (nb, BLOCK))
     scales = ops.div(ops.row_max(u2), ops.float32_scalar(top(bits)))
     safe = ops.where(scales > 0, scales, ops.float32_scalar(1.0))
-    rho = ops.div(safe * 0 + 1, safe)  # 1 / s, once per block: a multiply per element, not a division
+    rho = ops.div(ops.zeros_float32(nb) + 1, safe)  # 1 / s once per block (1 / inf = 0), then a multiply
     x = ops.flat(u2 * rho[:, None])[:numel]
     q = ((ops.bits_of(x) + r) >> (23 - m)) - ops.int32_scalar((127 - (2**e - 1)) << m)
     q = ops.clamp(q, 0, 2 ** (e + m) - 1)
