@@ -29,7 +29,8 @@ so the smallest code is :math:`2^{-15}` (E4M4) or :math:`2^{-7}` (E3M1) of the b
 is over-estimated (its step shrinks: the safe side) instead of becoming 0 (its step would become
 ``lr * g / eps``). A block that is all zero has scale 0 and decodes to exactly 0.
 
-**Encoding** ``x = u / s`` (float32) works on the float32 bit pattern: with ``bits`` its int32
+**Encoding** ``x = u * rho`` with ``rho = 1 / s`` (float32, ``rho`` once per block, ``rho = 1``
+where ``s`` is not positive) works on the float32 bit pattern: with ``bits`` its int32
 view, ``q = ((bits + r) >> (23 - M)) - ((127 - (2^E - 1)) << M)``, clamped to the code range.
 ``r`` is ``2^(22-M)`` for round-to-nearest, or a random integer in ``[0, 2^(23-M))`` for
 stochastic rounding (adding uniform low bits, then truncating, is unbiased rounding on this grid).
@@ -50,8 +51,9 @@ bit-identical). With :func:`mix32` (a 32-bit avalanche mix)::
 step from the same ``v_old``); then ``u = sqrt(float32(v_t))``, the new block scales, and the new
 codes. Operation order, for kernels that want to be bit-identical: decode ``u = x(q) * s``,
 ``v = u * u``; encode with ``u`` the correctly rounded float32 square root of ``float32(v)``,
-``s = max(u) / x_top`` and ``x = u / s`` as correctly rounded float32 divisions (not a multiply
-by a reciprocal), ``x = u / 1`` where ``s == 0`` (so an all-zero block gets code 0). ``v_t`` itself
+``s = max(u) / x_top`` and ``rho = 1 / s`` as correctly rounded float32 divisions (once per block),
+``rho = 1`` where ``s`` is not positive (so an all-zero block gets code 0), and ``x = u * rho`` (one
+float32 multiply per element: a division per element was the kernels' costliest step). ``v_t`` itself
 is the rule's ``v * beta2 + (g' * g') * (1 - beta2)``: a kernel that contracts it into a fused
 multiply-add (Triton and XLA do by default) may differ in ``v_t``'s last bit, which moves a code by
 at most one, rarely.
@@ -460,7 +462,8 @@ def encode(u: Array, bits: int, *, r: Array | int, ops: Ops) -> tuple[Array, Arr
     u2 = ops.reshape(ops.pad(u, nb * BLOCK), (nb, BLOCK))
     scales = ops.div(ops.row_max(u2), ops.float32_scalar(top(bits)))
     safe = ops.where(scales > 0, scales, ops.float32_scalar(1.0))
-    x = ops.flat(ops.div(u2, safe[:, None]))[:numel]
+    rho = ops.div(ops.zeros_float32(nb) + 1, safe)  # 1 / s once per block (1 / inf = 0), then a multiply
+    x = ops.flat(u2 * rho[:, None])[:numel]
     q = ((ops.bits_of(x) + r) >> (23 - m)) - ops.int32_scalar((127 - (2**e - 1)) << m)
     q = ops.clamp(q, 0, 2 ** (e + m) - 1)
     return (ops.to_uint8(q) if bits == 8 else pack4(q, ops)), scales

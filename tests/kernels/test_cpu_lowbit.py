@@ -121,3 +121,23 @@ def test_bad_arrays_and_options_are_refused_before_anything_changes() -> None:
     with pytest.raises(ValueError, match="Invalid rounding"):
         cpu_lowbit.step_arrays([w], [g], [q], [s], c, seeds=[0], step=1, bits=4, rounding="up")
     assert (w == 1).all() and (q == 0).all() and (s == 0).all()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+def test_non_finite_blocks_match_the_reference(bits: int, rounding: str) -> None:
+    """A ``v`` that overflows to inf (scale inf: ``rho = 1 / inf = 0``) and a NaN gradient (scale NaN:
+    ``rho = 1``): the kernel's weights, codes and scales are still the reference's bits."""
+    n = 3 * lowbit.BLOCK
+    w = np.linspace(-1.0, 1.0, n, dtype=np.float32)
+    g = np.linspace(0.5, -0.5, n, dtype=np.float32)
+    g[5] = 1e30  # g' * g' overflows: v = inf in block 0
+    g[130] = np.nan  # block 1
+    q, s = lowbit.zeros_state(n, bits)
+    c = rule.constants(1e-2, 1, **HYPER)
+    want = lowbit.compact_step(w.copy(), g, q.copy(), s.copy(), c.cast(np.float32), bits=bits, seed=3, step=1,
+                               rounding=rounding)
+    cpu_lowbit.step_arrays([w], [g], [q], [s], c, seeds=[3], step=1, bits=bits, rounding=rounding)
+    assert np.isinf(want[2][0]) and np.isnan(want[2][1]) and np.isfinite(want[2][2])
+    for name, a, b in zip(("w", "codes", "scales"), (w, q, s), want):
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), name

@@ -62,6 +62,23 @@ def test_triton_interpreter_matches_the_reference_bit_for_bit(bits, rounding, dt
 
 
 @pytest.mark.parametrize("bits", [8, 4])
+def test_triton_interpreter_matches_the_reference_on_non_finite_blocks(bits, monkeypatch) -> None:
+    """v overflowing to inf (scale inf, ``rho = 1 / inf = 0``) and a NaN gradient (scale NaN, ``rho = 1``)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    n = 3 * lowbit.BLOCK
+    w = torch.linspace(-1.0, 1.0, n)
+    g = torch.linspace(0.5, -0.5, n)
+    g[5], g[130] = 1e30, float("nan")
+    q, s = lowbit.zeros_state(n, bits, ops=lowbit.ops_for(w))
+    c = rule.constants(1e-2, 1, **HYPER)
+    want = _reference(w.clone(), g, q.clone(), s.clone(), c, bits=bits, seed=3, t=1)
+    triton_lowbit.step([w], [g], [q], [s], [3], [1], [c], bits=bits, rounding="stochastic")
+    assert torch.isinf(want[2][0]) and torch.isnan(want[2][1])
+    for got, ref in zip((w, q, s), want):
+        assert _same(got, ref)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
 def test_registered_op_follows_torch_conventions_and_the_reference(bits) -> None:
     """Steps counted per tensor (one tensor skips a step), grad_scale divides and is written back, found_inf
     changes nothing, a non-contiguous param is stepped in its row-major order."""

@@ -6,6 +6,9 @@ decodes ``v`` in registers, runs the compact step in the rule's operation order,
 takes the block's new maximum of ``u = sqrt(v)`` and writes the codes encoded with the new scale
 and the step's counter-based random bits, then the scale. Nothing else is read or written: 14 bytes
 moved per float32 parameter at 8 bits, 13 at 4 bits (the float32-state compact step: 20).
+The whole blocks of a piece are software-pipelined: one vectorized loop steps block ``k`` (the
+divisions and square roots, which bound the kernel on the CPU's divider) while it encodes block
+``k - 1`` (integer work and the hash, on the other vector units), so the two overlap.
 
 Per element ``i`` of a block with old scale ``s`` and new scale ``s'`` (``E``, ``M``: exponent and
 mantissa bits; ``k``: the step's constants, as in :mod:`ftmlopt.kernels.cpu`)::
@@ -14,8 +17,8 @@ mantissa bits; ``k``: the step's constants, as in :mod:`ftmlopt.kernels.cpu`)::
     u = x(q) * s;  v = u * u                                                   (float32)
     g' = rule.gradient(g, w);  v <- v * b2 + (g' * g') * (1 - b2)              (compute type)
     w <- w - (g' * step_size) / (sqrt(v / bias2) + eps)                        (rule.compact_step)
-    u = sqrt(float32(v));  s' = max_block(u) / TOP                             (float32)
-    q = clamp(((bitcast<i32>(u / s') + r_i) >> (23 - M)) - ((127 - (2^E - 1)) << M), 0, 2^(E+M) - 1)
+    u = sqrt(float32(v));  s' = max_block(u) / TOP;  rho = 1 / s' (1 if s' <= 0)  (float32)
+    q = clamp(((bitcast<i32>(u * rho) + r_i) >> (23 - M)) - ((127 - (2^E - 1)) << M), 0, 2^(E+M) - 1)
 
 with ``r_i = mix32(i ^ key) >> (9 + M)`` (stochastic rounding; ``key`` from the tensor's seed and
 step) or ``2^(22 - M)`` (round to nearest). No fast-math and no FMA contraction: float32
@@ -114,8 +117,10 @@ def _codegen(spec: LowbitSpec) -> str:
     b = ir.IRBuilder(entry)
     buf = b.alloca(ir.ArrayType(f32, BLOCK), name="u")
     buf.align = 64
-    qbuf = b.alloca(ir.ArrayType(i8, BLOCK + 1), name="q")
-    qbuf.align = 64
+    qin = b.alloca(ir.ArrayType(i8, BLOCK), name="qin")  # 4-bit: the block's old codes, one per byte
+    qin.align = 64
+    qout = b.alloca(ir.ArrayType(i8, BLOCK + 1), name="qout")  # 4-bit: the new codes before packing
+    qout.align = 64
 
     def loop(n: Any, inits: list[Any], body: Callable[[Any, list[Any]], list[Any]], name: str) -> list[Any]:
         """``for j in range(n)`` carrying ``inits`` through ``body``; returns their final values."""
@@ -173,9 +178,9 @@ def _codegen(spec: LowbitSpec) -> str:
         ub = b.and_(b.bitcast(u, i32), i32(0x7FFFFFFF))  # any NaN sorts above +inf and wins
         return b.select(b.icmp_signed(">", ub, mx), ub, mx)
 
-    def encode(j: Any, i: Any, new_scale: Any) -> Any:
-        """The code (i32) of buffered element ``j`` (flat index ``i`` mod 2**32, i32) with the block's new scale."""
-        x = b.fdiv(b.load(b.gep(buf, [i64(0), j])), new_scale)
+    def encode(j: Any, i: Any, rho: Any) -> Any:
+        """The code (i32) of buffered element ``j`` (flat index ``i`` mod 2**32, i32), ``rho`` = 1 / scale."""
+        x = b.fmul(b.load(b.gep(buf, [i64(0), j])), rho)
         if spec.rounding == "stochastic":
             h = b.xor(i, key)
             h = b.xor(h, b.lshr(h, i32(16)))
@@ -190,63 +195,105 @@ def _codegen(spec: LowbitSpec) -> str:
         q = b.select(b.icmp_signed("<", q, i32(0)), i32(0), q)
         return b.select(b.icmp_signed(">", q, i32(top_code)), i32(top_code), q)
 
-    n_blocks = b.udiv(b.add(count, i64(BLOCK - 1)), i64(BLOCK))
+    def unpack_block(base: Any, nb: Any) -> None:
+        """4-bit: the bytes of the block at ``base`` into ``qin``, one code per element (a loop LLVM vectorizes)."""
+        c_base = b.lshr(base, i64(1))
 
-    def block(blk: Any, _: list[Any]) -> list[Any]:
-        off = b.mul(blk, i64(BLOCK))
-        rest = b.sub(count, off)
-        nb = b.select(b.icmp_signed("<", rest, i64(BLOCK)), rest, i64(BLOCK))
-        base = b.add(start, off)
-        base32 = b.trunc(base, i32)
-        s_ptr = b.gep(s_p, [b.lshr(base, i64(7))])
-        old_scale = b.load(s_ptr)
-        if spec.bits == 8:
-            codes_of, first = c_p, base
-        else:  # unpack the block's bytes into a buffer of one code per element (a loop LLVM vectorizes)
-            c_base = b.lshr(base, i64(1))
+        def unpack(j: Any, _: list[Any]) -> list[Any]:
+            byte = b.load(b.gep(c_p, [b.add(c_base, j)]))
+            j0 = b.shl(j, i64(1))
+            b.store(b.and_(byte, i8(15)), b.gep(qin, [i64(0), j0]))
+            b.store(b.lshr(byte, i8(4)), b.gep(qin, [i64(0), b.add(j0, i64(1))]))
+            return []
 
-            def unpack(j: Any, _: list[Any]) -> list[Any]:
-                byte = b.load(b.gep(c_p, [b.add(c_base, j)]))
-                j0 = b.shl(j, i64(1))
-                b.store(b.and_(byte, i8(15)), b.gep(qbuf, [i64(0), j0]))
-                b.store(b.lshr(byte, i8(4)), b.gep(qbuf, [i64(0), b.add(j0, i64(1))]))
-                return []
+        loop(b.lshr(b.add(nb, i64(1)), i64(1)), [], unpack, "unpack")
 
-            loop(b.lshr(b.add(nb, i64(1)), i64(1)), [], unpack, "unpack")
-            codes_of, first = b.gep(qbuf, [i64(0), i64(0)]), i64(0)
+    def pack_block(base: Any, nb: Any) -> None:
+        """4-bit: ``qout`` two codes per byte into the block at ``base``; an odd block's last high nibble is 0."""
+        c_base = b.lshr(base, i64(1))
+        b.store(i8(0), b.gep(qout, [i64(0), nb]))
+
+        def pack(j: Any, _: list[Any]) -> list[Any]:
+            j0 = b.shl(j, i64(1))
+            lo = b.load(b.gep(qout, [i64(0), j0]))
+            hi = b.load(b.gep(qout, [i64(0), b.add(j0, i64(1))]))
+            b.store(b.or_(lo, b.shl(hi, i8(4))), b.gep(c_p, [b.add(c_base, j)]))
+            return []
+
+        loop(b.lshr(b.add(nb, i64(1)), i64(1)), [], pack, "pack")
+
+    def code_in(base: Any, j: Any) -> Any:
+        """The old code (i32) of element ``j`` of the block at ``base``."""
+        return b.zext(b.load(b.gep(c_p, [b.add(base, j)]) if spec.bits == 8 else b.gep(qin, [i64(0), j])), i32)
+
+    def code_out(base: Any, j: Any, q: Any) -> None:
+        b.store(b.trunc(q, i8), b.gep(c_p, [b.add(base, j)]) if spec.bits == 8 else b.gep(qout, [i64(0), j]))
+
+    def scale_ptr(base: Any) -> Any:
+        return b.gep(s_p, [b.lshr(base, i64(7))])
+
+    def new_scale(base: Any, mx: Any) -> Any:
+        """Store the block's new scale (from the bits ``mx`` of its largest ``u``); returns its ``rho = 1 / scale``."""
+        scale = b.fdiv(b.bitcast(mx, f32), f32(top))
+        b.store(scale, scale_ptr(base))
+        # an all-zero block: scale 0, and every code 0 (u * 1 = 0 encodes below the smallest code)
+        return b.fdiv(f32(1.0), b.select(b.fcmp_ordered(">", scale, f32(0.0)), scale, f32(1.0)))
+
+    def step_block(base: Any, nb: Any) -> Any:
+        """Step the ``nb`` elements of the block at ``base``, their ``u`` into ``buf``; returns the block's rho."""
+        if spec.bits == 4:
+            unpack_block(base, nb)
+        old_scale = b.load(scale_ptr(base))
 
         def step(j: Any, carried: list[Any]) -> list[Any]:
-            q = b.zext(b.load(b.gep(codes_of, [b.add(first, j)])), i32)
-            return [keep(j, element(b.add(base, j), q, old_scale), carried[0])]
+            return [keep(j, element(b.add(base, j), code_in(base, j), old_scale), carried[0])]
 
-        mx = loop(nb, [i32(0)], step, "step")[0]
-        umax = b.bitcast(mx, f32)
-        new_scale = b.fdiv(umax, f32(top))
-        # an all-zero block: scale 0, and every code 0 (u / 1 = 0 encodes below the smallest code)
-        divisor = b.select(b.fcmp_ordered("==", new_scale, f32(0.0)), f32(1.0), new_scale)
-        codes_out, first_out = (c_p, base) if spec.bits == 8 else (b.gep(qbuf, [i64(0), i64(0)]), i64(0))
+        return new_scale(base, loop(nb, [i32(0)], step, "step")[0])
+
+    def encode_block(base: Any, nb: Any, rho: Any) -> None:
+        """Write the codes of the block at ``base`` from the ``u`` in ``buf``."""
+        base32 = b.trunc(base, i32)
 
         def enc(j: Any, _: list[Any]) -> list[Any]:
-            i = b.add(base32, b.trunc(j, i32))  # 32-bit lanes: the random bits use the index mod 2**32
-            b.store(b.trunc(encode(j, i, divisor), i8), b.gep(codes_out, [b.add(first_out, j)]))
+            code_out(base, j, encode(j, b.add(base32, b.trunc(j, i32)), rho))  # 32-bit index: i mod 2**32
             return []
 
         loop(nb, [], enc, "encode")
-        if spec.bits == 4:  # pack the buffer two codes per byte; an odd block's last high nibble is 0
-            b.store(i8(0), b.gep(qbuf, [i64(0), nb]))
+        if spec.bits == 4:
+            pack_block(base, nb)
 
-            def pack(j: Any, _: list[Any]) -> list[Any]:
-                j0 = b.shl(j, i64(1))
-                lo = b.load(b.gep(qbuf, [i64(0), j0]))
-                hi = b.load(b.gep(qbuf, [i64(0), b.add(j0, i64(1))]))
-                b.store(b.or_(lo, b.shl(hi, i8(4))), b.gep(c_p, [b.add(c_base, j)]))
-                return []
+    # Whole blocks are software-pipelined: one loop steps block k (divisions and square roots) while it
+    # encodes block k - 1 (integer work and the hash), so the two kinds of work overlap. Element j's
+    # ``u`` of block k - 1 is read from ``buf`` before block k's is written there.
+    full = i64(BLOCK)
+    n_full = b.udiv(count, full)
+    with b.if_then(b.icmp_signed(">", n_full, i64(0))):
+        rho0 = step_block(start, full)
 
-            loop(b.lshr(b.add(nb, i64(1)), i64(1)), [], pack, "pack")
-        b.store(new_scale, s_ptr)
-        return []
+        def pipelined(blk: Any, carried: list[Any]) -> list[Any]:
+            prev = b.add(start, b.mul(blk, full))
+            base = b.add(prev, full)
+            if spec.bits == 4:
+                unpack_block(base, full)
+            old_scale = b.load(scale_ptr(base))
+            prev32 = b.trunc(prev, i32)
 
-    loop(n_blocks, [], block, "block")
+            def both(j: Any, mx: list[Any]) -> list[Any]:
+                code_out(prev, j, encode(j, b.add(prev32, b.trunc(j, i32)), carried[0]))
+                return [keep(j, element(b.add(base, j), code_in(base, j), old_scale), mx[0])]
+
+            mx = loop(full, [i32(0)], both, "both")[0]
+            if spec.bits == 4:
+                pack_block(prev, full)
+            return [new_scale(base, mx)]
+
+        rho_last = loop(b.sub(n_full, i64(1)), [rho0], pipelined, "pipelined")[0]
+        encode_block(b.add(start, b.mul(b.sub(n_full, i64(1)), full)), full, rho_last)
+    tail_base = b.mul(n_full, full)
+    with b.if_then(b.icmp_signed(">", count, tail_base)):  # a partial last block
+        base = b.add(start, tail_base)
+        nb = b.sub(count, tail_base)
+        encode_block(base, nb, step_block(base, nb))
     b.ret_void()
 
     # run(n_pieces, ptrs[6 per piece], counts[per piece], coefs[2 per piece], k[K_FIELDS]): cpu.kernel's ABI

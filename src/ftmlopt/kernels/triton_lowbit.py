@@ -117,11 +117,11 @@ def _build() -> dict[str, Any]:
 
     @triton.jit
     def lowbit_encode(  # type: ignore[no-untyped-def]
-        u, idx, divisor, key, SHIFT: tl.constexpr, BIAS: tl.constexpr, M: tl.constexpr, TOP_CODE: tl.constexpr,
+        u, idx, rho, key, SHIFT: tl.constexpr, BIAS: tl.constexpr, M: tl.constexpr, TOP_CODE: tl.constexpr,
         STOCHASTIC: tl.constexpr,
     ):
-        """The int32 codes of a tile of ``u`` with the blocks' new scales (``divisor``: 1 where a scale is 0)."""
-        x = tl.div_rn(u, divisor[:, None])
+        """The int32 codes of a tile of ``u``; ``rho``: the blocks' ``1 / scale`` (1 where a scale is 0)."""
+        x = u * rho[:, None]
         if STOCHASTIC:
             h = idx.to(tl.uint32) ^ key
             h = h ^ (h >> 16)
@@ -176,8 +176,8 @@ def _build() -> dict[str, Any]:
                             SHIFT, BIAS, MAXIMIZE, COUPLED_WD, DECOUPLED_WD, HAS_CLIP, HAS_SCALE, MT, F64, BF16)
             umax = tl.reduce(u.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 1, max_of).to(tl.float32, bitcast=True)
             new_scale = tl.div_rn(umax, TOP)
-            divisor = tl.where(new_scale == 0.0, 1.0, new_scale)
-            code = lowbit_encode(u, idx, divisor, key, SHIFT, BIAS, M, TOP_CODE, STOCHASTIC)
+            rho = tl.div_rn(tl.full(new_scale.shape, 1.0, tl.float32), tl.where(new_scale > 0.0, new_scale, 1.0))
+            code = lowbit_encode(u, idx, rho, key, SHIFT, BIAS, M, TOP_CODE, STOCHASTIC)
             tl.store(c_ptr + idx, code.to(tl.uint8), mask=m)
         else:
             byte_idx = rows[:, None] * 64 + tl.arange(0, 64)[None, :]
@@ -195,9 +195,9 @@ def _build() -> dict[str, Any]:
                                   u_hi.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
             umax = tl.reduce(bits_max, 1, max_of).to(tl.float32, bitcast=True)
             new_scale = tl.div_rn(umax, TOP)
-            divisor = tl.where(new_scale == 0.0, 1.0, new_scale)
-            lo = lowbit_encode(u_lo, even, divisor, key, SHIFT, BIAS, M, TOP_CODE, STOCHASTIC)
-            hi = tl.where(m_odd, lowbit_encode(u_hi, even + 1, divisor, key, SHIFT, BIAS, M, TOP_CODE, STOCHASTIC), 0)
+            rho = tl.div_rn(tl.full(new_scale.shape, 1.0, tl.float32), tl.where(new_scale > 0.0, new_scale, 1.0))
+            lo = lowbit_encode(u_lo, even, rho, key, SHIFT, BIAS, M, TOP_CODE, STOCHASTIC)
+            hi = tl.where(m_odd, lowbit_encode(u_hi, even + 1, rho, key, SHIFT, BIAS, M, TOP_CODE, STOCHASTIC), 0)
             tl.store(c_ptr + byte_idx, (lo | (hi << 4)).to(tl.uint8), mask=m_even)
         tl.store(s_ptr + rows, new_scale, mask=row_ok)
 
