@@ -298,7 +298,9 @@ def test_composes_with_multisteps():
             params = optax.apply_updates(params, updates)
         u_ref, r_state = inner.update(jnp.asarray(grads[3 * k : 3 * k + 3].mean(0)), r_state)
         ref = optax.apply_updates(ref, u_ref)
-        np.testing.assert_allclose(params, ref, rtol=1e-6)
+        # MultiSteps averages the three gradients in its own order (a running mean), not as .mean(0):
+        # the two trajectories differ by float32 rounding, up to an ulp or two of |w| ~ 1 (atol)
+        np.testing.assert_allclose(params, ref, rtol=1e-6, atol=2.5e-7)
     assert int(state.inner_opt_state[0].count) == 2
 
 

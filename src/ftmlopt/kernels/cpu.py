@@ -32,10 +32,10 @@ tensor's own step)::
     w <- w * decay, z <- z * decay                       (decoupled weight decay)
     g <- g + w * wd                                      (coupled weight decay)
     g <- clip(g, -c, c)                                  (NaN passes through)
-    v <- v * b2 + (g * g) * (1 - b2);  root = sqrt(v / bias2) + eps
-    compact:      w <- w - (g * coef) / root
-    three-state:  d_t = root * coef;  z <- z * b1 + g * (1 - b1) - (d_t - d * b1) * w;
-                  d <- d_t;  w <- -z / d_t
+    v <- v * b2 + (g * g) * (1 - b2)
+    compact:      root = sqrt(v) * bias2_rsqrt + eps;  w <- w - (g * coef) / root
+    three-state:  root = sqrt(v / bias2) + eps;  d_t = root * coef;
+                  z <- z * b1 + g * (1 - b1) - (d_t - d * b1) * w;  d <- d_t;  w <- -z / d_t
 
 :class:`Spec` ``"operator"`` is MXNet 1.9.1's ``ftml_update`` in the order of
 :func:`ftmlopt.mxnet.operator._numpy_kernel` (bit-identical to it); the MXNet system binds it to its
@@ -255,7 +255,10 @@ def _codegen(spec: Spec) -> str:
                          operator=spec.form == "operator")
         v = b.fadd(b.fmul(load(v_p, st), k["beta2"]), b.fmul(b.fmul(g, g), k["one_minus_beta2"]))
         store(v_p, st, v)
-        root = b.fadd(b.call(sqrt, [b.fdiv(v, bias2)]), k["eps"])
+        if not mxnet:  # the compact rule: sqrt(v) * bias2_rsqrt (the piece's second coefficient)
+            root = b.fadd(b.fmul(b.call(sqrt, [v]), bias2), k["eps"])
+        else:
+            root = b.fadd(b.call(sqrt, [b.fdiv(v, bias2)]), k["eps"])
         if not mxnet:
             new_w = b.fsub(w, b.fdiv(b.fmul(g, coef), root))
         else:
@@ -377,8 +380,8 @@ def kernel(spec: Spec) -> Callable[..., None]:
 
     It is a C function ``run(n_pieces, ptrs, counts, coefs, k)``: ``ptrs`` holds 6 addresses per
     piece (w, g, d, v, z, out: the first element of the piece), ``counts`` the elements per
-    piece, ``coefs`` two compute-type numbers per piece (``step_size`` or ``d_scale``, then
-    ``bias2``) and ``k`` the compute-type scalars named by :data:`K_FIELDS`.
+    piece, ``coefs`` two compute-type numbers per piece (compact: ``step_size``, ``bias2_rsqrt``;
+    three-state: ``d_scale``, ``bias2``) and ``k`` the compute-type scalars named by :data:`K_FIELDS`.
 
     Example:
         >>> from ftmlopt.kernels import cpu
@@ -575,7 +578,7 @@ class Prepared:
         >>> ptrs = np.array([[w.ctypes.data, g.ctypes.data, v.ctypes.data, v.ctypes.data, v.ctypes.data,
         ...                   w.ctypes.data]], dtype=np.int64)
         >>> c = rule.constants(0.1, 1, 0.6, 0.999, 1e-8)
-        >>> coefs = np.array([[c.step_size, c.bias2]], dtype=np.float32)
+        >>> coefs = np.array([[c.step_size, c.bias2_rsqrt]], dtype=np.float32)
         >>> call = cpu.Prepared(cpu.kernel(cpu.Spec("compact", "float32", "float32")), ptrs,
         ...                     np.array([4]), coefs, cpu.k_vector(c, np.float32))
         >>> call(1)
@@ -681,8 +684,8 @@ def step_arrays(
     rows = [ws, gs, vs if compact else ds, vs, vs if compact else zs, ws]
     addresses = np.array([[a.ctypes.data for a in row] for row in rows], dtype=np.int64).T
     sizes = np.array([a.size for a in ws], dtype=np.int64)
-    coef = c.step_size if compact else c.d_scale
-    per = np.tile(np.array([coef, c.bias2], dtype=np.float64).astype(ct), (n, 1))
+    pair = (c.step_size, c.bias2_rsqrt) if compact else (c.d_scale, c.bias2)
+    per = np.tile(np.array(pair, dtype=np.float64).astype(ct), (n, 1))
     itemsizes = [a[0].itemsize for a in rows]
     ptrs, counts, coefs = pieces(addresses, sizes, itemsizes, per)
     run(kernel(spec), ptrs, counts, coefs, k, default_threads() if threads is None else threads)

@@ -16,7 +16,7 @@ mantissa bits; ``k``: the step's constants, as in :mod:`ftmlopt.kernels.cpu`)::
     x(q) = bitcast<f32>((q << (23 - M)) + ((127 - (2^E - 1)) << 23))        (exact)
     u = x(q) * s;  v = u * u                                                   (float32)
     g' = rule.gradient(g, w);  v <- v * b2 + (g' * g') * (1 - b2)              (compute type)
-    w <- w - (g' * step_size) / (sqrt(v / bias2) + eps)                        (rule.compact_step)
+    w <- w - (g' * step_size) / (sqrt(v) * bias2_rsqrt + eps)                  (rule.compact_step)
     u = sqrt(float32(v));  s' = max_block(u) / TOP;  rho = 1 / s' (1 if s' <= 0)  (float32)
     q = clamp(((bitcast<i32>(u * rho) + r_i) >> (23 - M)) - ((127 - (2^E - 1)) << M), 0, 2^(E+M) - 1)
 
@@ -168,9 +168,11 @@ def _codegen(spec: LowbitSpec) -> str:
         v_old = widen(b.fmul(u_old, u_old))
         g, w = cpu._gradient(b, spec, k, lambda: load_p(g_p, i), lambda: load_p(w_p, i), lambda g: store_p(g_p, i, g))
         v = b.fadd(b.fmul(v_old, k["beta2"]), b.fmul(b.fmul(g, g), k["one_minus_beta2"]))
-        root = b.fadd(b.call(sqrt_ct, [b.fdiv(v, bias2)]), k["eps"])
+        r = b.call(sqrt_ct, [v])
+        root = b.fadd(b.fmul(r, bias2), k["eps"])  # the compact rule: sqrt(v) * bias2_rsqrt + eps
         store_p(w_p, i, b.fsub(w, b.fdiv(b.fmul(g, coef), root)))
-        return b.call(sqrt_f32, [v if ct == f32 else b.fptrunc(v, f32)])  # u = sqrt(float32(v))
+        # u = sqrt(float32(v)): in float32 it is the step's own root (one square root per element)
+        return r if ct == f32 else b.call(sqrt_f32, [b.fptrunc(v, f32)])
 
     def keep(j: Any, u: Any, mx: Any) -> Any:
         """Store ``u`` in the block buffer; fold its bits into the running maximum (u >= 0: int order)."""
@@ -315,7 +317,7 @@ def kernel(spec: LowbitSpec) -> Callable[..., None]:
     A C function with :func:`ftmlopt.kernels.cpu.kernel`'s signature ``run(n_pieces, ptrs, counts,
     coefs, k)``; per piece ``ptrs`` holds ``(w, g, codes, scales, first, key)`` (the first three
     addresses are the tensor's, not the piece's; ``first`` is the piece's first element, a multiple
-    of :data:`BLOCK`), ``counts`` its element count and ``coefs`` ``(step_size, bias2)``.
+    of :data:`BLOCK`), ``counts`` its element count and ``coefs`` ``(step_size, bias2_rsqrt)``.
 
     Example:
         >>> from ftmlopt.kernels import cpu_lowbit
@@ -342,7 +344,7 @@ def make_pieces(addresses: np.ndarray, sizes: np.ndarray, keys: np.ndarray, per:
     """Cut tensors into pieces of whole blocks (at most :data:`CHUNK` elements) for :func:`ftmlopt.kernels.cpu.run`.
 
     ``addresses`` is ``(n, 4)`` int64 (w, g, codes, scales), ``sizes`` ``(n,)``, ``keys`` ``(n,)``
-    the step keys, ``per`` ``(n, 2)`` the ``(step_size, bias2)`` of each tensor in the compute dtype.
+    the step keys, ``per`` ``(n, 2)`` the ``(step_size, bias2_rsqrt)`` of each tensor in the compute dtype.
     Returns ``(ptrs, counts, coefs)``: ``ptrs`` has the six words per piece :func:`kernel` reads.
 
     Example:
@@ -397,7 +399,7 @@ def step_arrays(
     addresses = np.array([[a.ctypes.data for a in row] for row in zip(ws, gs, codes, scales)],
                          dtype=np.int64).reshape(-1, 4)
     keys = np.array([lowbit.step_key(seed, step) for seed in seeds], dtype=np.int64)
-    per = np.tile(np.array([c.step_size, c.bias2], dtype=np.float64).astype(ct), (len(ws), 1))
+    per = np.tile(np.array([c.step_size, c.bias2_rsqrt], dtype=np.float64).astype(ct), (len(ws), 1))
     ptrs, counts, coefs = make_pieces(addresses, sizes, keys, per)
     cpu.run(fn, ptrs, counts, coefs, cpu.k_vector(c, ct), cpu.default_threads() if threads is None else threads)
 

@@ -87,7 +87,10 @@ def _build() -> dict[str, Any]:
             g = tl.where(g < -clip, -clip, g)
         v = b2m * tl.load(v_ptr + offs, mask=m).to(MT) + omb2 * (g * g)
         tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=m)
-        root = tl.sqrt(v / bias2) + eps
+        if COMPACT:  # the compact rule: sqrt(v) * bias2_rsqrt + eps (``bias2`` holds bias2_rsqrt here)
+            root = tl.sqrt(v) * bias2 + eps
+        else:
+            root = tl.sqrt(v / bias2) + eps
         if COMPACT:
             w = w - coef * g / root
         else:
@@ -144,7 +147,10 @@ def _build() -> dict[str, Any]:
             coef = (lr * omb1_64 / c1).to(mt)  # step_size
         else:
             coef = (c1 / lr).to(mt)  # d_scale
-        bias2 = c2.to(mt)
+        if COMPACT:
+            bias2 = (1.0 / tl.sqrt(c2)).to(mt)  # bias2_rsqrt
+        else:
+            bias2 = c2.to(mt)
         eps = tl.load(hyper + 4).to(mt)
         wd = tl.load(hyper + 5).to(mt)
         clip = tl.load(hyper + 6).to(mt)

@@ -110,10 +110,15 @@ def _build() -> dict[str, Any]:
             g = tl.where(g > clip, clip, g)
             g = tl.where(g < -clip, -clip, g)
         v = v_old * b2 + (g * g) * omb2
-        root = sqrt_ct(div_ct(v, bias2, F64), F64) + eps
+        r = sqrt_ct(v, F64)
+        root = r * bias2 + eps  # the compact rule: sqrt(v) * bias2_rsqrt + eps (``bias2`` holds bias2_rsqrt)
         w = w - div_ct(g * coef, root, F64)
         store_p(w_ptr, idx, w, m, BF16)
-        return tl.where(m, tl.sqrt_rn(v.to(tl.float32)), 0.0)
+        if F64:
+            u = tl.sqrt_rn(v.to(tl.float32))  # u = sqrt(float32(v))
+        else:
+            u = r  # in float32, u is the step's own root: one square root per element
+        return tl.where(m, u, 0.0)
 
     @triton.jit
     def lowbit_encode(  # type: ignore[no-untyped-def]
@@ -315,7 +320,7 @@ def step(
 
     table = dev([[t.data_ptr() for t in row] for row in (ws, gs, codes, scales)], torch.int64)
     keys = dev([lowbit.step_key(s, t) for s, t in zip(seeds, steps)], torch.int64)
-    coefs = dev([[c.step_size, c.bias2] for c in constants], torch.float64).to(mt)
+    coefs = dev([[c.step_size, c.bias2_rsqrt] for c in constants], torch.float64).to(mt)
     # rounded once to the compute dtype, as Constants.cast and the CPU kernel do
     hyper = dev([c0.beta2, c0.one_minus_beta2, c0.eps, 0.0 if c0.wd is None else c0.wd,
                  float("inf") if c0.clip is None else c0.clip, 1.0 if c0.decay is None else c0.decay,

@@ -397,7 +397,7 @@ def _cpu_group(
             lr_value, int(t_value), beta1, beta2, eps, weight_decay=weight_decay, decoupled=decoupled_weight_decay,
             clip=clip_gradient, maximize=maximize,
         )
-        pair = (c.step_size if compact else c.d_scale, c.bias2)
+        pair = (c.step_size, c.bias2_rsqrt) if compact else (c.d_scale, c.bias2)
         if per is None:
             plan.coefs[:] = pair  # rounded once from float64 to the compute dtype
         else:

@@ -200,9 +200,9 @@ def step_lowbit(
     keys = np.fromiter((lowbit.step_key(seed, t) for seed, t in zip(seeds, steps)), np.int64, n)
     plan.ptrs[:, 5] = keys[plan.owner]
     if len(distinct) == 1:
-        plan.coefs[:] = (cs[0].step_size, cs[0].bias2)  # rounded once from float64 to the compute dtype
+        plan.coefs[:] = (cs[0].step_size, cs[0].bias2_rsqrt)  # rounded once from float64 to the compute dtype
     else:
-        plan.coefs[:] = np.array([(c.step_size, c.bias2) for c in cs], dtype=np.float64)[plan.owner]
+        plan.coefs[:] = np.array([(c.step_size, c.bias2_rsqrt) for c in cs], dtype=np.float64)[plan.owner]
     plan.k[:] = k
     with torch.no_grad():
         plan.call(torch.get_num_threads() if threads is None else threads)

@@ -172,9 +172,12 @@ def _foreach_step(
     del sq
     if not isinstance(c.lr, Tensor) and c.lr == 0:
         return  # lr 0 (rule.py): the weights stay, v took the gradient; the MXNet form keeps d and z
-    # denom = sqrt(v / bias2) + eps
-    denom = list(torch._foreach_div(vs, [x.bias2 for x in consts]))
-    torch._foreach_sqrt_(denom)
+    if compact:  # denom = sqrt(v) * bias2_rsqrt + eps
+        denom = list(torch._foreach_sqrt(vs))
+        torch._foreach_mul_(denom, [x.bias2_rsqrt for x in consts])
+    else:  # denom = sqrt(v / bias2) + eps
+        denom = list(torch._foreach_div(vs, [x.bias2 for x in consts]))
+        torch._foreach_sqrt_(denom)
     torch._foreach_add_(denom, c.eps)
     if compact:
         # w = w - (g' * step_size) / denom
