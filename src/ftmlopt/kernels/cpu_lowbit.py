@@ -20,7 +20,7 @@ mantissa bits; ``k``: the step's constants, as in :mod:`ftmlopt.kernels.cpu`)::
     u = sqrt(float32(v));  s' = max_block(u) / TOP;  rho = 1 / s' (1 if s' <= 0)  (float32)
     q = clamp(((bitcast<i32>(u * rho) + r_i) >> (23 - M)) - ((127 - (2^E - 1)) << M), 0, 2^(E+M) - 1)
 
-with ``r_i = mix32(i ^ key) >> (9 + M)`` (stochastic rounding; ``key`` from the tensor's seed and
+with ``r_i = ((i ^ key) * 0x9E3779B1 mod 2^32) >> (9 + M)`` (stochastic rounding; ``key`` from the tensor's seed and
 step) or ``2^(22 - M)`` (round to nearest). No fast-math and no FMA contraction: float32
 parameters give codes, scales and weights bit-identical to :mod:`ftmlopt.lowbit`.
 
@@ -184,13 +184,7 @@ def _codegen(spec: LowbitSpec) -> str:
         """The code (i32) of buffered element ``j`` (flat index ``i`` mod 2**32, i32), ``rho`` = 1 / scale."""
         x = b.fmul(b.load(b.gep(buf, [i64(0), j])), rho)
         if spec.rounding == "stochastic":
-            h = b.xor(i, key)
-            h = b.xor(h, b.lshr(h, i32(16)))
-            h = b.mul(h, i32(0x85EBCA6B))
-            h = b.xor(h, b.lshr(h, i32(13)))
-            h = b.mul(h, i32(0xC2B2AE35))
-            h = b.xor(h, b.lshr(h, i32(16)))
-            r = b.lshr(h, i32(32 - shift))
+            r = b.lshr(b.mul(b.xor(i, key), i32(0x9E3779B1)), i32(32 - shift))  # lowbit.random_bits
         else:
             r = i32(1 << (shift - 1))
         q = b.sub(b.ashr(b.add(b.bitcast(x, i32), r), i32(shift)), i32(bias << m_bits))

@@ -128,12 +128,7 @@ def _build() -> dict[str, Any]:
         """The int32 codes of a tile of ``u``; ``rho``: the blocks' ``1 / scale`` (1 where a scale is 0)."""
         x = u * rho[:, None]
         if STOCHASTIC:
-            h = idx.to(tl.uint32) ^ key
-            h = h ^ (h >> 16)
-            h = h * 0x85EBCA6B
-            h = h ^ (h >> 13)
-            h = h * 0xC2B2AE35
-            h = h ^ (h >> 16)
+            h = (idx.to(tl.uint32) ^ key) * 0x9E3779B1  # lowbit.random_bits
             r = (h >> (32 - SHIFT)).to(tl.int32)
         else:
             r = 1 << (SHIFT - 1)
