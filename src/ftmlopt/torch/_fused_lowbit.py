@@ -97,6 +97,7 @@ def step_lowbit(
     rounding: str = "stochastic",
     threads: int | None = None,
     grad_scale: float | None = None,
+    _checked: bool = False,
 ) -> None:
     r"""One fused low-bit compact step over lists of tensors of one device (in place: params, codes, scales).
 
@@ -125,7 +126,11 @@ def step_lowbit(
 
     cs = [constants] * len(params) if isinstance(constants, rule.Constants) else list(constants)
     lowbit.check_rounding(rounding)
-    _check(params, grads, codes, scales, seeds, steps, bits)
+    if not _checked:  # (the registered op's body has checked these tensors already)
+        _check(params, grads, codes, scales, seeds, steps, bits)
+    else:
+        for count in steps:
+            rule.check_step(count, "step")
     if len(cs) != len(params):
         raise ValueError(f"constants has {len(cs)} entries, params has {len(params)}")
     if not params:
@@ -313,7 +318,7 @@ def _body(
             return [lst[i] for i in idx]
 
         step_lowbit(pick(params), pick(grads), pick(codes), pick(scales), pick(seeds), pick(ts),
-                    [cache[t] for t in pick(ts)], bits=bits, rounding=rounding, grad_scale=scale)
+                    [cache[t] for t in pick(ts)], bits=bits, rounding=rounding, grad_scale=scale, _checked=True)
 
 
 def _count(state_steps: list[Tensor]) -> list[int]:
