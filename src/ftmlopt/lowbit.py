@@ -59,7 +59,8 @@ largest integer cost.
 step from the same ``v_old``); then ``u = sqrt(float32(v_t))``, the new block scales, and the new
 codes. In float32 the rule's own denominator starts from the same root (``sqrt(v) * bias2_rsqrt +
 eps``), so a kernel takes one square root per element for both. Operation order, for kernels that
-want to be bit-identical: decode ``u = x(q) * s``, ``v = u * u``; encode with ``u`` the correctly rounded float32 square root of ``float32(v)``,
+want to be bit-identical: decode ``u = x(q) * s``, ``v = u * u``; encode with ``u`` the correctly
+rounded float32 square root of ``float32(v)``,
 ``s = max(u) / x_top`` and ``rho = 1 / s`` as correctly rounded float32 divisions (once per block),
 ``rho = 1`` where ``s`` is not positive (so an all-zero block gets code 0), and ``x = u * rho`` (one
 float32 multiply per element: a division per element was the kernels' costliest step). ``v_t`` itself
