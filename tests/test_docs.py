@@ -41,9 +41,11 @@ def test_the_pages_have_examples() -> None:
     assert {"README.md", "docs/mxnet-system.md", "docs/kernels.md", "docs/torch.md"} <= pages
 
 
-#: an import of an optional extra: such a README block is a `frameworks` test (the NumPy-only run skips it)
+#: an import of an optional extra (or of the compiled kernels, which need llvmlite): such a block is a
+#: `frameworks` test (the NumPy-only run skips it)
 _EXTRA_IMPORT = re.compile(
-    r"^\s*(?:import|from)\s+(?:torch|jax|optax|flax|keras|lightning|transformers|numba|triton|sklearn|matplotlib)\b",
+    r"^\s*(?:import|from)\s+(?:torch|jax|optax|flax|keras|lightning|transformers|numba|triton|sklearn|matplotlib"
+    r"|llvmlite|ftmlopt\.kernels)\b",
     flags=re.M,
 )
 
