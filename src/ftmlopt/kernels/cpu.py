@@ -63,7 +63,7 @@ import itertools
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple
 
@@ -564,57 +564,79 @@ _run_pieces = run  # what Prepared falls back to (bound here: a spy on cpu.run s
 
 
 class Prepared:
-    """A kernel call over arrays that stay put between calls: :func:`run` with the addresses taken once.
+    """A kernel call over pieces whose arrays stay put between calls: :func:`run` with the addresses taken once.
 
-    The arrays' *contents* may change between calls (new coefficients, a new gradient column), not
-    the arrays themselves; they are kept alive here. ``prepared(threads)`` runs the call on
-    ``threads`` threads exactly as :func:`run` would (torch's OpenMP team, else the pool).
+    ``ptrs`` and ``counts`` are :func:`pieces`' (or a kernel family's own cutting), ``owner`` the
+    index of each piece's tensor. The call owns its per-piece coefficients (``coefs``, two per
+    piece) and scalars (``k``, :data:`K_FIELDS`) in the compute ``dtype``; the caller fills them
+    before each call (:meth:`set_coefs`, ``k[:] = ...``). :meth:`point` moves an address column to
+    other tensors of the same sizes (new gradients each step), :meth:`set_column` writes a
+    per-tensor value into every piece of a column. ``prepared(threads)`` runs on ``threads``
+    threads exactly as :func:`run` would (torch's OpenMP team, else the pool).
 
     Example:
         >>> import numpy as np
         >>> from ftmlopt import rule
         >>> from ftmlopt.kernels import cpu
         >>> w, g, v = np.ones(4, np.float32), np.full(4, 0.5, np.float32), np.zeros(4, np.float32)
-        >>> ptrs = np.array([[w.ctypes.data, g.ctypes.data, v.ctypes.data, v.ctypes.data, v.ctypes.data,
-        ...                   w.ctypes.data]], dtype=np.int64)
+        >>> row = [w.ctypes.data, g.ctypes.data, v.ctypes.data, v.ctypes.data, v.ctypes.data, w.ctypes.data]
+        >>> call = cpu.Prepared(cpu.kernel(cpu.Spec("compact", "float32", "float32")), np.array([row]),
+        ...                     np.array([4]), np.array([0]), np.float32, tracked={1: (g.ctypes.data,)})
         >>> c = rule.constants(0.1, 1, 0.6, 0.999, 1e-8)
-        >>> coefs = np.array([[c.step_size, c.bias2_rsqrt]], dtype=np.float32)
-        >>> call = cpu.Prepared(cpu.kernel(cpu.Spec("compact", "float32", "float32")), ptrs,
-        ...                     np.array([4]), coefs, cpu.k_vector(c, np.float32))
+        >>> call.set_coefs((c.step_size, c.bias2_rsqrt))
+        >>> call.k[:] = cpu.k_vector(c, np.float32)
         >>> call(1)
         >>> [round(float(x), 6) for x in w]
         [0.9, 0.9, 0.9, 0.9]
     """
 
-    __slots__ = ("_args", "_arrays", "_omp", "_total", "fn")
+    __slots__ = ("_args", "_offsets", "_omp", "_pointed", "_total", "coefs", "counts", "fn", "k", "owner", "ptrs")
 
-    def __init__(self, fn: Callable[..., None], ptrs: np.ndarray, counts: np.ndarray, coefs: np.ndarray,
-                 k: np.ndarray) -> None:
-        arrays = (np.ascontiguousarray(ptrs, dtype=np.int64), np.ascontiguousarray(counts, dtype=np.int64),
-                  coefs, k)
-        if any(a is not b for a, b in zip(arrays, (ptrs, counts))) or not (
-                coefs.flags.c_contiguous and k.flags.c_contiguous):
-            raise ValueError("Prepared needs C-contiguous arrays (int64 ptrs and counts) that it can keep")
+    def __init__(self, fn: Callable[..., None], ptrs: np.ndarray, counts: np.ndarray, owner: np.ndarray,
+                 dtype: Any, *, tracked: Mapping[int, tuple[int, ...]] | None = None) -> None:
+        """``tracked``: for each address column :meth:`point` may move, the addresses ``ptrs`` was built with."""
         self.fn = fn
-        self._arrays = arrays
-        self._args = (counts.size, ptrs.ctypes.data, counts.ctypes.data, coefs.ctypes.data, k.ctypes.data)
-        self._total = int(counts.sum())
+        self.ptrs = np.array(ptrs, dtype=np.int64, order="C")  # its own copy: point() and set_column() write it
+        self.counts = np.ascontiguousarray(counts, dtype=np.int64)
+        self.owner = np.asarray(owner, dtype=np.intp)
+        self.coefs = np.zeros((self.counts.size, 2), dtype=dtype)
+        self.k = np.zeros(len(K_FIELDS), dtype=dtype)
+        tracked = dict(tracked or {})
+        self._pointed = tracked
+        # each piece's byte offset inside its tensor, per tracked column
+        self._offsets = {col: self.ptrs[:, col] - np.array(addresses, dtype=np.int64)[self.owner]
+                         for col, addresses in tracked.items()}
+        self._args = (self.counts.size, self.ptrs.ctypes.data, self.counts.ctypes.data, self.coefs.ctypes.data,
+                      self.k.ctypes.data)
+        self._total = int(self.counts.sum())
         self._omp: tuple[Any, np.ndarray, int] | None = None  # (team, data block, its address)
+
+    def point(self, col: int, addresses: tuple[int, ...]) -> None:
+        """Point address column ``col`` at the tensors at ``addresses`` (same sizes as before); no-op if unmoved."""
+        if addresses != self._pointed[col]:
+            self.ptrs[:, col] = np.array(addresses, dtype=np.int64)[self.owner] + self._offsets[col]
+            self._pointed[col] = addresses
+
+    def set_column(self, col: int, values: np.ndarray) -> None:
+        """Write each tensor's ``values[i]`` into column ``col`` of all its pieces."""
+        self.ptrs[:, col] = values[self.owner]
+
+    def set_coefs(self, per: Any) -> None:
+        """The per-piece coefficients: one pair for every piece, or an ``(n_tensors, 2)`` array."""
+        self.coefs[:] = per if np.ndim(per) == 1 else np.asarray(per)[self.owner]  # rounded once to the dtype
 
     def __call__(self, threads: int, *, trace: np.ndarray | None = None) -> None:
         """Run the call on up to ``threads`` threads; ``trace`` as in :func:`run` (OpenMP path only)."""
-        n_pieces = self._args[0]
-        if threads <= 1 or self._total < PARALLEL_MIN or n_pieces == 1:
+        if threads <= 1 or self._total < PARALLEL_MIN or self.counts.size == 1:
             self.fn(*self._args)
             return
         team = omp_team.team()
         if team is None or trace is not None:
-            ptrs, counts, coefs, k = self._arrays
-            _run_pieces(self.fn, ptrs, counts, coefs, k, threads, trace=trace)
+            _run_pieces(self.fn, self.ptrs, self.counts, self.coefs, self.k, threads, trace=trace)
             return
         omp = self._omp
         if omp is None or omp[0] is not team:
-            data = omp_team.prepare(team, self.fn, *self._arrays)
+            data = omp_team.prepare(team, self.fn, self.ptrs, self.counts, self.coefs, self.k)
             omp = self._omp = (team, data, data.ctypes.data)
         team.parallel(omp_team.body_address(), omp[2], threads, 0)
 

@@ -266,32 +266,32 @@ _IS_CPU = attrgetter("is_cpu")
 
 
 class _Plan:
-    """What a CPU group's kernel call needs besides the gradients and the step's constants.
+    """What a CPU group's step needs besides the gradients and the step's constants.
 
     Built on a group's first step and reused while the same tensors (same addresses, sizes and
     dtypes) come back: the kernel call over its pieces (:class:`ftmlopt.kernels.cpu.Prepared`,
-    with buffers for the per-piece coefficients and the ``k`` scalars, filled each step) and the
-    step counters' addresses. Only integers (addresses) are kept, never the tensors. After a large
-    step the Python side runs with caches the kernel has flushed; building these arrays every
-    step cost about half a millisecond there (16 tensors), 5-8 % of the step of 16M parameters.
+    whose coefficients and ``k`` are filled each step and whose gradient column follows new
+    gradient tensors) and the compiled bump of the step counters. Only integers (addresses) are
+    kept, never the tensors. After a large step the Python side runs with caches the kernel has
+    flushed; building these arrays every step cost about half a millisecond there (16 tensors),
+    5-8 % of the step of 16M parameters.
     """
 
-    __slots__ = ("call", "coefs", "compute", "count_args", "counter", "g_offsets", "g_ptrs", "k", "k_key", "owner",
-                 "ptrs", "step_out")
+    __slots__ = ("call", "counter", "k_key", "step_out", "step_ptrs")
 
-    def __init__(self, spec: Any, ptrs: np.ndarray, counts: np.ndarray, owner: np.ndarray, g_offsets: np.ndarray,
-                 g_ptrs: tuple[int, ...], step_ptrs: np.ndarray, step_dtype: str) -> None:
+    def __init__(self, call: Any, step_ptrs: np.ndarray, step_dtype: str) -> None:
         from ftmlopt.kernels import cpu
 
-        self.compute = _NP[spec.compute]
-        self.ptrs, self.owner, self.g_offsets, self.g_ptrs = ptrs, owner, g_offsets, g_ptrs
-        self.coefs = np.empty((counts.size, 2), dtype=self.compute)
-        self.k = np.zeros(len(cpu.K_FIELDS), dtype=self.compute)
+        self.call = call
         self.k_key: tuple[Any, ...] | None = None
-        self.call = cpu.Prepared(cpu.kernel(spec), ptrs, counts, self.coefs, self.k)
         self.counter = cpu.counter_kernel(step_dtype)
+        self.step_ptrs = step_ptrs
         self.step_out = np.empty(step_ptrs.size, dtype=np.float64)
-        self.count_args = (step_ptrs.size, step_ptrs.ctypes.data, self.step_out.ctypes.data, 1.0, step_ptrs)
+
+    def count(self) -> list[float]:
+        """Increment the step counters by one and return the new counts."""
+        self.counter(self.step_ptrs.size, self.step_ptrs.ctypes.data, self.step_out.ctypes.data, 1.0)
+        return self.step_out.tolist()
 
 
 #: plans by (options, dtypes, the group's addresses and sizes); a handful of groups at a time
@@ -380,16 +380,13 @@ def _cpu_group(
             if len(_PLANS) >= _MAX_PLANS:
                 _PLANS.clear()
             _PLANS[key] = plan
-    elif g_ptrs != plan.g_ptrs:  # new gradient tensors (zero_grad(set_to_none=True)): re-point that column
-        plan.ptrs[:, 1] = np.fromiter(g_ptrs, np.int64, len(g_ptrs))[plan.owner] + plan.g_offsets
-        plan.g_ptrs = g_ptrs
+    call = plan.call
+    call.point(1, g_ptrs)  # new gradient tensors (zero_grad(set_to_none=True)) move the gradient column
 
     # the counters are incremented and read in one call through their addresses (checked above: one
     # element each, float32/float64, on the CPU)
-    plan.counter(*plan.count_args[:4])
-    t_all = plan.step_out
-    t_list = t_all.tolist()  # a few Python floats compare faster than a NumPy reduction with cold caches
-    one_t = min(t_list) == max(t_list)
+    t_list = plan.count()
+    one_t = min(t_list) == max(t_list)  # a few Python floats compare faster than a NumPy reduction, caches cold
     per = None if one_t else np.empty((len(steps), 2), dtype=np.float64)
     c = None
     for t_value in ([t_list[0]] if one_t else sorted(set(t_list))):
@@ -399,18 +396,18 @@ def _cpu_group(
         )
         pair = (c.step_size, c.bias2_rsqrt) if compact else (c.d_scale, c.bias2)
         if per is None:
-            plan.coefs[:] = pair  # rounded once from float64 to the compute dtype
+            call.set_coefs(pair)
         else:
-            per[t_all == t_value] = pair
+            per[[t == t_value for t in t_list]] = pair
     assert c is not None
     if per is not None:
-        plan.coefs[:] = per[plan.owner]
+        call.set_coefs(per)
     k_key = (lr_value, beta1, beta2, eps, weight_decay, decoupled_weight_decay, clip_gradient, maximize, scale)
     if plan.k_key != k_key:  # the k scalars depend on the hyper-parameters only, not on t
-        plan.k[:] = cpu.k_vector(c, plan.compute, scale=1.0 if scale is None else scale)
+        call.k[:] = cpu.k_vector(c, call.k.dtype, scale=1.0 if scale is None else scale)
         plan.k_key = k_key
 
-    plan.call(torch.get_num_threads())
+    call(torch.get_num_threads())
     for original, copy, write_back in staged:
         if write_back:
             original.copy_(copy)
@@ -444,7 +441,5 @@ def _new_plan(work: list[list[Tensor]], steps: list[Tensor], flags: tuple[Any, .
     # the owner of each piece: pieces() is given the tensor index as its per-tensor coefficient
     ptrs, counts, owner_col = cpu.pieces(addresses, size_arr, [p_size, p_size, s_size, s_size, s_size, p_size],
                                          np.arange(n, dtype=np.int64)[:, None])
-    owner = owner_col[:, 0].astype(np.intp)
-    g_offsets = ptrs[:, 1] - addresses[owner, 1]
-    step_ptrs = np.fromiter(map(ptr, steps), np.int64, n)
-    return _Plan(spec, np.ascontiguousarray(ptrs), counts, owner, g_offsets, g_ptrs, step_ptrs, flags[-1])
+    call = cpu.Prepared(cpu.kernel(spec), ptrs, counts, owner_col[:, 0], _NP[spec.compute], tracked={1: g_ptrs})
+    return _Plan(call, np.fromiter(map(ptr, steps), np.int64, n), flags[-1])

@@ -97,7 +97,6 @@ def step_lowbit(
     rounding: str = "stochastic",
     threads: int | None = None,
     grad_scale: float | None = None,
-    _checked: bool = False,
 ) -> None:
     r"""One fused low-bit compact step over lists of tensors of one device (in place: params, codes, scales).
 
@@ -122,15 +121,21 @@ def step_lowbit(
         >>> round(float(w[0]), 6), int(q[0]), round(float(s[0]) * 1.5, 6)  # u = sqrt(0.001 * 0.5**2)
         (0.9, 255, 0.015811)
     """
+    _check(params, grads, codes, scales, seeds, steps, bits)
+    _step_checked(params, grads, codes, scales, seeds, steps, constants, bits=bits, rounding=rounding,
+                  threads=threads, grad_scale=grad_scale)
+
+
+def _step_checked(
+    params: Sequence[Tensor], grads: Sequence[Tensor], codes: Sequence[Tensor], scales: Sequence[Tensor],
+    seeds: Sequence[int], steps: Sequence[int], constants: rule.Constants | Sequence[rule.Constants], *, bits: int,
+    rounding: str, threads: int | None, grad_scale: float | None,
+) -> None:
+    """:func:`step_lowbit` once :func:`_check` has passed (the registered op's body checks once per step)."""
     import torch
 
     cs = [constants] * len(params) if isinstance(constants, rule.Constants) else list(constants)
     lowbit.check_rounding(rounding)
-    if not _checked:  # (the registered op's body has checked these tensors already)
-        _check(params, grads, codes, scales, seeds, steps, bits)
-    else:
-        for count in steps:
-            rule.check_step(count, "step")
     if len(cs) != len(params):
         raise ValueError(f"constants has {len(cs)} entries, params has {len(params)}")
     if not params:
@@ -188,52 +193,31 @@ def step_lowbit(
     sizes = tuple(map(torch.Tensor.numel, params))
     g_ptrs = tuple(map(ptr, gs))
     key = (spec, sizes, tuple(map(ptr, ws)), tuple(map(ptr, codes)), tuple(map(ptr, scales)))
-    plan = _PLANS.get(key)
-    if plan is None:
+    call = _PLANS.get(key)
+    if call is None:
         addresses = np.array([list(map(ptr, row)) for row in zip(ws, gs, codes, scales)], dtype=np.int64)
-        # built with each tensor's index as its key: the pieces' owners, then the keys are filled per step
+        # built with each tensor's index as its key: the pieces' owners (the keys are written per step)
         ptrs, counts, _ = cpu_lowbit.make_pieces(addresses, np.array(sizes, dtype=np.int64),
                                                  np.arange(n, dtype=np.int64), np.zeros((n, 2), dtype=ct))
-        plan = _Plan(cpu_lowbit.kernel(spec), ptrs, counts, ct, g_ptrs, ptrs[:, 1] - addresses[ptrs[:, 5], 1])
+        call = cpu.Prepared(cpu_lowbit.kernel(spec), ptrs, counts, ptrs[:, 5], ct, tracked={1: g_ptrs})
         if not staged:  # staged params get new addresses every step: nothing to reuse
             if len(_PLANS) >= 64:
                 _PLANS.clear()
-            _PLANS[key] = plan
-    elif g_ptrs != plan.g_ptrs:  # new gradient tensors (zero_grad(set_to_none=True)): re-point that column
-        plan.ptrs[:, 1] = np.fromiter(g_ptrs, np.int64, n)[plan.owner] + plan.g_offsets
-        plan.g_ptrs = g_ptrs
-    keys = np.fromiter((lowbit.step_key(seed, t) for seed, t in zip(seeds, steps)), np.int64, n)
-    plan.ptrs[:, 5] = keys[plan.owner]
-    if len(distinct) == 1:
-        plan.coefs[:] = (cs[0].step_size, cs[0].bias2_rsqrt)  # rounded once from float64 to the compute dtype
-    else:
-        plan.coefs[:] = np.array([(c.step_size, c.bias2_rsqrt) for c in cs], dtype=np.float64)[plan.owner]
-    plan.k[:] = k
+            _PLANS[key] = call
+    call.point(1, g_ptrs)  # new gradient tensors (zero_grad(set_to_none=True)) move the gradient column
+    call.set_column(5, np.fromiter((lowbit.step_key(seed, t) for seed, t in zip(seeds, steps)), np.int64, n))
+    pairs = [(c.step_size, c.bias2_rsqrt) for c in distinct.values()]
+    call.set_coefs(pairs[0] if len(pairs) == 1 else [(c.step_size, c.bias2_rsqrt) for c in cs])
+    call.k[:] = k
     with torch.no_grad():
-        plan.call(torch.get_num_threads() if threads is None else threads)
+        call(torch.get_num_threads() if threads is None else threads)
         for original, copy in staged:
             original.copy_(copy)
 
 
-class _Plan:
-    """A CPU group's kernel call kept between steps (as ``torch._fused``'s plan): the pieces of the
-    same params, codes and scales (by address and size); the gradient column, the per-piece keys and
-    coefficients and ``k`` are rewritten each step. Only addresses are kept, never the tensors."""
-
-    __slots__ = ("call", "coefs", "g_offsets", "g_ptrs", "k", "owner", "ptrs")
-
-    def __init__(self, fn: Any, ptrs: np.ndarray, counts: np.ndarray, ct: Any, g_ptrs: tuple[int, ...],
-                 g_offsets: np.ndarray) -> None:
-        from ftmlopt.kernels import cpu
-
-        self.ptrs, self.g_ptrs, self.g_offsets = ptrs, g_ptrs, g_offsets
-        self.owner = ptrs[:, 5].astype(np.intp)
-        self.coefs = np.empty((counts.size, 2), dtype=ct)
-        self.k = np.zeros(len(cpu.K_FIELDS), dtype=ct)
-        self.call = cpu.Prepared(fn, ptrs, counts, self.coefs, self.k)
-
-
-_PLANS: dict[tuple[Any, ...], _Plan] = {}
+#: the kernel calls of CPU groups by (spec, sizes, addresses of params, codes and scales), kept between
+#: steps as ``torch._fused``'s plans are: the gradient column, keys, coefficients and ``k`` change per step
+_PLANS: dict[tuple[Any, ...], Any] = {}
 
 
 def fused_ftml_lowbit(
@@ -317,8 +301,8 @@ def _body(
         def pick(lst: Sequence[Any], idx: list[int] = idx) -> list[Any]:
             return [lst[i] for i in idx]
 
-        step_lowbit(pick(params), pick(grads), pick(codes), pick(scales), pick(seeds), pick(ts),
-                    [cache[t] for t in pick(ts)], bits=bits, rounding=rounding, grad_scale=scale, _checked=True)
+        _step_checked(pick(params), pick(grads), pick(codes), pick(scales), pick(seeds), pick(ts),
+                      [cache[t] for t in pick(ts)], bits=bits, rounding=rounding, threads=None, grad_scale=scale)
 
 
 def _count(state_steps: list[Tensor]) -> list[int]:
