@@ -31,7 +31,10 @@ is over-estimated (its step shrinks: the safe side) instead of becoming 0 (its s
 
 **Encoding** ``x = u * rho`` with ``rho = 1 / s`` (float32, ``rho`` once per block, ``rho = 1``
 where ``s`` is not positive) works on the float32 bit pattern: with ``bits`` its int32
-view, ``q = ((bits + r) >> (23 - M)) - ((127 - (2^E - 1)) << M)``, clamped to the code range.
+view, ``q = (bits + (r - ((127 - (2^E - 1)) << 23))) >> (23 - M)`` (int32, wrapping), clamped
+to the code range. For every ``u >= 0`` (the only values a step produces) this is
+``((bits + r) >> (23 - M)) - ((127 - (2^E - 1)) << M)``; subtracting the exponent bias before
+the shift lets a kernel narrow the codes with saturating packs, with no clamp of its own.
 ``r`` is ``2^(22-M)`` for round-to-nearest, or a random integer in ``[0, 2^(23-M))`` for
 stochastic rounding (adding uniform low bits, then truncating, is unbiased rounding on this grid).
 Stochastic rounding is the default: with round-to-nearest, ``v``'s decay of 0.1 % per step
@@ -40,16 +43,16 @@ Stochastic rounding is the default: with round-to-nearest, ``v``'s decay of 0.1 
 **Random bits** are counter-based (no global generator, so replicas agree and a resumed run is
 bit-identical). With :func:`mix32` (a 32-bit avalanche mix)::
 
-    key = mix32((seed * 0x9E3779B1 + step) mod 2**32)        # per tensor and step, on the host
-    r_i = ((i ^ key) * 0x9E3779B1 mod 2**32) >> (32 - (23 - M))   # per element, flat index i
+    key = mix32((seed * 0x9E3779B1 + step) mod 2**32)             # per tensor and step, on the host
+    r_i = ((i * 0x9E3779B1 + key) mod 2**32) >> (32 - (23 - M))   # per element, flat index i
 
-Per element, ``i ^ key`` and the product by an odd constant are one-to-one in ``key``, so over
-steps (a well-mixed key) ``r_i`` is uniform: each element's rounding is unbiased. The ``r_i`` of
-one step are not independent of each other: within a block they are a permuted golden-ratio (Weyl)
-sequence, spread evenly over ``[0, 2**(23-M))`` (neighbours differ by about 0.38 or 0.62 of the
-range), so a block's roundings up and down also balance within the step. One multiply per
-element: the per-element ``mix32`` (two multiplies and three shift-xors) was the fused kernels'
-largest integer cost.
+Per element, adding ``key`` is one-to-one in ``key``, so over steps (a well-mixed key) ``r_i`` is
+uniform: each element's rounding is unbiased. The ``r_i`` of one step are not independent of each
+other: they are a golden-ratio (Weyl) sequence, spread evenly over ``[0, 2**(23-M))`` (neighbours
+differ by about 0.62 of the range, modulo 1), so a block's roundings up and down also balance
+within the step. Consecutive elements' ``i * 0x9E3779B1 + key`` differ by the constant, so a
+kernel adds it per element instead of multiplying: the per-element ``mix32`` (two multiplies and
+three shift-xors) was the fused kernels' largest integer cost.
 
 ``seed`` is stored with the state (the param's index in its optimizer), ``step`` is the param's
 1-based step count.
@@ -242,13 +245,13 @@ def traced_step_key(seed: int, step: Array, ops: Ops) -> Array:
 
 
 def random_bits(n: int, key: int | Array, bits: int, ops: Ops) -> Array:
-    """``r_i = ((i ^ key) * 0x9E3779B1 mod 2**32) >> (32 - (23 - M))`` for ``i = 0 .. n-1``, int32 < ``2**(23-M)``.
+    """``r_i = ((i * 0x9E3779B1 + key) mod 2**32) >> (32 - (23 - M))`` for ``i = 0 .. n-1``, int32 < ``2**(23-M)``.
 
     ``key`` is :func:`step_key` (an int) or :func:`traced_step_key` (a ``uint`` scalar array).
     """
     _, m = format_of(bits)
     k = ops.uint_scalar(key) if isinstance(key, int) else key
-    h = ops.mul32(ops.index(n) ^ k, _GOLDEN)
+    h = ops.add32(ops.mul32(ops.index(n), _GOLDEN), k)
     return ops.to_int32(h >> (32 - (23 - m)))
 
 
@@ -474,7 +477,7 @@ def encode(u: Array, bits: int, *, r: Array | int, ops: Ops) -> tuple[Array, Arr
     safe = ops.where(scales > 0, scales, ops.float32_scalar(1.0))
     rho = ops.div(ops.zeros_float32(nb) + 1, safe)  # 1 / s once per block (1 / inf = 0), then a multiply
     x = ops.flat(u2 * rho[:, None])[:numel]
-    q = ((ops.bits_of(x) + r) >> (23 - m)) - ops.int32_scalar((127 - (2**e - 1)) << m)
+    q = (ops.bits_of(x) + (r - ops.int32_scalar((127 - (2**e - 1)) << 23))) >> (23 - m)  # int32, wrapping
     q = ops.clamp(q, 0, 2 ** (e + m) - 1)
     return (ops.to_uint8(q) if bits == 8 else pack4(q, ops)), scales
 
@@ -501,7 +504,10 @@ def quantize(
     """
     ops = ops or ops_for(v)
     _, m = format_of(bits)
-    u = ops.sqrt_rn(ops.float32(ops.flat(v)))
+    v32 = ops.float32(ops.flat(v))
+    # -0.0 (a converted state may hold it; a step never makes it) as +0.0: its root's sign bit would
+    # make the encoding's int32 view negative
+    u = ops.sqrt_rn(ops.where(v32 == 0, ops.float32_scalar(0.0), v32))
     numel = u.shape[0]
     if check_rounding(rounding) == "nearest":
         r: Array | int = ops.int32_scalar(1 << (22 - m))

@@ -142,9 +142,29 @@ def test_mix32_keys_and_random_bits_follow_the_format() -> None:
     for bits, m in [(8, 4), (4, 1)]:
         r = lowbit.random_bits(1000, key, bits, OPS)
         assert r.dtype == np.int32
-        expected = [((i ^ key) * 0x9E3779B1 % 2**32) >> (32 - (23 - m)) for i in range(1000)]
+        expected = [((i * 0x9E3779B1 + key) % 2**32) >> (32 - (23 - m)) for i in range(1000)]
         assert r.tolist() == expected
         assert r.min() >= 0 and r.max() < 2 ** (23 - m)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_encoding_subtracts_the_bias_before_the_shift_as_the_plain_form_after(bits: int) -> None:
+    # q = (bits + (r - bias << 23)) >> s equals ((bits + r) >> s) - (bias << M) for every u >= 0,
+    # from 0 and the smallest subnormal to +inf, under any rounding addend r
+    e, m = lowbit.format_of(bits)
+    shift, bias = 23 - m, 127 - (2**e - 1)
+    rng = np.random.default_rng(3)
+    patterns = np.concatenate([np.arange(0, 4096), rng.integers(0, 0x7F800001, 200_000),
+                               0x7F800000 - np.arange(4096)]).astype(np.int64)
+    r = rng.integers(0, 2**shift, patterns.size).astype(np.int32)
+    plain = np.clip(((patterns + r) >> shift) - (bias << m), 0, 2 ** (e + m) - 1)
+    folded = np.clip((patterns + (r.astype(np.int64) - (bias << 23))) >> shift, 0, 2 ** (e + m) - 1)
+    assert np.array_equal(plain, folded)
+    v = np.ones(lowbit.BLOCK, np.float32)
+    v[:4] = [0.0, -0.0, 1e-30, 1.0]  # -0.0 encodes as +0.0: the smallest code, not the top one
+    codes, _ = lowbit.quantize(v, bits, step=1)
+    q = (lowbit.unpack4(codes, lowbit.BLOCK, OPS) if bits == 4 else codes.astype(np.int32)).tolist()
+    assert q[0] == q[1] == q[2] == 0 and q[3] == 2 ** (e + m) - 1
 
 
 def test_random_bits_depend_on_seed_step_and_index_only() -> None:

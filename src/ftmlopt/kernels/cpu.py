@@ -279,31 +279,61 @@ def _codegen(spec: Spec) -> str:
     return str(module)
 
 
-def _load(b: Any, ptr: Any, i: Any, ty: Any, ct: Any) -> Any:
-    """Emit: element ``i`` of ``ptr`` (storage type ``ty``; bfloat16 is an i16) widened to the compute type ``ct``."""
+def _vec(ty: Any, lanes: int) -> Any:
+    """``ty``, or a vector of ``lanes`` of it when ``lanes`` is not 0."""
+    assert _LLVM is not None
+    return _LLVM[1].VectorType(ty, lanes) if lanes else ty
+
+
+def _const(ty: Any, value: Any, lanes: int = 0) -> Any:
+    """The constant ``value`` of type ``ty``, splat over ``lanes`` lanes when ``lanes`` is not 0."""
+    assert _LLVM is not None
+    return _LLVM[1].Constant(_vec(ty, lanes), [value] * lanes if lanes else value)
+
+
+def _size(ty: Any) -> int:
+    """Bytes of one element of LLVM type ``ty`` (an integer or floating-point type)."""
+    return {"half": 2, "float": 4, "double": 8}.get(str(ty)) or ty.width // 8
+
+
+def _element_ptr(b: Any, ptr: Any, i: Any, lanes: int) -> Any:
+    """Address of element ``i`` of ``ptr``; with ``lanes``, of the vector of ``lanes`` elements starting there."""
+    p = b.gep(ptr, [i])
+    return b.bitcast(p, _vec(ptr.type.pointee, lanes).as_pointer()) if lanes else p
+
+
+def _load(b: Any, ptr: Any, i: Any, ty: Any, ct: Any, lanes: int = 0) -> Any:
+    """Emit: element ``i`` of ``ptr`` (storage type ``ty``; bfloat16 is an i16) widened to the compute type ``ct``.
+
+    With ``lanes``, the ``lanes`` elements from ``i`` on, as a vector (element alignment only).
+    """
     assert _LLVM is not None
     ir = _LLVM[1]
     i32, f32 = ir.IntType(32), ir.FloatType()
-    x = b.load(b.gep(ptr, [i]))
+    x = b.load(_element_ptr(b, ptr, i, lanes), align=_size(ty) if lanes else None)
     if ty == ir.IntType(16):  # bfloat16: the high half of a float32
-        x = b.bitcast(b.shl(b.zext(x, i32), i32(16)), f32)
-    return x if x.type == ct else b.fpext(x, ct)
+        x = b.bitcast(b.shl(b.zext(x, _vec(i32, lanes)), _const(i32, 16, lanes)), _vec(f32, lanes))
+    return x if x.type == _vec(ct, lanes) else b.fpext(x, _vec(ct, lanes))
 
 
-def _store(b: Any, ptr: Any, i: Any, ty: Any, ct: Any, x: Any) -> None:
-    """Emit: ``x`` (compute type ``ct``) rounded to the storage type ``ty`` and stored as element ``i`` of ``ptr``."""
+def _store(b: Any, ptr: Any, i: Any, ty: Any, ct: Any, x: Any, lanes: int = 0) -> None:
+    """Emit: ``x`` (compute type ``ct``) rounded to the storage type ``ty`` and stored as element ``i`` of ``ptr``.
+
+    With ``lanes``, ``x`` is a vector stored at elements ``i`` to ``i + lanes - 1``.
+    """
     assert _LLVM is not None
     ir = _LLVM[1]
     i16, i32, f32 = ir.IntType(16), ir.IntType(32), ir.FloatType()
     if ty == i16:
-        f = x if x.type == f32 else b.fptrunc(x, f32)
-        bits = b.bitcast(f, i32)  # round to nearest even; NaN -> a quiet NaN (torch's rule)
-        odd = b.and_(b.lshr(bits, i32(16)), i32(1))
-        rounded = b.trunc(b.lshr(b.add(bits, b.add(i32(0x7FFF), odd)), i32(16)), i16)
-        x = b.select(b.fcmp_unordered("uno", f, f), i16(0x7FC0), rounded)
+        f = x if x.type == _vec(f32, lanes) else b.fptrunc(x, _vec(f32, lanes))
+        bits = b.bitcast(f, _vec(i32, lanes))  # round to nearest even; NaN -> a quiet NaN (torch's rule)
+        odd = b.and_(b.lshr(bits, _const(i32, 16, lanes)), _const(i32, 1, lanes))
+        rounded = b.trunc(b.lshr(b.add(bits, b.add(_const(i32, 0x7FFF, lanes), odd)), _const(i32, 16, lanes)),
+                          _vec(i16, lanes))
+        x = b.select(b.fcmp_unordered("uno", f, f), _const(i16, 0x7FC0, lanes), rounded)
     elif ty != ct:
-        x = b.fptrunc(x, ty)
-    b.store(x, b.gep(ptr, [i]))
+        x = b.fptrunc(x, _vec(ty, lanes))
+    b.store(x, _element_ptr(b, ptr, i, lanes), align=_size(ty) if lanes else None)
 
 
 def _gradient(

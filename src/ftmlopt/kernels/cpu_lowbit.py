@@ -8,7 +8,10 @@ and the step's counter-based random bits, then the scale. Nothing else is read o
 moved per float32 parameter at 8 bits, 13 at 4 bits (the float32-state compact step: 20).
 The whole blocks of a piece are software-pipelined: one vectorized loop steps block ``k`` (the
 divisions and square roots, which bound the kernel on the CPU's divider) while it encodes block
-``k - 1`` (integer work and the hash, on the other vector units), so the two overlap.
+``k - 1`` (integer work and the hash, on the other vector units), so the two overlap. With float32
+compute that loop is written in explicit vectors of :data:`LANES` elements (the same operations,
+so the same bits), which lets LLVM narrow the codes with saturating packs instead of clamps and
+shuffles, and join 4-bit codes in registers.
 
 Per element ``i`` of a block with old scale ``s`` and new scale ``s'`` (``E``, ``M``: exponent and
 mantissa bits; ``k``: the step's constants, as in :mod:`ftmlopt.kernels.cpu`)::
@@ -18,10 +21,11 @@ mantissa bits; ``k``: the step's constants, as in :mod:`ftmlopt.kernels.cpu`)::
     g' = rule.gradient(g, w);  v <- v * b2 + (g' * g') * (1 - b2)              (compute type)
     w <- w - (g' * step_size) / (sqrt(v) * bias2_rsqrt + eps)                  (rule.compact_step)
     u = sqrt(float32(v));  s' = max_block(u) / TOP;  rho = 1 / s' (1 if s' <= 0)  (float32)
-    q = clamp(((bitcast<i32>(u * rho) + r_i) >> (23 - M)) - ((127 - (2^E - 1)) << M), 0, 2^(E+M) - 1)
+    q = clamp((bitcast<i32>(u * rho) + (r_i - ((127 - (2^E - 1)) << 23))) >> (23 - M), 0, 2^(E+M) - 1)
 
-with ``r_i = ((i ^ key) * 0x9E3779B1 mod 2^32) >> (9 + M)`` (stochastic rounding; ``key`` from the tensor's seed and
-step) or ``2^(22 - M)`` (round to nearest). No fast-math and no FMA contraction: float32
+with ``r_i = ((i * 0x9E3779B1 + key) mod 2^32) >> (9 + M)`` (stochastic rounding; ``key`` from the tensor's seed
+and step; the whole-block loops add the constant per element instead of multiplying) or ``2^(22 - M)``
+(round to nearest). No fast-math and no FMA contraction: float32
 parameters give codes, scales and weights bit-identical to :mod:`ftmlopt.lowbit`.
 
 The compiled functions have the C signature of :func:`ftmlopt.kernels.cpu.kernel`'s
@@ -58,6 +62,9 @@ AVAILABLE: bool = cpu.AVAILABLE
 
 #: elements per quantization block (one float32 scale each): the format's
 BLOCK = lowbit.BLOCK
+
+#: elements per explicit vector in the whole-block loops (float32 compute); LLVM splits it to the host's width
+LANES = 16
 
 #: elements per piece of work handed to a thread: whole blocks
 CHUNK = 512 * BLOCK
@@ -184,10 +191,10 @@ def _codegen(spec: LowbitSpec) -> str:
         """The code (i32) of buffered element ``j`` (flat index ``i`` mod 2**32, i32), ``rho`` = 1 / scale."""
         x = b.fmul(b.load(b.gep(buf, [i64(0), j])), rho)
         if spec.rounding == "stochastic":
-            r = b.lshr(b.mul(b.xor(i, key), i32(0x9E3779B1)), i32(32 - shift))  # lowbit.random_bits
+            r = b.lshr(b.add(b.mul(i, i32(0x9E3779B1)), key), i32(32 - shift))  # lowbit.random_bits
         else:
             r = i32(1 << (shift - 1))
-        q = b.sub(b.ashr(b.add(b.bitcast(x, i32), r), i32(shift)), i32(bias << m_bits))
+        q = b.ashr(b.add(b.bitcast(x, i32), b.sub(r, i32(bias << 23))), i32(shift))
         q = b.select(b.icmp_signed("<", q, i32(0)), i32(0), q)
         return b.select(b.icmp_signed(">", q, i32(top_code)), i32(top_code), q)
 
@@ -258,33 +265,169 @@ def _codegen(spec: LowbitSpec) -> str:
         if spec.bits == 4:
             pack_block(base, nb)
 
+    # ---------------------------------------------------------------- whole blocks in explicit vectors
+    # For float32, float16 and bfloat16 parameters (float32 compute) whole blocks are written with
+    # explicit vectors of LANES elements: the same operations per element as above, in the same
+    # order, so the results are identical. LLVM then clamps and narrows the codes with saturating
+    # packs, and 4-bit codes are split and joined in registers (no qin/qout pass per block; the
+    # nibble shuffles reinterpret vectors, so this path is taken on little-endian hosts only).
+    vector = ct == f32 and str(cpu._target_machine().target_data).startswith("e")
+    lanes = LANES
+    vf32, vi32, vi8 = ir.VectorType(f32, lanes), ir.VectorType(i32, lanes), ir.VectorType(i8, lanes)
+
+    def intrinsic(name: str, ret: Any, args: list[Any]) -> Any:
+        return module.globals.get(name) or ir.Function(module, ir.FunctionType(ret, args), name=name)
+
+    smax_v = intrinsic(f"llvm.smax.v{lanes}i32", vi32, [vi32, vi32])
+    smin_v = intrinsic(f"llvm.smin.v{lanes}i32", vi32, [vi32, vi32])
+    umin_v8 = intrinsic(f"llvm.umin.v{lanes}i8", vi8, [vi8, vi8])
+    sqrt_v = intrinsic(f"llvm.sqrt.v{lanes}f32", vf32, [vf32])
+    reduce_smax = intrinsic(f"llvm.vector.reduce.smax.v{lanes}i32", i32, [vi32])
+    vi16, hi32, hi16 = ir.VectorType(i16, lanes), ir.VectorType(i32, lanes // 2), ir.VectorType(i16, lanes // 2)
+
+    def vc(ty: Any, value: Any) -> Any:
+        return cpu._const(ty, value, lanes)
+
+    def splat(x: Any) -> Any:
+        v = b.insert_element(ir.Constant(ir.VectorType(x.type, lanes), ir.Undefined), x, i32(0))
+        return b.shuffle_vector(v, ir.Constant(ir.VectorType(x.type, lanes), ir.Undefined),
+                                ir.Constant(vi32, [0] * lanes))
+
+    def vbuf(j: Any) -> Any:
+        return b.bitcast(b.gep(buf, [i64(0), j]), vf32.as_pointer())
+
+    def vcodes_in(base: Any, j: Any) -> Any:
+        """The old codes of elements ``j .. j + lanes - 1`` of the block at ``base``, as i32 lanes."""
+        if spec.bits == 8:
+            q = b.load(cpu._element_ptr(b, c_p, b.add(base, j), lanes), align=1)
+        else:  # byte k -> the 16-bit halves (low nibble, high nibble) of one i32: element 2k, 2k + 1
+            byte = b.load(cpu._element_ptr(b, c_p, b.lshr(b.add(base, j), i64(1)), lanes // 2), align=1)
+            word = b.zext(byte, hi32)
+            pair = b.or_(b.and_(word, cpu._const(i32, 15, lanes // 2)),
+                         b.shl(b.and_(word, cpu._const(i32, 0xF0, lanes // 2)), cpu._const(i32, 12, lanes // 2)))
+            return b.zext(b.bitcast(pair, vi16), vi32)
+        return b.zext(q, vi32)
+
+    def vcodes_out(base: Any, j: Any, q: Any) -> None:
+        """Store codes ``q`` (i32 lanes, already in range) of elements ``j ..`` of the block at ``base``."""
+        if spec.bits == 8:
+            b.store(b.trunc(q, vi8), cpu._element_ptr(b, c_p, b.add(base, j), lanes), align=1)
+        else:  # elements 2k, 2k + 1 as the two bytes of one i16, folded into its low byte
+            pair = b.bitcast(b.call(umin_v8, [b.trunc(q, vi8), cpu._const(i8, top_code, lanes)]), hi16)
+            byte = b.trunc(b.or_(pair, b.lshr(pair, cpu._const(i16, 4, lanes // 2))), ir.VectorType(i8, lanes // 2))
+            b.store(byte, cpu._element_ptr(b, c_p, b.lshr(b.add(base, j), i64(1)), lanes // 2), align=1)
+
+    def vstep(base: Any, j: Any, old_scale: Any, kv: dict[str, Any], coef_v: Any, bias2_v: Any, mx: Any) -> Any:
+        """Step elements ``j .. j + lanes - 1`` of the block at ``base`` (see ``element``); their ``u``
+        into ``buf``; returns the running maximum (i32 lanes) of the bits of ``u``."""
+        i = b.add(base, j)
+        x = b.bitcast(b.add(b.shl(vcodes_in(base, j), vc(i32, shift)), vc(i32, bias << 23)), vf32)
+        u_old = b.fmul(x, old_scale)
+        v_old = b.fmul(u_old, u_old)
+        g, w = cpu._gradient(b, spec, kv, lambda: cpu._load(b, g_p, i, pt, ct, lanes),
+                             lambda: cpu._load(b, w_p, i, pt, ct, lanes),
+                             lambda g: cpu._store(b, g_p, i, pt, ct, g, lanes))
+        v = b.fadd(b.fmul(v_old, kv["beta2"]), b.fmul(b.fmul(g, g), kv["one_minus_beta2"]))
+        r = b.call(sqrt_v, [v])
+        root = b.fadd(b.fmul(r, bias2_v), kv["eps"])
+        cpu._store(b, w_p, i, pt, ct, b.fsub(w, b.fdiv(b.fmul(g, coef_v), root)), lanes)
+        b.store(r, vbuf(j), align=64 if lanes * 4 >= 64 else lanes * 4)
+        ub = b.and_(b.bitcast(r, vi32), vc(i32, 0x7FFFFFFF))  # any NaN sorts above +inf and wins
+        return b.call(smax_v, [ub, mx])
+
+    def hash_at(first: Any) -> Any:
+        """``i * 0x9E3779B1 + key`` (mod 2**32) for the ``lanes`` elements from flat index ``first``."""
+        h0 = b.add(b.mul(b.trunc(first, i32), i32(0x9E3779B1)), key)
+        return b.add(splat(h0), ir.Constant(vi32, [(j * 0x9E3779B1) & 0xFFFFFFFF for j in range(lanes)]))
+
+    def vencode(base: Any, j: Any, rho_v: Any, h: Any) -> Any:
+        """Encode the buffered ``u`` of elements ``j ..`` of the block at ``base`` (see ``encode``); ``h``
+        is their :func:`hash_at`. Returns the next chunk's ``h``."""
+        x = b.fmul(b.load(vbuf(j), align=64 if lanes * 4 >= 64 else lanes * 4), rho_v)
+        if spec.rounding == "stochastic":
+            r = b.lshr(h, vc(i32, 32 - shift))  # lowbit.random_bits
+        else:
+            r = vc(i32, 1 << (shift - 1))
+        q = b.ashr(b.add(b.bitcast(x, vi32), b.sub(r, vc(i32, bias << 23))), vc(i32, shift))
+        # clamped to [0, 255] (what saturating packs do for free), then to the top code as bytes
+        vcodes_out(base, j, b.call(smin_v, [b.call(smax_v, [q, vc(i32, 0)]), vc(i32, 255)]))
+        return b.add(h, vc(i32, (lanes * 0x9E3779B1) & 0xFFFFFFFF))
+
+    def vector_blocks() -> None:
+        """All whole blocks of the piece, software-pipelined as below, in explicit vectors."""
+        kv = {name: splat(value) for name, value in k.items()}
+        coef_v, bias2_v = splat(coef), splat(bias2)
+        chunks = i64(BLOCK // lanes)
+
+        def step_only(base: Any) -> Any:
+            old_scale = splat(b.load(scale_ptr(base)))
+
+            def body(c: Any, mx: list[Any]) -> list[Any]:
+                return [vstep(base, b.mul(c, i64(lanes)), old_scale, kv, coef_v, bias2_v, mx[0])]
+
+            mx = loop(chunks, [vc(i32, 0)], body, "vstep")[0]
+            return new_scale(base, b.call(reduce_smax, [mx]))
+
+        def encode_only(base: Any, rho: Any) -> None:
+            rho_v = splat(rho)
+
+            def body(c: Any, h: list[Any]) -> list[Any]:
+                return [vencode(base, b.mul(c, i64(lanes)), rho_v, h[0])]
+
+            loop(chunks, [hash_at(base)], body, "vencode")
+
+        full = i64(BLOCK)
+        n_full = b.udiv(count, full)
+        with b.if_then(b.icmp_signed(">", n_full, i64(0))):
+            rho0 = step_only(start)
+
+            def pipelined(blk: Any, carried: list[Any]) -> list[Any]:
+                prev = b.add(start, b.mul(blk, full))
+                base = b.add(prev, full)
+                rho_v = splat(carried[0])
+                old_scale = splat(b.load(scale_ptr(base)))
+
+                def both(c: Any, carried: list[Any]) -> list[Any]:
+                    j = b.mul(c, i64(lanes))
+                    h = vencode(prev, j, rho_v, carried[1])
+                    return [vstep(base, j, old_scale, kv, coef_v, bias2_v, carried[0]), h]
+
+                mx = loop(chunks, [vc(i32, 0), hash_at(prev)], both, "vboth")[0]
+                return [new_scale(base, b.call(reduce_smax, [mx]))]
+
+            rho_last = loop(b.sub(n_full, i64(1)), [rho0], pipelined, "vpipelined")[0]
+            encode_only(b.add(start, b.mul(b.sub(n_full, i64(1)), full)), rho_last)
+
     # Whole blocks are software-pipelined: one loop steps block k (divisions and square roots) while it
     # encodes block k - 1 (integer work and the hash), so the two kinds of work overlap. Element j's
     # ``u`` of block k - 1 is read from ``buf`` before block k's is written there.
     full = i64(BLOCK)
     n_full = b.udiv(count, full)
-    with b.if_then(b.icmp_signed(">", n_full, i64(0))):
-        rho0 = step_block(start, full)
+    if vector:
+        vector_blocks()
+    else:
+        with b.if_then(b.icmp_signed(">", n_full, i64(0))):
+            rho0 = step_block(start, full)
 
-        def pipelined(blk: Any, carried: list[Any]) -> list[Any]:
-            prev = b.add(start, b.mul(blk, full))
-            base = b.add(prev, full)
-            if spec.bits == 4:
-                unpack_block(base, full)
-            old_scale = b.load(scale_ptr(base))
-            prev32 = b.trunc(prev, i32)
+            def pipelined(blk: Any, carried: list[Any]) -> list[Any]:
+                prev = b.add(start, b.mul(blk, full))
+                base = b.add(prev, full)
+                if spec.bits == 4:
+                    unpack_block(base, full)
+                old_scale = b.load(scale_ptr(base))
+                prev32 = b.trunc(prev, i32)
 
-            def both(j: Any, mx: list[Any]) -> list[Any]:
-                code_out(prev, j, encode(j, b.add(prev32, b.trunc(j, i32)), carried[0]))
-                return [keep(j, element(b.add(base, j), code_in(base, j), old_scale), mx[0])]
+                def both(j: Any, mx: list[Any]) -> list[Any]:
+                    code_out(prev, j, encode(j, b.add(prev32, b.trunc(j, i32)), carried[0]))
+                    return [keep(j, element(b.add(base, j), code_in(base, j), old_scale), mx[0])]
 
-            mx = loop(full, [i32(0)], both, "both")[0]
-            if spec.bits == 4:
-                pack_block(prev, full)
-            return [new_scale(base, mx)]
+                mx = loop(full, [i32(0)], both, "both")[0]
+                if spec.bits == 4:
+                    pack_block(prev, full)
+                return [new_scale(base, mx)]
 
-        rho_last = loop(b.sub(n_full, i64(1)), [rho0], pipelined, "pipelined")[0]
-        encode_block(b.add(start, b.mul(b.sub(n_full, i64(1)), full)), full, rho_last)
+            rho_last = loop(b.sub(n_full, i64(1)), [rho0], pipelined, "pipelined")[0]
+            encode_block(b.add(start, b.mul(b.sub(n_full, i64(1)), full)), full, rho_last)
     tail_base = b.mul(n_full, full)
     with b.if_then(b.icmp_signed(">", count, tail_base)):  # a partial last block
         base = b.add(start, tail_base)

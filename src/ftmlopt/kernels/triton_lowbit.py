@@ -128,11 +128,11 @@ def _build() -> dict[str, Any]:
         """The int32 codes of a tile of ``u``; ``rho``: the blocks' ``1 / scale`` (1 where a scale is 0)."""
         x = u * rho[:, None]
         if STOCHASTIC:
-            h = (idx.to(tl.uint32) ^ key) * 0x9E3779B1  # lowbit.random_bits
+            h = idx.to(tl.uint32) * 0x9E3779B1 + key  # lowbit.random_bits
             r = (h >> (32 - SHIFT)).to(tl.int32)
         else:
             r = 1 << (SHIFT - 1)
-        q = ((x.to(tl.int32, bitcast=True) + r) >> SHIFT) - (BIAS << M)
+        q = (x.to(tl.int32, bitcast=True) + (r - (BIAS << 23))) >> SHIFT
         return tl.minimum(tl.maximum(q, 0), TOP_CODE)
 
     # Triton's interpreter resolves callees through the module's globals (not closures).
