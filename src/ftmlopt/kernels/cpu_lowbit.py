@@ -120,14 +120,17 @@ def _codegen(spec: LowbitSpec) -> str:
     sqrt_ct = module.declare_intrinsic("llvm.sqrt", [ct])
     sqrt_f32 = module.declare_intrinsic("llvm.sqrt", [f32])
 
-    entry = piece.append_basic_block("entry")
-    b = ir.IRBuilder(entry)
-    buf = b.alloca(ir.ArrayType(f32, BLOCK), name="u")
-    buf.align = 64
-    qin = b.alloca(ir.ArrayType(i8, BLOCK), name="qin")  # 4-bit: the block's old codes, one per byte
-    qin.align = 64
-    qout = b.alloca(ir.ArrayType(i8, BLOCK + 1), name="qout")  # 4-bit: the new codes before packing
-    qout.align = 64
+    def scratch() -> tuple[Any, Any, Any]:
+        """The function's block buffers: ``u``, and for 4 bits the old and new codes one per byte."""
+        buf = b.alloca(ir.ArrayType(f32, BLOCK), name="u")
+        qin = b.alloca(ir.ArrayType(i8, BLOCK), name="qin")
+        qout = b.alloca(ir.ArrayType(i8, BLOCK + 1), name="qout")
+        for a in (buf, qin, qout):
+            a.align = 64
+        return buf, qin, qout
+
+    b = ir.IRBuilder(piece.append_basic_block("entry"))
+    buf, qin, qout = scratch()
 
     def loop(n: Any, inits: list[Any], body: Callable[[Any, list[Any]], list[Any]], name: str) -> list[Any]:
         """``for j in range(n)`` carrying ``inits`` through ``body``; returns their final values."""
@@ -428,11 +431,27 @@ def _codegen(spec: LowbitSpec) -> str:
 
             rho_last = loop(b.sub(n_full, i64(1)), [rho0], pipelined, "pipelined")[0]
             encode_block(b.add(start, b.mul(b.sub(n_full, i64(1)), full)), full, rho_last)
+    # A partial last block goes to ``tail``, a function with ``piece``'s signature compiled for size
+    # (its loops are not vectorized): it runs once per piece, and vectorizing it doubled the time
+    # LLVM takes to compile the kernel, which a new process pays on its first step.
+    tail = ir.Function(module, piece.function_type, name="tail")
+    tail.linkage = "internal"
+    for attr in ("noinline", "minsize", "optsize"):
+        tail.attributes.add(attr)
+    for a in tail.args[:4]:
+        a.add_attribute("noalias")
     tail_base = b.mul(n_full, full)
-    with b.if_then(b.icmp_signed(">", count, tail_base)):  # a partial last block
-        base = b.add(start, tail_base)
-        nb = b.sub(count, tail_base)
-        encode_block(base, nb, step_block(base, nb))
+    with b.if_then(b.icmp_signed(">", count, tail_base)):
+        b.call(tail, [w_p, g_p, c_p, s_p, b.add(start, tail_base), key, b.sub(count, tail_base), coef, bias2, *kv])
+    b.ret_void()
+    # the helpers above read these names when called: rebound to ``tail``'s, they emit its body
+    main, piece = piece, tail
+    b = ir.IRBuilder(tail.append_basic_block("entry"))
+    buf, qin, qout = scratch()
+    w_p, g_p, c_p, s_p, start, key, count = tail.args[:7]
+    coef, bias2, *kv = tail.args[7:]
+    k = dict(zip(k_fields, kv))
+    encode_block(start, count, step_block(start, count))
     b.ret_void()
 
     # run(n_pieces, ptrs[6 per piece], counts[per piece], coefs[2 per piece], k[K_FIELDS]): cpu.kernel's ABI
@@ -441,7 +460,7 @@ def _codegen(spec: LowbitSpec) -> str:
         return [*(b.inttoptr(words[r], ty.as_pointer()) for r, ty in enumerate((pt, pt, i8, f32))),
                 words[4], b.trunc(words[5], i32)]
 
-    cpu._emit_run(module, piece, ct, addresses)
+    cpu._emit_run(module, main, ct, addresses)
     return str(module)
 
 
