@@ -306,7 +306,7 @@ def _cpu_group(
     """Step one CPU group (one param dtype, one state dtype) with a single kernel call."""
     import torch
 
-    lr, beta1, beta2, eps, weight_decay, clip_gradient, decoupled_weight_decay, compact, maximize = opts
+    lr, _, _, _, weight_decay, clip_gradient, decoupled_weight_decay, compact, maximize = opts
 
     from ftmlopt.kernels import cpu
 
@@ -380,6 +380,26 @@ def _cpu_group(
             if len(_PLANS) >= _MAX_PLANS:
                 _PLANS.clear()
             _PLANS[key] = plan
+    run_plan(plan, g_ptrs, opts, lr_value, scale)
+    for original, copy, write_back in staged:
+        if write_back:
+            original.copy_(copy)
+
+
+def run_plan(plan: _Plan, g_ptrs: tuple[int, ...], opts: StepOptions, lr_value: float, scale: float | None) -> None:
+    """Step a CPU group through its plan: the step's constants, then the one kernel call.
+
+    The last part of :func:`_cpu_group`, after its checks, and all of the step on
+    :class:`FTML`'s fast path (:mod:`ftmlopt.torch._fast_path`), so that both paths set the same
+    constants for the same kernel. ``g_ptrs`` are the gradients' addresses (same sizes as the
+    plan's), ``lr_value`` is ``float(opts.lr)`` and ``scale`` ``float(grad_scale)`` or None; a
+    ``found_inf`` step never gets here.
+    """
+    import torch
+
+    from ftmlopt.kernels import cpu
+
+    _, beta1, beta2, eps, weight_decay, clip_gradient, decoupled_weight_decay, compact, maximize = opts
     call = plan.call
     call.point(1, g_ptrs)  # new gradient tensors (zero_grad(set_to_none=True)) move the gradient column
 
@@ -387,7 +407,7 @@ def _cpu_group(
     # element each, float32/float64, on the CPU)
     t_list = plan.count()
     one_t = min(t_list) == max(t_list)  # a few Python floats compare faster than a NumPy reduction, caches cold
-    per = None if one_t else np.empty((len(steps), 2), dtype=np.float64)
+    per = None if one_t else np.empty((len(t_list), 2), dtype=np.float64)
     c = None
     for t_value in ([t_list[0]] if one_t else sorted(set(t_list))):
         c = rule.constants(
@@ -408,9 +428,6 @@ def _cpu_group(
         plan.k_key = k_key
 
     call(torch.get_num_threads())
-    for original, copy, write_back in staged:
-        if write_back:
-            original.copy_(copy)
 
 
 def _new_plan(work: list[list[Tensor]], steps: list[Tensor], flags: tuple[Any, ...], sizes: tuple[int, ...],
