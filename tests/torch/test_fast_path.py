@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -174,6 +175,23 @@ def _transposed(opt: FTML, ps: list) -> None:
     ps[3].data = ps[3].data.t()  # same address and size, not contiguous
 
 
+def _state_mapping_copied(opt: FTML, ps: list) -> None:
+    opt.state = defaultdict(dict, opt.state)  # the same dicts and tensors in a new mapping
+
+
+def _state_dict_copied(opt: FTML, ps: list) -> None:
+    opt.state[ps[2]] = dict(opt.state[ps[2]])  # the same tensors in a new dict
+
+
+def _extra_state_entry(opt: FTML, ps: list) -> None:
+    opt.state[ps[2]]["note"] = 1
+
+
+def _param_replaced_in_the_group(opt: FTML, ps: list) -> None:
+    ps[1] = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 15).reshape(3, 5))
+    opt.param_groups[0]["params"][1] = ps[1]
+
+
 # (change, whether the step right after it may still take the fast path, whether later steps may again)
 CHANGES: dict[str, tuple[Callable[[FTML, list], None], bool, bool]] = {
     "lr": (_set("lr", 0.02), True, True),  # numbers: checked again, then the same kernel
@@ -192,6 +210,10 @@ CHANGES: dict[str, tuple[Callable[[FTML, list], None], bool, bool]] = {
     "state tensor replaced": (_state_tensor_replaced, False, True),
     "load_state_dict": (_reload, False, True),
     "param appended to the group": (_param_appended, False, True),
+    "param replaced in the group": (_param_replaced_in_the_group, False, True),
+    "state mapping copied": (_state_mapping_copied, False, True),
+    "state dict copied": (_state_dict_copied, False, True),
+    "extra state entry": (_extra_state_entry, False, False),  # not recorded while it is there
 }
 
 
@@ -324,6 +346,16 @@ def _grad_not_contiguous(opt: FTML, ps: list) -> None:
     ps[3].grad = ps[3].grad.t().contiguous().t()  # stepped through a staging copy: no error, no fast path
 
 
+def _reinterpreted(opt: FTML, ps: list) -> None:
+    ps[3].requires_grad_(False)  # (torch refuses integer data for a param that requires grad)
+    ps[3].data = ps[3].data.view(torch.int32)  # same address and size, another dtype
+
+
+def _resized_in_place(opt: FTML, ps: list) -> None:
+    ps[3].data = ps[3].data.view(-1)[:10]  # same address, 10 of its 64 elements
+    ps[3].grad = torch.ones(10)
+
+
 def _wrong_state_loaded(opt: FTML, ps: list) -> None:
     sd = copy.deepcopy(opt.state_dict())  # (state_dict() shares the state dicts)
     sd["state"][3]["v"] = torch.zeros(5)
@@ -339,13 +371,22 @@ def _grad_of_another_size(opt: FTML, ps: list) -> None:
     ps[3].grad = torch.ones(10)
 
 
+class _Sub(torch.Tensor):
+    pass
+
+
 ERRORS: dict[str, tuple[Callable[[FTML, list], None], type[Exception], str]] = {
-    "sparse gradient": (_sparse_grad, RuntimeError, "sparse"),
+    "sparse gradient": (_sparse_grad, RuntimeError, "^FTML does not support sparse gradients$"),
     "sparse gradient by hand": (lambda opt, ps: setattr(ps[0], "grad", ps[0].grad.to_sparse()), RuntimeError,
-                                "sparse"),
+                                "^FTML does not support sparse gradients$"),
+    "gradient of a tensor subclass": (lambda opt, ps: setattr(ps[1], "grad", ps[1].grad.as_subclass(_Sub)),
+                                      TypeError, "tensor subclasses are not supported"),
+    "weight_decay False": (_set("weight_decay", False), TypeError, "weight_decay value must be a real number"),
     "lr < 0": (_negative_lr, ValueError, "Invalid learning rate: -1.0"),
     "nan beta": (_nan_beta, ValueError, "Invalid beta parameter"),
     "param dtype changed": (_dtype_changed, RuntimeError, "dtype changed"),
+    "param reinterpreted in place": (_reinterpreted, TypeError, "floating-point or complex parameters"),
+    "param resized in place": (_resized_in_place, ValueError, "does not belong"),
     "wrong state loaded": (_wrong_state_loaded, ValueError, r"state 'v' of param 3 .* must be"),  # at load
     "wrong state by hand": (_wrong_state_by_hand, ValueError, "does not belong"),
     "param resized": (_grad_of_another_size, ValueError, "does not belong"),
