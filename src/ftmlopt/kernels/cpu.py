@@ -653,7 +653,9 @@ class Prepared:
 
     def set_coefs(self, per: Any) -> None:
         """The per-piece coefficients: one pair for every piece, or an ``(n_tensors, 2)`` array."""
-        self.coefs[:] = per if np.ndim(per) == 1 else np.asarray(per)[self.owner]  # rounded once to the dtype
+        # rounded once to the dtype; a pair of Python floats (the usual case) without NumPy's shape inspection
+        pair = type(per) is tuple and len(per) == 2 and type(per[0]) is float
+        self.coefs[:] = per if pair or np.ndim(per) == 1 else np.asarray(per)[self.owner]
 
     def __call__(self, threads: int, *, trace: np.ndarray | None = None) -> None:
         """Run the call on up to ``threads`` threads; ``trace`` as in :func:`run` (OpenMP path only)."""

@@ -277,7 +277,7 @@ class _Plan:
     5-8 % of the step of 16M parameters.
     """
 
-    __slots__ = ("call", "counter", "k_key", "step_out", "step_ptrs")
+    __slots__ = ("call", "count_args", "counter", "k_key", "step_out", "step_ptrs")
 
     def __init__(self, call: Any, step_ptrs: np.ndarray, step_dtype: str) -> None:
         from ftmlopt.kernels import cpu
@@ -287,16 +287,55 @@ class _Plan:
         self.counter = cpu.counter_kernel(step_dtype)
         self.step_ptrs = step_ptrs
         self.step_out = np.empty(step_ptrs.size, dtype=np.float64)
+        # the counter's arguments (the arrays above stay put: their addresses are taken once)
+        self.count_args = (step_ptrs.size, step_ptrs.ctypes.data, self.step_out.ctypes.data, 1.0)
 
     def count(self) -> list[float]:
         """Increment the step counters by one and return the new counts."""
-        self.counter(self.step_ptrs.size, self.step_ptrs.ctypes.data, self.step_out.ctypes.data, 1.0)
+        self.counter(*self.count_args)
         return self.step_out.tolist()
 
 
 #: plans by (options, dtypes, the group's addresses and sizes); a handful of groups at a time
 _PLANS: dict[tuple[Any, ...], _Plan] = {}
 _MAX_PLANS = 64
+
+
+def _plan_flags(opts: StepOptions, p_name: str, s_name: str, scaled: bool, step_name: str) -> tuple[Any, ...]:
+    """What picks a group's kernel besides its tensors: the form, the storage dtypes and the options in use."""
+    return (opts.compact, p_name, s_name, opts.maximize, opts.weight_decay != 0, opts.decoupled_weight_decay,
+            opts.clip_gradient is not None, scaled, step_name)
+
+
+def _plan_key(flags: tuple[Any, ...], sizes: tuple[int, ...], work: list[list[Tensor]],
+              steps: list[Tensor]) -> tuple[Any, ...]:
+    """A group's key in :data:`_PLANS`: the flags, sizes and the addresses of params, state and steps."""
+    import torch
+
+    ptr = torch.Tensor.data_ptr
+    # (w, g, d, v, z) per tensor: compact steps read d and z through v's address (each read once)
+    state_cols = (work[2],) if flags[0] else (work[2], work[3], work[4])
+    return (flags, sizes, tuple(map(ptr, work[0])), *(tuple(map(ptr, lst)) for lst in state_cols),
+            tuple(map(ptr, steps)))
+
+
+def cached_plan(lists: list[list[Tensor]], steps: list[Tensor], opts: StepOptions, scaled: bool) -> _Plan | None:
+    """The plan :func:`_cpu_group` steps these lists with, if it is cached and used without staging copies.
+
+    For :mod:`ftmlopt.torch._fast_path`, right after such a step: the caller has checked that the
+    lists are plain, contiguous CPU tensors of one size per position, ``lists[1]`` of the params'
+    dtype and each other list of one dtype; this adds that the kernels take those dtypes as they are.
+    """
+    from ftmlopt.kernels import cpu
+
+    names, usable = _names(), cpu.available_dtypes()
+    p_name = names.get(lists[0][0].dtype, "")
+    s_name = names.get(lists[2 if opts.compact else 3][0].dtype, "")
+    step_name = names.get(steps[0].dtype, "")
+    if p_name not in usable or s_name not in usable or step_name not in _NP:
+        return None
+    sizes = tuple(t.numel() for t in lists[0])
+    return _PLANS.get(_plan_key(_plan_flags(opts, p_name, s_name, scaled, step_name), sizes, lists, steps))
 
 
 def _cpu_group(
@@ -306,7 +345,7 @@ def _cpu_group(
     """Step one CPU group (one param dtype, one state dtype) with a single kernel call."""
     import torch
 
-    lr, beta1, beta2, eps, weight_decay, clip_gradient, decoupled_weight_decay, compact, maximize = opts
+    lr, compact = opts.lr, opts.compact
 
     from ftmlopt.kernels import cpu
 
@@ -365,21 +404,36 @@ def _cpu_group(
                 staged.append((t, copy, pos != 1 or scale is not None))
                 work[pos][i] = copy
 
-    flags = (compact, names[want_p], names[want_s], maximize, weight_decay != 0, decoupled_weight_decay,
-             clip_gradient is not None, scale is not None, names[step_dtype])
-    ptr = torch.Tensor.data_ptr
-    # (w, g, d, v, z) per tensor: compact steps read d and z through v's address (each read once)
-    state_cols = (work[2],) if compact else (work[2], work[3], work[4])
-    key = (flags, sizes, tuple(map(ptr, work[0])), *(tuple(map(ptr, lst)) for lst in state_cols),
-           tuple(map(ptr, steps)))
+    flags = _plan_flags(opts, names[want_p], names[want_s], scale is not None, names[step_dtype])
+    key = _plan_key(flags, sizes, work, steps)
     plan = _PLANS.get(key)
-    g_ptrs = tuple(map(ptr, work[1]))
+    g_ptrs = tuple(map(torch.Tensor.data_ptr, work[1]))
     if plan is None:
         plan = _new_plan(work, steps, flags, sizes, g_ptrs)
         if not staged:  # staging copies get new addresses every step: nothing to reuse
             if len(_PLANS) >= _MAX_PLANS:
                 _PLANS.clear()
             _PLANS[key] = plan
+    run_plan(plan, g_ptrs, opts, lr_value, scale)
+    for original, copy, write_back in staged:
+        if write_back:
+            original.copy_(copy)
+
+
+def run_plan(plan: _Plan, g_ptrs: tuple[int, ...], opts: StepOptions, lr_value: float, scale: float | None) -> None:
+    """Step a CPU group through its plan: the step's constants, then the one kernel call.
+
+    The last part of :func:`_cpu_group`, after its checks, and all of the step on
+    :class:`FTML`'s fast path (:mod:`ftmlopt.torch._fast_path`), so that both paths set the same
+    constants for the same kernel. ``g_ptrs`` are the gradients' addresses (same sizes as the
+    plan's), ``lr_value`` is ``float(opts.lr)`` and ``scale`` ``float(grad_scale)`` or None; a
+    ``found_inf`` step never gets here.
+    """
+    import torch
+
+    from ftmlopt.kernels import cpu
+
+    _, beta1, beta2, eps, weight_decay, clip_gradient, decoupled_weight_decay, compact, maximize = opts
     call = plan.call
     call.point(1, g_ptrs)  # new gradient tensors (zero_grad(set_to_none=True)) move the gradient column
 
@@ -387,7 +441,7 @@ def _cpu_group(
     # element each, float32/float64, on the CPU)
     t_list = plan.count()
     one_t = min(t_list) == max(t_list)  # a few Python floats compare faster than a NumPy reduction, caches cold
-    per = None if one_t else np.empty((len(steps), 2), dtype=np.float64)
+    per = None if one_t else np.empty((len(t_list), 2), dtype=np.float64)
     c = None
     for t_value in ([t_list[0]] if one_t else sorted(set(t_list))):
         c = rule.constants(
@@ -408,9 +462,6 @@ def _cpu_group(
         plan.k_key = k_key
 
     call(torch.get_num_threads())
-    for original, copy, write_back in staged:
-        if write_back:
-            original.copy_(copy)
 
 
 def _new_plan(work: list[list[Tensor]], steps: list[Tensor], flags: tuple[Any, ...], sizes: tuple[int, ...],

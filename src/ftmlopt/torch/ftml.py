@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, _get_scalar_dtype, _use_grad_for_differentiable
 
 from ftmlopt import rule
-from ftmlopt.torch import _checkpoint, _dtypes, _lowbit
+from ftmlopt.torch import _checkpoint, _dtypes, _fast_path, _lowbit
 from ftmlopt.torch._validation import (
     check_fused_param,
     check_group_at_step,
@@ -189,6 +189,8 @@ class FTML(Optimizer):
         if isinstance(lr, Tensor) and lr.dim() != 0:
             defaults["lr"] = lr.reshape(())
         super().__init__(params, defaults)
+        #: per group, what its last step checked, for the next step's fast path (:mod:`ftmlopt.torch._fast_path`)
+        self._fast_groups: list[_fast_path.FastGroup | None] | None = None
         if fused:
             # GradScaler hands this optimizer the scale and the inf flag instead of unscaling.
             self._step_supports_amp_scaling = True
@@ -214,6 +216,7 @@ class FTML(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self._fast_groups = None  # (not pickled: built by the next step)
         for group in self.param_groups:
             for key, value in _checkpoint.FLAG_DEFAULTS.items():
                 group.setdefault(key, value)
@@ -249,6 +252,7 @@ class FTML(Optimizer):
         plan = _checkpoint.prepare_load(self, state_dict)
         super().load_state_dict(plan.state_dict)
         _checkpoint.finish_load(self, plan)
+        self._fast_groups = None  # (the next step would see the new state anyway; this lets the old one go now)
 
     def _init_group(
         self,
@@ -336,6 +340,11 @@ class FTML(Optimizer):
         Every group's hyper-parameters, every gradient and every existing state are checked first,
         so that an error leaves all params and state as they were.
 
+        A fused CPU group whose params, gradients' layout and state are those its last step checked
+        takes a shorter way to the same kernel call (:mod:`ftmlopt.torch._fast_path`): it compares
+        them with that step's instead of checking and gathering them again. Its numbers are checked
+        in either case (again only when they changed).
+
         Args:
             closure: a callable that re-evaluates the model and returns the loss (run once, with
                 gradients enabled); optional.
@@ -349,9 +358,23 @@ class FTML(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        if not torch.compiler.is_compiling():
+        compiling = torch.compiler.is_compiling()
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        # groups whose tensors are the ones their last step checked: (fast path, gradients, their addresses)
+        fast: list[tuple[_fast_path.FastGroup, list[Tensor], tuple[int, ...]] | None] = [None] * len(self.param_groups)
+        recorded = getattr(self, "_fast_groups", None) if not compiling else None
+        if recorded and not _fast_path.eager():
+            recorded = None
+        if not compiling:
             for i, group in enumerate(self.param_groups):
-                check_group_at_step(group, i)
+                last = recorded[i] if recorded and i < len(recorded) else None
+                if last is None or not last.numbers_checked(group):  # (numbers equal to checked ones pass again)
+                    check_group_at_step(group, i)
+                if last is not None:
+                    found = last.gradients(group, self.state, grad_scale)
+                    if found is not None:  # everything below was checked on this group's last step, and is unchanged
+                        fast[i] = (last, *found)
+                        continue
                 # the common case (the state has the param's dtype, default flags) costs one comparison
                 low_bits = group["state_bits"] < 32
                 plain = (group.get("state_dtype") is None and not group["multi_precision"] and group["compact"]
@@ -370,7 +393,14 @@ class FTML(Optimizer):
                     state = states.get(p)
                     if state and not (plain and "v" in state and state["v"].dtype == p.dtype):
                         check_state(p, state, group)
-        for group in self.param_groups:
+        steps_taken: list[_fast_path.FastGroup | None] = []
+        for i, group in enumerate(self.param_groups):
+            ready = fast[i]
+            if ready is not None:
+                # the fast path (ftmlopt.torch._fast_path): the cached kernel call the path below would reach
+                ready[0].step(ready[1], ready[2], group, grad_scale, found_inf)
+                steps_taken.append(ready[0])
+                continue
             params: list[Tensor] = []
             grads: list[Tensor] = []
             ds: list[Tensor] = []
@@ -393,8 +423,8 @@ class FTML(Optimizer):
                     fused=group["fused"],
                     capturable=group["capturable"],
                     differentiable=group["differentiable"],
-                    grad_scale=getattr(self, "grad_scale", None),
-                    found_inf=getattr(self, "found_inf", None),
+                    grad_scale=grad_scale,
+                    found_inf=found_inf,
                     has_complex=has_complex,
                     lr=group["lr"],
                     beta1=beta1,
@@ -406,11 +436,16 @@ class FTML(Optimizer):
                     compact=group["compact"],
                     maximize=group["maximize"],
                 )
-            _lowbit.step_quantized(*quantized, group, grad_scale=getattr(self, "grad_scale", None),
-                                   found_inf=getattr(self, "found_inf", None), fused=group["fused"],
-                                   foreach=group["foreach"])
+            _lowbit.step_quantized(*quantized, group, grad_scale=grad_scale, found_inf=found_inf,
+                                   fused=group["fused"], foreach=group["foreach"])
             for p, master in masters:
                 p.detach().copy_(master)
+            if not compiling:
+                steps_taken.append(_fast_path.record(
+                    group, self.state, [params, grads, ds, vs, zs], state_steps, has_complex=has_complex,
+                    other_paths=bool(masters or quantized[0]), grad_scale=grad_scale))
+        if not compiling:
+            self._fast_groups = steps_taken
         return loss
 
 
