@@ -31,8 +31,9 @@ the documented path (which checks, and raises, as before) and records anew:
   MXNet-form step at lr 0, GradScaler's scale appearing or going;
 * tracing (``torch.compile``: the step stays one registered op) or a Python dispatch mode.
 
-The numbers themselves (lr, betas, eps, weight_decay, clip_gradient) are checked at every step by
-:func:`ftmlopt.torch._validation.check_group_at_step` before either path runs.
+The numbers themselves (lr, betas, eps, weight_decay, clip_gradient) are checked by
+:func:`ftmlopt.torch._validation.check_group_at_step` before either path runs, at every step where
+they differ (in value or Python type) from the ones the group's last step checked.
 
 Example:
     >>> import torch
