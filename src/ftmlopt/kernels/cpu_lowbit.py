@@ -296,6 +296,8 @@ def _codegen(spec: LowbitSpec) -> str:
         return b.shuffle_vector(v, ir.Constant(ir.VectorType(x.type, lanes), ir.Undefined),
                                 ir.Constant(vi32, [0] * lanes))
 
+    buf_align = min(64, lanes * 4)  # buf is 64-byte aligned; chunk j starts at a multiple of lanes floats
+
     def vbuf(j: Any) -> Any:
         return b.bitcast(b.gep(buf, [i64(0), j]), vf32.as_pointer())
 
@@ -334,7 +336,7 @@ def _codegen(spec: LowbitSpec) -> str:
         r = b.call(sqrt_v, [v])
         root = b.fadd(b.fmul(r, bias2_v), kv["eps"])
         cpu._store(b, w_p, i, pt, ct, b.fsub(w, b.fdiv(b.fmul(g, coef_v), root)), lanes)
-        b.store(r, vbuf(j), align=64 if lanes * 4 >= 64 else lanes * 4)
+        b.store(r, vbuf(j), align=buf_align)
         ub = b.and_(b.bitcast(r, vi32), vc(i32, 0x7FFFFFFF))  # any NaN sorts above +inf and wins
         return b.call(smax_v, [ub, mx])
 
@@ -346,7 +348,7 @@ def _codegen(spec: LowbitSpec) -> str:
     def vencode(base: Any, j: Any, rho_v: Any, h: Any) -> Any:
         """Encode the buffered ``u`` of elements ``j ..`` of the block at ``base`` (see ``encode``); ``h``
         is their :func:`hash_at`. Returns the next chunk's ``h``."""
-        x = b.fmul(b.load(vbuf(j), align=64 if lanes * 4 >= 64 else lanes * 4), rho_v)
+        x = b.fmul(b.load(vbuf(j), align=buf_align), rho_v)
         if spec.rounding == "stochastic":
             r = b.lshr(h, vc(i32, 32 - shift))  # lowbit.random_bits
         else:
@@ -356,9 +358,9 @@ def _codegen(spec: LowbitSpec) -> str:
         vcodes_out(base, j, b.call(smin_v, [b.call(smax_v, [q, vc(i32, 0)]), vc(i32, 255)]))
         return b.add(h, vc(i32, (lanes * 0x9E3779B1) & 0xFFFFFFFF))
 
-    def vector_blocks() -> None:
-        """All whole blocks of the piece, software-pipelined as below, in explicit vectors."""
-        kv = {name: splat(value) for name, value in k.items()}
+    def vector_block_steps() -> tuple[Callable[[Any], Any], Callable[[Any, Any, Any], Any], Callable[[Any, Any], None]]:
+        """The three block bodies of :func:`whole_blocks` in explicit vectors (float32 compute)."""
+        ks = {name: splat(value) for name, value in k.items()}
         coef_v, bias2_v = splat(coef), splat(bias2)
         chunks = i64(BLOCK // lanes)
 
@@ -366,9 +368,21 @@ def _codegen(spec: LowbitSpec) -> str:
             old_scale = splat(b.load(scale_ptr(base)))
 
             def body(c: Any, mx: list[Any]) -> list[Any]:
-                return [vstep(base, b.mul(c, i64(lanes)), old_scale, kv, coef_v, bias2_v, mx[0])]
+                return [vstep(base, b.mul(c, i64(lanes)), old_scale, ks, coef_v, bias2_v, mx[0])]
 
             mx = loop(chunks, [vc(i32, 0)], body, "vstep")[0]
+            return new_scale(base, b.call(reduce_smax, [mx]))
+
+        def step_and_encode(prev: Any, base: Any, rho: Any) -> Any:
+            rho_v = splat(rho)
+            old_scale = splat(b.load(scale_ptr(base)))
+
+            def both(c: Any, carried: list[Any]) -> list[Any]:
+                j = b.mul(c, i64(lanes))
+                h = vencode(prev, j, rho_v, carried[1])
+                return [vstep(base, j, old_scale, ks, coef_v, bias2_v, carried[0]), h]
+
+            mx = loop(chunks, [vc(i32, 0), hash_at(prev)], both, "vboth")[0]
             return new_scale(base, b.call(reduce_smax, [mx]))
 
         def encode_only(base: Any, rho: Any) -> None:
@@ -379,58 +393,48 @@ def _codegen(spec: LowbitSpec) -> str:
 
             loop(chunks, [hash_at(base)], body, "vencode")
 
-        full = i64(BLOCK)
-        n_full = b.udiv(count, full)
+        return step_only, step_and_encode, encode_only
+
+    def scalar_block_steps() -> tuple[Callable[[Any], Any], Callable[[Any, Any, Any], Any], Callable[[Any, Any], None]]:
+        """The three block bodies of :func:`whole_blocks` as scalar loops (LLVM vectorizes them)."""
+
+        def step_and_encode(prev: Any, base: Any, rho: Any) -> Any:
+            if spec.bits == 4:
+                unpack_block(base, full)
+            old_scale = b.load(scale_ptr(base))
+            prev32 = b.trunc(prev, i32)
+
+            def both(j: Any, mx: list[Any]) -> list[Any]:
+                code_out(prev, j, encode(j, b.add(prev32, b.trunc(j, i32)), rho))
+                return [keep(j, element(b.add(base, j), code_in(base, j), old_scale), mx[0])]
+
+            mx = loop(full, [i32(0)], both, "both")[0]
+            if spec.bits == 4:
+                pack_block(prev, full)
+            return new_scale(base, mx)
+
+        return (lambda base: step_block(base, full)), step_and_encode, (lambda base, rho: encode_block(base, full, rho))
+
+    def whole_blocks(step_only: Callable[[Any], Any], step_and_encode: Callable[[Any, Any, Any], Any],
+                     encode_only: Callable[[Any, Any], None]) -> None:
+        """All whole blocks of the piece, software-pipelined: step the first block, then per block ``k``
+        step it while encoding block ``k - 1`` (its ``rho`` carried), then encode the last. Element
+        ``j``'s ``u`` of block ``k - 1`` is read from ``buf`` before block ``k``'s is written there."""
         with b.if_then(b.icmp_signed(">", n_full, i64(0))):
             rho0 = step_only(start)
 
             def pipelined(blk: Any, carried: list[Any]) -> list[Any]:
                 prev = b.add(start, b.mul(blk, full))
-                base = b.add(prev, full)
-                rho_v = splat(carried[0])
-                old_scale = splat(b.load(scale_ptr(base)))
-
-                def both(c: Any, carried: list[Any]) -> list[Any]:
-                    j = b.mul(c, i64(lanes))
-                    h = vencode(prev, j, rho_v, carried[1])
-                    return [vstep(base, j, old_scale, kv, coef_v, bias2_v, carried[0]), h]
-
-                mx = loop(chunks, [vc(i32, 0), hash_at(prev)], both, "vboth")[0]
-                return [new_scale(base, b.call(reduce_smax, [mx]))]
-
-            rho_last = loop(b.sub(n_full, i64(1)), [rho0], pipelined, "vpipelined")[0]
-            encode_only(b.add(start, b.mul(b.sub(n_full, i64(1)), full)), rho_last)
-
-    # Whole blocks are software-pipelined: one loop steps block k (divisions and square roots) while it
-    # encodes block k - 1 (integer work and the hash), so the two kinds of work overlap. Element j's
-    # ``u`` of block k - 1 is read from ``buf`` before block k's is written there.
-    full = i64(BLOCK)
-    n_full = b.udiv(count, full)
-    if vector:
-        vector_blocks()
-    else:
-        with b.if_then(b.icmp_signed(">", n_full, i64(0))):
-            rho0 = step_block(start, full)
-
-            def pipelined(blk: Any, carried: list[Any]) -> list[Any]:
-                prev = b.add(start, b.mul(blk, full))
-                base = b.add(prev, full)
-                if spec.bits == 4:
-                    unpack_block(base, full)
-                old_scale = b.load(scale_ptr(base))
-                prev32 = b.trunc(prev, i32)
-
-                def both(j: Any, mx: list[Any]) -> list[Any]:
-                    code_out(prev, j, encode(j, b.add(prev32, b.trunc(j, i32)), carried[0]))
-                    return [keep(j, element(b.add(base, j), code_in(base, j), old_scale), mx[0])]
-
-                mx = loop(full, [i32(0)], both, "both")[0]
-                if spec.bits == 4:
-                    pack_block(prev, full)
-                return [new_scale(base, mx)]
+                return [step_and_encode(prev, b.add(prev, full), carried[0])]
 
             rho_last = loop(b.sub(n_full, i64(1)), [rho0], pipelined, "pipelined")[0]
-            encode_block(b.add(start, b.mul(b.sub(n_full, i64(1)), full)), full, rho_last)
+            encode_only(b.add(start, b.mul(b.sub(n_full, i64(1)), full)), rho_last)
+
+    # Whole blocks are software-pipelined: stepping block k (divisions and square roots) and encoding
+    # block k - 1 (integer work and the hash) in one loop lets the two kinds of work overlap.
+    full = i64(BLOCK)
+    n_full = b.udiv(count, full)
+    whole_blocks(*(vector_block_steps() if vector else scalar_block_steps()))
     # A partial last block goes to ``tail``, a function with ``piece``'s signature compiled for size
     # (its loops are not vectorized): it runs once per piece, and vectorizing it doubled the time
     # LLVM takes to compile the kernel, which a new process pays on its first step.

@@ -201,7 +201,9 @@ def _step_checked(
                                                  np.arange(n, dtype=np.int64), np.zeros((n, 2), dtype=ct))
         call = cpu.Prepared(cpu_lowbit.kernel(spec), ptrs, counts, ptrs[:, 5], ct, tracked={1: g_ptrs})
         if not staged:  # staged params get new addresses every step: nothing to reuse
-            if len(_PLANS) >= 64:
+            from ftmlopt.torch._fused import _MAX_PLANS  # one bound for both caches
+
+            if len(_PLANS) >= _MAX_PLANS:
                 _PLANS.clear()
             _PLANS[key] = call
     call.point(1, g_ptrs)  # new gradient tensors (zero_grad(set_to_none=True)) move the gradient column
