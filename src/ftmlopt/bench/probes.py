@@ -1,7 +1,8 @@
 """Measurements that need a new interpreter each: the first fused step, and forward+backward between steps.
 
 * :func:`first_step`: a process that imports torch and ftmlopt, builds one optimizer over 1M float32
-  parameters and times its first step (kernel compilation included) and its second.
+  parameters (FTML with float, 8-bit or 4-bit state, or Adam) and times its first step (kernel
+  compilation included) and its second.
 * :func:`forward_backward`: a 4x1024 MLP (batch 256) trained with fused FTML (compact) or fused Adam;
   the median forward+backward time between optimizer steps, and torch's thread count before and
   after (an optimizer must not change it).
@@ -32,7 +33,7 @@ from typing import Any
 __all__ = ["PROBES", "extras", "first_step", "forward_backward", "fresh"]
 
 #: the optimizers a probe builds, by the name the tables show
-KINDS = ("ftml fused compact", "ftml fused", "adam fused")
+KINDS = ("ftml fused compact", "ftml fused", "ftml fused 8-bit", "ftml fused 4-bit", "adam fused")
 
 
 def _set_threads(torch: Any, threads: str) -> None:
@@ -50,8 +51,9 @@ def first_step(kind: str, threads: str) -> dict[str, Any]:
 
     p = torch.nn.Parameter(torch.randn(1 << 20))
     p.grad = torch.randn(1 << 20)
+    bits = int(kind.split()[-1].removesuffix("-bit")) if kind.endswith("-bit") else 32
     opt = (torch.optim.Adam([p], fused=True) if kind == "adam fused"
-           else FTML([p], fused=True, compact=kind.endswith("compact")))
+           else FTML([p], fused=True, compact=kind != "ftml fused", state_bits=bits))
     t1 = time.perf_counter()
     opt.step()
     t2 = time.perf_counter()
