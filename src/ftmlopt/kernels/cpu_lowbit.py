@@ -325,14 +325,15 @@ def _codegen(spec: LowbitSpec) -> str:
             b.store(byte, cpu._element_ptr(b, c_p, b.lshr(b.add(base, j), i64(1)), lanes // 2), align=1)
 
     def prefetch(i: Any, n: int) -> None:
-        """Prefetch the streams of elements ``i + PREFETCH_AHEAD ..`` (at least a line each; ``n`` elements
-        of ``w`` and ``g``) of :data:`ftmlopt.kernels.cpu.PREFETCH_AHEAD`. Issued per vector rather than
-        per block: the 18 lines of a block issued at once measured slower (8-bit 0.53x fused Adam's
-        step against 0.46x). Scales, one line per 16 blocks, are left to the hardware."""
+        """Prefetch ``w``, ``g`` and the codes of the ``n`` elements :data:`ftmlopt.kernels.cpu.PREFETCH_AHEAD`
+        after element ``i`` (at least a line each). The vector loops call it per vector rather than per
+        block: the 18 lines of a block issued at once measured slower (8-bit 0.53x fused Adam's step
+        against 0.46x). Scales, one line per 16 blocks, are left to the hardware."""
         cpu._prefetch(b, w_p, i, n, write=True)
         cpu._prefetch(b, g_p, i, n, write=spec.scale and spec.write_grad)
         per_byte = 8 // spec.bits  # codes per byte
-        cpu._prefetch(b, c_p, b.lshr(i, i64(per_byte - 1)), 1, write=True, ahead=cpu.PREFETCH_AHEAD // per_byte)
+        cpu._prefetch(b, c_p, b.lshr(i, i64(per_byte - 1)), n // per_byte, write=True,
+                      ahead=cpu.PREFETCH_AHEAD // per_byte)
 
     def vstep(base: Any, j: Any, old_scale: Any, kv: dict[str, Any], coef_v: Any, bias2_v: Any, mx: Any) -> Any:
         """Step elements ``j .. j + lanes - 1`` of the block at ``base`` (see ``element``); their ``u``
