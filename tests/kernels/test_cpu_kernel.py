@@ -9,13 +9,14 @@ time from the kernel's own previous state.
 from __future__ import annotations
 
 import itertools
+import platform
 
 import numpy as np
 import pytest
 import torch
 
 from ftmlopt import rule
-from ftmlopt.kernels import cpu, omp_team
+from ftmlopt.kernels import cpu, cpu_lowbit, omp_team
 from ftmlopt.torch._constants import StepOptions, StepTensors
 from ftmlopt.torch._fused import _fused_ftml
 
@@ -163,6 +164,29 @@ def test_the_kernels_vectorize_and_do_not_contract_to_fma() -> None:
     asm = cpu.assembly(cpu.Spec("compact", "float32", "float32", coupled_wd=True, clip=True))
     assert "sqrtps" in asm  # packed square roots: the loop is vectorized
     assert "vfmadd" not in asm and "vfmsub" not in asm and "vfnmadd" not in asm  # no FMA: rule order kept
+
+
+def _prefetched(asm: str) -> dict[int, set[str]]:
+    """The operands of the assembly's prefetch instructions, by their constant byte offset."""
+    out: dict[int, set[str]] = {}
+    for line in asm.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0].startswith("prefetch") and "(" in parts[1]:
+            offset = parts[1].split("(")[0]
+            out.setdefault(int(offset or 0), set()).add(parts[1])
+    return out
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="reads x86-64 assembly")
+def test_the_kernels_prefetch_every_stream_ahead() -> None:
+    # Speed only (docs/benchmarks.md); what it must not change, the bits, the tests above hold.
+    # float state: w, g and v, each PREFETCH_AHEAD float32 elements past the strip being stepped
+    asm = cpu.assembly(cpu.Spec("compact", "float32", "float32"))
+    assert len(_prefetched(asm).get(4 * cpu.PREFETCH_AHEAD, set())) >= 3, _prefetched(asm)
+    # low-bit: w and g (float32) and the 8-bit codes (one byte each), per vector
+    module = cpu._module(cpu_lowbit._codegen(cpu_lowbit.LowbitSpec(8, "float32")))
+    found = _prefetched(str(cpu._target_machine().emit_assembly(module)))
+    assert len(found.get(4 * cpu.PREFETCH_AHEAD, set())) >= 2 and found.get(cpu.PREFETCH_AHEAD), found
 
 
 def test_kernels_import_only_the_rule_from_ftmlopt() -> None:
