@@ -436,6 +436,9 @@ class FTML(Optimizer):
                     compact=group["compact"],
                     maximize=group["maximize"],
                 )
+            # Called for every group, even with empty lists: behind a guard such as `if quantized[0]:`,
+            # a first step under torch.compile left the quantized params unstepped (step 0, codes 0)
+            # while it stepped the float ones; this call (compiler-disabled) breaks the graph instead.
             _lowbit.step_quantized(*quantized, group, grad_scale=grad_scale, found_inf=found_inf,
                                    fused=group["fused"], foreach=group["foreach"])
             for p, master in masters:
