@@ -107,8 +107,8 @@ CHUNK = 1 << 16
 
 #: how far ahead of the elements being stepped the kernels prefetch every stream they read, in elements.
 #: The hardware prefetchers stop at each 4 KiB page and ramp up again; a loop busy on the divider
-#: then waits for memory at every page of every stream (the 8-bit step took 8.2 ms for 16M float32
-#: params without it, 4.9 ms with it; ``docs/benchmarks.md``)
+#: then waits for memory at every page of every stream (``ftmlopt bench``, 16M float32 params: the
+#: 8-bit step went from 0.74x fused Adam's time to 0.56x with it; ``docs/benchmarks.md``)
 PREFETCH_AHEAD = 1024
 
 #: elements per strip of the float-state loop: the prefetches for a strip are issued once, before it
@@ -316,14 +316,20 @@ def _prefetch(b: Any, ptr: Any, first: Any, count: int, *, write: bool, ahead: i
     assert _LLVM is not None
     ir = _LLVM[1]
     i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
-    module = b.module
-    fn = module.globals.get("llvm.prefetch.p0") or ir.Function(
-        module, ir.FunctionType(ir.VoidType(), [i8.as_pointer(), i32, i32, i32]), name="llvm.prefetch.p0")
+    fn = _intrinsic(b.module, "llvm.prefetch.p0", ir.VoidType(), [i8.as_pointer(), i32, i32, i32])
     size = _size(ptr.type.pointee)
     at = b.add(first, i64(ahead))
     for line in range(max(1, count * size // LINE)):
         p = b.bitcast(b.gep(ptr, [b.add(at, i64(line * LINE // size))]), i8.as_pointer())
         b.call(fn, [p, i32(int(write)), i32(3), i32(1)])  # read/write, locality 3 (keep in all levels), data
+
+
+def _intrinsic(module: Any, name: str, ret: Any, args: list[Any]) -> Any:
+    """LLVM intrinsic ``name`` (type ``ret(args)``) declared in ``module`` once; for those
+    ``module.declare_intrinsic`` does not know (prefetch, integer min/max, vector reductions)."""
+    assert _LLVM is not None
+    ir = _LLVM[1]
+    return module.globals.get(name) or ir.Function(module, ir.FunctionType(ret, args), name=name)
 
 
 def _vec(ty: Any, lanes: int) -> Any:

@@ -281,7 +281,7 @@ def _codegen(spec: LowbitSpec) -> str:
     vf32, vi32, vi8 = ir.VectorType(f32, lanes), ir.VectorType(i32, lanes), ir.VectorType(i8, lanes)
 
     def intrinsic(name: str, ret: Any, args: list[Any]) -> Any:
-        return module.globals.get(name) or ir.Function(module, ir.FunctionType(ret, args), name=name)
+        return cpu._intrinsic(module, name, ret, args)
 
     smax_v = intrinsic(f"llvm.smax.v{lanes}i32", vi32, [vi32, vi32])
     smin_v = intrinsic(f"llvm.smin.v{lanes}i32", vi32, [vi32, vi32])
