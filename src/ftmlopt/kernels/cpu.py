@@ -76,8 +76,8 @@ from ftmlopt import rule
 from ftmlopt.kernels import omp_team
 
 __all__ = [
-    "AVAILABLE", "CHUNK", "DTYPES", "PARALLEL_MIN", "Prepared", "Spec", "available_dtypes", "backend", "bump_counters",
-    "counter_kernel", "default_threads", "kernel", "run", "step_arrays",
+    "AVAILABLE", "CHUNK", "DTYPES", "LINE", "PARALLEL_MIN", "PREFETCH_AHEAD", "STRIP", "Prepared", "Spec",
+    "available_dtypes", "backend", "bump_counters", "counter_kernel", "default_threads", "kernel", "run", "step_arrays",
 ]
 
 
