@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import platform
+import zlib
 
 import numpy as np
 import pytest
@@ -105,7 +106,10 @@ TOL = {torch.float64: (0, 0), torch.float32: (3e-6, 1e-7), torch.bfloat16: (8e-3
 @pytest.mark.parametrize("case", ["plain", "wd+clip", "decoupled+maximize", "grad_scale", "found_inf"])
 def test_torch_fused_step_against_the_rule(p_dtype, s_dtype, compact, case) -> None:
     """``FTML(fused=True)``'s step (the registered op) per step from its own state, every dtype pair, no staging."""
-    gen = torch.Generator().manual_seed(hash((case, compact)) % 1000)
+    # a seed of its own per case that does not depend on PYTHONHASHSEED (hash() of a str does): with
+    # hash(), 4 in 1,000 runs drew a gradient that nearly cancels its weight decay (|g + w * wd| ~ 3e-8,
+    # near eps), where float32's g' differs from the float64 rule's by 1 % and so does the step
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{case}/{compact}".encode()) % 1000)
     opts = {"plain": {}, "wd+clip": dict(weight_decay=0.02, clip_gradient=0.4),
             "decoupled+maximize": dict(weight_decay=0.1, decoupled_weight_decay=True, maximize=True),
             "grad_scale": {}, "found_inf": {}}[case]
